@@ -1,0 +1,416 @@
+"""The Llama transformer, by hand: pure math, no I/O, no sampling.
+
+Llama is a decoder-only transformer (Touvron et al. 2023, "Llama 2", sec. 2.2; Dubey et al. 2024,
+"The Llama 3 Herd of Models", sec. 3.1). A token id becomes a vector, passes through `n_layers`
+identical blocks that each add to it (the *residual stream*), and a final norm and linear head turn
+it into one score (logit) per vocabulary entry. Each block is pre-norm:
+
+    h   = x + Attention(RMSNorm(x))          # tokens look at earlier tokens
+    out = h + FeedForward(RMSNorm(h))        # each token is transformed on its own
+
+The pieces, in the order this file defines them:
+
+* **RMSNorm** (Zhang & Sennrich 2019): ``y = x / sqrt(mean(x^2) + eps) * g``. Like LayerNorm
+  without the mean subtraction and bias.
+* **RoPE**, rotary position embedding (Su et al. 2021): view each head vector as ``D/2`` complex
+  numbers and multiply the one at pair index ``i`` by ``e^(i * m * theta_i)`` where ``m`` is the
+  token's position and ``theta_i = rope_theta^(-2i/D)``. A rotation keeps lengths, and the dot
+  product of a query at position ``m`` with a key at ``n`` then depends only on ``m - n``. Llama 3.1
+  stretches the low frequencies to reach a longer context ("frequency scaling").
+* **Grouped-query attention** (Ainslie et al. 2023): ``n_heads`` query heads share ``n_kv_heads``
+  key/value heads (``n_rep = n_heads / n_kv_heads`` queries per K/V head). Keys and values of past
+  tokens live in a preallocated **KV cache**, so each new token costs one row of work.
+* **SwiGLU feed-forward** (Shazeer 2020): ``w2(silu(w1 x) * w3 x)``.
+
+Shape legend (used in comments throughout this file):
+    B  batch size                   T  new tokens in this call (prompt length, or 1 when decoding)
+    S  positions attended to (= start_pos + T: the cache so far plus the new tokens)
+    C  model dim (``dim``)          V  vocabulary size
+    H  query heads                  K  key/value heads (``n_kv_heads``)
+    D  head dim (= C / H)           F  feed-forward hidden size
+
+Parameter names are Meta's (``tok_embeddings``, ``wq wk wv wo``, ``w1 w2 w3``, ``attention_norm``,
+``ffn_norm``, ``norm``, ``output``), so a Meta ``consolidated.00.pth`` loads with ``strict=True``.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+# Llama 3.1's RoPE frequency scaling, with Meta's values (llama_models/llama3/model.py,
+# `apply_scaling`: "Values obtained from grid search").
+ROPE_SCALE_FACTOR = 8.0
+ROPE_LOW_FREQ_FACTOR = 1.0
+ROPE_HIGH_FREQ_FACTOR = 4.0
+ROPE_ORIGINAL_CONTEXT = 8192  # original Llama 3 context length
+
+# Meta's Llama 2 `params.json` writes `"vocab_size": -1`: "take it from the tokenizer".
+VOCAB_SIZE_FROM_TOKENIZER = -1
+
+
+@dataclass
+class RopeScaling:
+    """Llama 3.1 frequency scaling: which wavelengths are stretched, and by how much."""
+
+    factor: float = ROPE_SCALE_FACTOR
+    low_freq_factor: float = ROPE_LOW_FREQ_FACTOR
+    high_freq_factor: float = ROPE_HIGH_FREQ_FACTOR
+    original_max_position_embeddings: int = ROPE_ORIGINAL_CONTEXT
+
+
+@dataclass
+class ModelArgs:
+    """Every key of Meta's `params.json` (Llama 2, 3, 3.1, 3.2), plus the run-time sizes.
+
+    ``ModelArgs(**json.load(open("params.json")), max_seq_len=..., max_batch_size=...)`` works; an
+    unknown key is a ``TypeError`` naming it (a dataclass does not drop keys silently).
+    """
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: as many K/V heads as query heads (plain multi-head)
+    vocab_size: int = VOCAB_SIZE_FROM_TOKENIZER
+    multiple_of: int = 256  # FFN hidden size is rounded up to a multiple of this (fast matmuls)
+    ffn_dim_multiplier: Optional[float] = None  # Llama 2 70B and Llama 3 scale the FFN up
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # Llama 2's base; Llama 3 writes 500000.0 in its params.json
+    use_scaled_rope: bool = False  # Llama 3.1 and later: stretch low frequencies (see RopeScaling)
+    rope_scaling: Optional[dict] = None  # override RopeScaling's fields, e.g. {"factor": 32.0}
+
+    # Not in params.json: how much room to reserve for the KV cache.
+    max_seq_len: int = 2048
+    max_batch_size: int = 4
+
+    # Derived sizes, computed once in __post_init__.
+    head_dim: int = field(init=False)
+    n_rep: int = field(init=False)
+    ffn_hidden_dim: int = field(init=False)
+    rope_scaling_args: Optional[RopeScaling] = field(init=False)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelArgs.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.n_heads != 0:
+            raise ValueError(f"ModelArgs: dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(
+                f"ModelArgs: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+        self.head_dim = self.dim // self.n_heads
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"ModelArgs: head_dim ({self.head_dim}) must be even: RoPE rotates pairs")
+        self.n_rep = self.n_heads // self.n_kv_heads
+        self.ffn_hidden_dim = feed_forward_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+        self.rope_scaling_args = None
+        if self.use_scaled_rope:
+            overrides = dict(self.rope_scaling or {})
+            overrides.pop("rope_type", None)  # Hugging Face's name for the scheme ("llama3")
+            try:
+                self.rope_scaling_args = RopeScaling(**overrides)
+            except TypeError as e:
+                raise ValueError(f"ModelArgs.rope_scaling: {e}; known keys: {list(RopeScaling.__dataclass_fields__)}")
+        elif self.rope_scaling is not None:
+            raise ValueError("ModelArgs.rope_scaling is given but use_scaled_rope is false")
+
+    @property
+    def has_vocab_size(self) -> bool:
+        return self.vocab_size != VOCAB_SIZE_FROM_TOKENIZER
+
+
+def feed_forward_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """Meta's rule for the SwiGLU hidden size F.
+
+    Start from the classic 4*dim, take 2/3 of it (SwiGLU has three matrices instead of two, so this
+    keeps the parameter count), scale by `ffn_dim_multiplier` if given, round up to `multiple_of`.
+    """
+    hidden_dim = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden_dim = int(ffn_dim_multiplier * hidden_dim)
+    return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+
+
+# --------------------------------------------------------------------------------------------
+# RMSNorm
+# --------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 for stability."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._norm(x.float()).type_as(x) * self.weight
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary position embedding (RoPE)
+# --------------------------------------------------------------------------------------------
+
+
+def apply_scaling(freqs: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1 frequency scaling (Meta's `apply_scaling`).
+
+    Wavelength = 2*pi / frequency, in tokens. Waves longer than the original context / low_freq_factor
+    never completed a turn in training, so they are slowed down by `factor` (the model sees the
+    positions it knows, compressed). Waves shorter than context / high_freq_factor are kept: they
+    encode local order. In between, blend the two smoothly.
+    """
+    low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    slowed = torch.where(wavelen > low_freq_wavelen, freqs / scaling.factor, freqs)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * slowed / scaling.factor + smooth * slowed
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, blended, slowed)
+
+
+def precompute_freqs_cis(
+    head_dim: int, end: int, theta: float, scaling: Optional[RopeScaling] = None
+) -> torch.Tensor:
+    """The table of rotations e^(i * m * theta_j) for positions m < end: complex64 of shape (end, D/2).
+
+    Always built on the CPU in float32 (then moved once), whatever device the model is on.
+    """
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device="cpu")[: head_dim // 2].float() / head_dim))
+    if scaling is not None:
+        freqs = apply_scaling(freqs, scaling)
+    positions = torch.arange(end, device="cpu", dtype=torch.float32)
+    angles = torch.outer(positions, freqs)  # (end, D/2)
+    return torch.polar(torch.ones_like(angles), angles)  # |z| = 1, arg z = angle
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate queries and keys: consecutive pairs (x0, x1) are read as complex numbers x0 + i*x1.
+
+    xq: (B, T, H, D), xk: (B, T, K, D), freqs_cis: (B or 1, T, D/2), one rotation per position.
+    """
+    xq_complex = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))  # (B, T, H, D/2)
+    xk_complex = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))  # (B, T, K, D/2)
+    rotation = freqs_cis.unsqueeze(2)  # (B or 1, T, 1, D/2): the same rotation for every head
+    xq_out = torch.view_as_real(xq_complex * rotation).flatten(3)  # (B, T, H, D)
+    xk_out = torch.view_as_real(xk_complex * rotation).flatten(3)  # (B, T, K, D)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention with a KV cache
+# --------------------------------------------------------------------------------------------
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position seen so far, preallocated for the longest run.
+
+    Laid out (B, K, max_seq_len, D) so that "the first S positions" is one contiguous slice per head,
+    which is what attention reads. Buffers are not persistent: they are not part of a checkpoint.
+    """
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("cache_k", torch.zeros(shape), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(shape), persistent=False)
+
+    def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values (B, K, T, D) at start_pos; return all filled ones (B, K, S, D)."""
+        batch_size, _, seqlen, _ = xk.shape
+        end_pos = start_pos + seqlen
+        self.cache_k[:batch_size, :, start_pos:end_pos] = xk
+        self.cache_v[:batch_size, :, start_pos:end_pos] = xv
+        return self.cache_k[:batch_size, :, :end_pos], self.cache_v[:batch_size, :, :end_pos]
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Share each key/value head with n_rep query heads: (B, K, S, D) -> (B, K * n_rep, S, D).
+
+    Same as torch.repeat_interleave(x, n_rep, dim=1): head k serves query heads k*n_rep ... k*n_rep+n_rep-1.
+    """
+    if n_rep == 1:
+        return x
+    batch_size, n_kv_heads, seqlen, head_dim = x.shape
+    expanded = x[:, :, None, :, :].expand(batch_size, n_kv_heads, n_rep, seqlen, head_dim)
+    return expanded.reshape(batch_size, n_kv_heads * n_rep, seqlen, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.n_rep = args.n_rep
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.cache = KVCache(args.max_batch_size, args.max_seq_len, args.n_kv_heads, args.head_dim)
+
+    def forward(
+        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        batch_size, seqlen, _ = x.shape  # (B, T, C)
+        xq = self.wq(x).view(batch_size, seqlen, self.n_heads, self.head_dim)  # (B, T, H, D)
+        xk = self.wk(x).view(batch_size, seqlen, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        xv = self.wv(x).view(batch_size, seqlen, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+
+        # Heads first: every head is an independent attention over the sequence.
+        xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (B, H|K, T, D)
+        keys, values = self.cache.update(start_pos, xk, xv)  # (B, K, S, D)
+        keys = repeat_kv(keys, self.n_rep)  # (B, H, S, D)
+        values = repeat_kv(values, self.n_rep)  # (B, H, S, D)
+
+        output = scaled_dot_product_attention(xq, keys, values, mask)  # (B, H, T, D)
+        output = output.transpose(1, 2).reshape(batch_size, seqlen, -1)  # (B, T, H * D)
+        return self.wo(output)  # (B, T, C)
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v, written out (Vaswani et al. 2017, eq. 1).
+
+    q: (B, H, T, D); k, v: (B, H, S, D); mask: additive, broadcastable to (B, H, T, S), 0 where
+    attention is allowed and -inf where not. The softmax runs in float32, as Meta's code does.
+    """
+    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if mask is not None:
+        scores = scores + mask
+    weights = F.softmax(scores.float(), dim=-1).type_as(q)  # each row sums to 1 over S
+    return torch.matmul(weights, v)  # (B, H, T, D)
+
+
+# --------------------------------------------------------------------------------------------
+# Feed-forward (SwiGLU) and the transformer block
+# --------------------------------------------------------------------------------------------
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, F) inside, (B, T, C) out
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# --------------------------------------------------------------------------------------------
+# The transformer
+# --------------------------------------------------------------------------------------------
+
+
+def causal_mask(
+    seqlen: int, start_pos: int, pad_lens: Optional[torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> Optional[torch.Tensor]:
+    """The additive attention mask for T new tokens after `start_pos` cached ones: (B or 1, 1, T, S).
+
+    Row i is the new token at position start_pos + i; column j is position j of the cache. Causal:
+    token start_pos + i may look at j <= start_pos + i, so the masked entries are j > start_pos + i
+    (with start_pos = 0 this is the usual upper triangle; with a cache the first start_pos columns
+    are all visible). A single decoded token (T = 1) may look at everything: no mask is needed.
+
+    Ragged batches are left-padded: row b begins with pad_lens[b] padding positions, which no real
+    token may look at. A padding token looks only at itself, so that its row is never all -inf
+    (that would give NaN, and NaN leaks through `0 * value` into real rows in the next layer).
+    """
+    if seqlen == 1 and pad_lens is None:
+        return None
+    total = start_pos + seqlen
+    query_pos = torch.arange(start_pos, total, device=device)[:, None]  # (T, 1)
+    key_pos = torch.arange(total, device=device)[None, :]  # (1, S)
+    allowed = key_pos <= query_pos  # (T, S)
+    if pad_lens is not None:
+        key_is_real = key_pos >= pad_lens[:, None, None]  # (B, 1, S)
+        allowed = (allowed & key_is_real) | (key_pos == query_pos)  # (B, T, S)
+    mask = torch.zeros(allowed.shape, device=device, dtype=dtype)
+    mask = mask.masked_fill(~allowed, float("-inf"))
+    return mask.unsqueeze(-3)  # (B or 1, 1, T, S): the same for every head
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        if not args.has_vocab_size:
+            raise ValueError("ModelArgs.vocab_size is -1: set it (from the tokenizer or the weights) first")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(layer_id, args) for layer_id in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # A plain attribute, not a buffer: `model.to(torch.bfloat16)` would cast a complex buffer to
+        # a real dtype and silently drop the imaginary part. Moved to the model's device on use.
+        self.freqs_cis = precompute_freqs_cis(
+            args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling_args
+        )  # (max_seq_len, D/2)
+
+    def rope_table(self, device: torch.device) -> torch.Tensor:
+        """freqs_cis on `device` (moved there once, then reused)."""
+        if self.freqs_cis.device != device:
+            self.freqs_cis = self.freqs_cis.to(device)
+        return self.freqs_cis
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int, pad_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (B, T, V) in float32 for tokens (B, T) placed at positions start_pos ... start_pos+T-1.
+
+        Call it once with the whole prompt (start_pos = 0), then once per new token (T = 1,
+        start_pos = tokens so far). `pad_lens` (B,) gives the number of left-padding positions of
+        each row in a ragged batch: they are masked out, and each row's positions count from its
+        first real token, so a padded prompt is rotated exactly as it would be alone.
+        """
+        batch_size, seqlen = tokens.shape
+        if start_pos + seqlen > self.args.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len={self.args.max_seq_len}")
+        if batch_size > self.args.max_batch_size:
+            raise ValueError(f"batch of {batch_size} exceeds max_batch_size={self.args.max_batch_size}")
+        h = self.tok_embeddings(tokens)  # (B, T, C)
+
+        positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)[None, :]  # (1, T)
+        if pad_lens is not None:
+            positions = (positions - pad_lens[:, None]).clamp(min=0)  # (B, T); padding -> position 0
+        freqs_cis = self.rope_table(tokens.device)[positions]  # (B or 1, T, D/2)
+        mask = causal_mask(seqlen, start_pos, pad_lens, tokens.device, h.dtype)
+
+        for layer in self.layers:
+            h = layer(h, start_pos, freqs_cis, mask)
+        h = self.norm(h)
+        return self.output(h).float()  # (B, T, V)
