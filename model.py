@@ -226,11 +226,19 @@ class KVCache(nn.Module):
     which is what attention reads. Buffers are not persistent: they are not part of a checkpoint.
     """
 
-    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int):
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_seq_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
         super().__init__()
         shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("cache_k", torch.zeros(shape), persistent=False)
-        self.register_buffer("cache_v", torch.zeros(shape), persistent=False)
+        self.register_buffer("cache_k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values (B, K, T, D) at start_pos; return all filled ones (B, K, S, D)."""
@@ -265,6 +273,11 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache = KVCache(args.max_batch_size, args.max_seq_len, args.n_kv_heads, args.head_dim)
+
+    def setup_cache(self, device: torch.device, dtype: torch.dtype) -> None:
+        """A fresh, zeroed KV cache on `device` in `dtype`."""
+        args = (self.cache.cache_k.shape[0], self.cache.cache_k.shape[2], self.n_kv_heads, self.head_dim)
+        self.cache = KVCache(*args, device=device, dtype=dtype)
 
     def forward(
         self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
@@ -381,6 +394,15 @@ class Transformer(nn.Module):
         self.freqs_cis = precompute_freqs_cis(
             args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling_args
         )  # (max_seq_len, D/2)
+
+    def setup_caches(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Allocate every layer's KV cache on `device` in `dtype`.
+
+        Needed once after building the model on the "meta" device (shapes only, no memory) and
+        loading the weights into it with `load_state_dict(..., assign=True)`.
+        """
+        for layer in self.layers:
+            layer.attention.setup_cache(device, dtype)
 
     def rope_table(self, device: torch.device) -> torch.Tensor:
         """freqs_cis on `device` (moved there once, then reused)."""
