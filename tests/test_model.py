@@ -11,10 +11,11 @@ import sys
 
 import pytest
 import torch
+import transformers
 
 from model import ModelArgs, RopeScaling, Transformer, apply_scaling, feed_forward_hidden_dim, repeat_kv
+from tiny import meta_state_dict
 
-transformers = pytest.importorskip("transformers")
 
 VOCAB_SIZE = 256
 DIM = 64
@@ -44,37 +45,6 @@ def hf_config(n_kv_heads: int, rope_scaling=None, rope_theta=10000.0):
     )
 
 
-def unpermute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF stores q/k rows as [all real parts | all imaginary parts] per head (rotate-half RoPE);
-    Meta interleaves them (complex pairs). Undo HF's `permute` from its conversion script."""
-    out_dim, in_dim = w.shape
-    head_dim = out_dim // n_heads
-    return w.view(n_heads, 2, head_dim // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
-def hf_to_meta_state_dict(hf_model, n_kv_heads: int) -> dict:
-    sd = hf_model.state_dict()
-    meta = {
-        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
-        "norm.weight": sd["model.norm.weight"],
-        "output.weight": sd["lm_head.weight"],
-    }
-    for i in range(N_LAYERS):
-        p = f"model.layers.{i}."
-        meta.update({
-            f"layers.{i}.attention.wq.weight": unpermute_hf(sd[p + "self_attn.q_proj.weight"], N_HEADS),
-            f"layers.{i}.attention.wk.weight": unpermute_hf(sd[p + "self_attn.k_proj.weight"], n_kv_heads),
-            f"layers.{i}.attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
-            f"layers.{i}.attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
-            f"layers.{i}.feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
-            f"layers.{i}.feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
-            f"layers.{i}.feed_forward.w2.weight": sd[p + "mlp.down_proj.weight"],
-            f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
-            f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
-        })
-    return meta
-
-
 def build_pair(n_kv_heads: int, rope_scaling=None, max_batch_size: int = 4):
     """A random HF Llama and our Transformer holding the same weights."""
     torch.manual_seed(0)
@@ -87,7 +57,8 @@ def build_pair(n_kv_heads: int, rope_scaling=None, max_batch_size: int = 4):
                      multiple_of=32, use_scaled_rope=rope_scaling is not None, rope_scaling=rope_scaling,
                      max_seq_len=MAX_SEQ_LEN, max_batch_size=max_batch_size)
     ours = Transformer(args)
-    ours.load_state_dict(hf_to_meta_state_dict(hf_model, n_kv_heads), strict=True)
+    layout = {"n_heads": N_HEADS, "n_kv_heads": n_kv_heads, "n_layers": N_LAYERS}
+    ours.load_state_dict(meta_state_dict(hf_model, layout), strict=True)
     return hf_model, ours
 
 
