@@ -425,7 +425,10 @@ def gguf_tensor_to_torch(tensor) -> torch.Tensor:
 def read_gguf(path: Path) -> Source:
     import gguf
 
-    reader = gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:  # truncated or corrupt file
+        raise ConversionError(f"cannot read GGUF file {path}: {e}") from e
     meta = GGUFMetadata(reader)
     arch = meta.get("general.architecture")
     if arch != "llama":
@@ -619,19 +622,22 @@ def check_hf_config(config: dict, src: Path) -> None:
 
 def hf_weight_files(src: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file holding it (one file, or shards listed in the index)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if (src / HF_INDEX).is_file():
         weight_map = json.loads((src / HF_INDEX).read_text())["weight_map"]
         return {name: src / file for name, file in weight_map.items()}
     if (src / HF_SINGLE_FILE).is_file():
-        with safe_open(src / HF_SINGLE_FILE, framework="pt") as f:
-            return {name: src / HF_SINGLE_FILE for name in f.keys()}
+        try:
+            with safe_open(src / HF_SINGLE_FILE, framework="pt") as f:
+                return {name: src / HF_SINGLE_FILE for name in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise ConversionError(f"cannot read {src / HF_SINGLE_FILE}: {e}") from e
     raise ConversionError(f"{src}: no {HF_SINGLE_FILE} or {HF_INDEX} (only safetensors checkpoints are supported)")
 
 
 def read_hf_dir(src: Path, tokenizer_path: Optional[Path]) -> Source:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     config = json.loads((src / HF_CONFIG).read_text())
     check_hf_config(config, src)
@@ -652,19 +658,25 @@ def read_hf_dir(src: Path, tokenizer_path: Optional[Path]) -> Source:
     )
     files = hf_weight_files(src)
 
+    def read_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                if name.endswith("rotary_emb.inv_freq"):  # a buffer older versions saved: derived, not learned
+                    continue
+                meta_name = hf_to_meta_name(name)
+                tensor = f.get_tensor(name)
+                if meta_name.endswith("attention.wq.weight"):
+                    tensor = unpermute_rotary(tensor, n_heads)
+                elif meta_name.endswith("attention.wk.weight"):
+                    tensor = unpermute_rotary(tensor, n_kv_heads)
+                yield meta_name, tensor
+
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for file in sorted(set(files.values())):
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    if name.endswith("rotary_emb.inv_freq"):  # a buffer older versions saved: derived, not learned
-                        continue
-                    meta_name = hf_to_meta_name(name)
-                    tensor = f.get_tensor(name)
-                    if meta_name.endswith("attention.wq.weight"):
-                        tensor = unpermute_rotary(tensor, n_heads)
-                    elif meta_name.endswith("attention.wk.weight"):
-                        tensor = unpermute_rotary(tensor, n_kv_heads)
-                    yield meta_name, tensor
+            try:
+                yield from read_file(file)
+            except (SafetensorError, OSError) as e:
+                raise ConversionError(f"cannot read {file}: {e}") from e
 
     return Source(params, hidden_dim, tensors, hf_tokenizer_writer(src, config, tokenizer_path))
 

