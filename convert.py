@@ -30,12 +30,10 @@ it at the end, so a failed conversion leaves nothing behind.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -44,6 +42,8 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
+
+from tokenizer import write_tiktoken_model, write_tokenizer_spec  # the formats tokenizer.py reads
 
 # --------------------------------------------------------------------------------------------
 # Names of things in the output directory
@@ -272,19 +272,6 @@ def tokenizer_spec(
         "add_bos": add_bos,
         "chat_template": chat_template,
     }
-
-
-try:  # tokenizer.py owns the file formats; until it exists these stand-ins write the same bytes
-    from tokenizer import write_tiktoken_model, write_tokenizer_spec
-except ImportError:
-
-    def write_tiktoken_model(path: Path, mergeable_ranks: dict[bytes, int]) -> None:
-        """tiktoken's format: one `base64(token) rank` line per token, in rank order."""
-        lines = [f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(mergeable_ranks.items(), key=lambda x: x[1])]
-        Path(path).write_text("".join(lines))
-
-    def write_tokenizer_spec(path: Path, spec: dict) -> None:
-        Path(path).write_text(json.dumps(spec, indent=2, ensure_ascii=False) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,7 +690,12 @@ def hf_pre_tokenizer_pattern(pre: Optional[dict]) -> str:
             and not step.get("add_prefix_space", False)
         )
 
-    steps = [] if pre is None else pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if pre is None:
+        steps = []
+    elif pre.get("type") == "Sequence":
+        steps = pre["pretokenizers"]
+    else:
+        steps = [pre]
     if len(steps) == 1 and is_byte_level(steps[0], use_regex=True):
         return GPT2_PATTERN
     if len(steps) == 2:

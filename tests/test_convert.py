@@ -127,8 +127,9 @@ def no_leftovers(parent: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def smol_dir(smollm2_gguf, tmp_path_factory) -> Path:
-    return convert.convert(smollm2_gguf, tmp_path_factory.mktemp("smol") / "meta", dtype=torch.float32)
+def smol_dir(demo_ckpt) -> Path:
+    """conftest's session-wide conversion of the GGUF with convert.convert(..., dtype=float32)."""
+    return demo_ckpt
 
 
 @pytest.fixture(scope="module")
