@@ -43,7 +43,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from tokenizer import write_tiktoken_model, write_tokenizer_spec  # the formats tokenizer.py reads
+from tokenizer import LLAMA3_PAT_STR, write_tiktoken_model, write_tokenizer_spec  # the formats tokenizer.py reads
 
 # --------------------------------------------------------------------------------------------
 # Names of things in the output directory
@@ -176,11 +176,8 @@ def expected_shapes(params: dict, hidden_dim: int) -> dict[str, tuple[int, ...]]
 
 # Pre-tokenizer regexes by llama.cpp's `tokenizer.ggml.pre` name.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# Meta's Llama 3 pattern (llama_models/llama3/tokenizer.py).
-LLAMA3_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+# Meta's Llama 3 pattern (llama_models/llama3/tokenizer.py), kept in one place: tokenizer.py.
+LLAMA3_PATTERN = LLAMA3_PAT_STR
 # SmolLM2 (HF: Sequence[Digits(individual_digits=True), ByteLevel(GPT-2 regex)]) as one regex:
 # every digit is its own piece; and since the Digits step cuts the text before a digit, a run of
 # whitespace in front of a digit ends its segment and stays whole (`\s+(?=\p{N})`), where GPT-2's

@@ -344,10 +344,13 @@ def test_hf_dir_carries_sentencepiece_tokenizer(tmp_path):
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=160)
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: Path = LLAMA2_TOKENIZER, raw: dict = {}) -> dict:
+def write_tiny_gguf(
+    path: Path, arch: str = "llama", tokenizer_model: Path = LLAMA2_TOKENIZER, raw: dict = {}, extra: dict = {}
+) -> dict:
     """A tiny random llama GGUF with the Llama 2 vocabulary; returns its tensors under GGUF names.
 
-    `raw` maps a tensor name to (bytes as uint8 array, GGMLQuantizationType) stored as is.
+    `raw` maps a tensor name to (bytes as uint8 array, GGMLQuantizationType) stored as is;
+    `extra` adds float32 tensors (e.g. llama.cpp's `rope_freqs.weight`).
     """
     import gguf
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
@@ -368,6 +371,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: Path = LLA
             f"blk.{i}.ffn_norm.weight": (dim,),
         }
     tensors = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    tensors |= extra
 
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(TINY["n_layers"])
@@ -430,6 +434,23 @@ def test_sentencepiece_gguf_round_trip(tmp_path):
 def test_find_ffn_params_reproduces_width(dim, hidden):
     multiple_of, multiplier = convert.find_ffn_params(dim, hidden)
     assert convert.meta_ffn_hidden_dim(dim, multiple_of, multiplier) == hidden
+
+
+def test_gguf_rope_freqs_means_llama31_scaling(tmp_path):
+    """llama.cpp stores Llama 3.1 scaling as `rope_freqs` divisors: freqs / rope_freqs must be
+    the scaled frequencies of model.py's apply_scaling (our engine, independent of convert.py)."""
+    model = pytest.importorskip("model")
+    head_dim, theta = TINY["dim"] // TINY["n_heads"], 10000.0
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    scaling = model.RopeScaling(**LLAMA31_SCALING)
+    rope_freqs = (freqs / model.apply_scaling(freqs, scaling)).float().numpy()
+    write_tiny_gguf(tmp_path / "l31.gguf", extra={"rope_freqs.weight": rope_freqs})
+    params = json.loads((convert.convert(tmp_path / "l31.gguf", tmp_path / "out") / "params.json").read_text())
+    assert params["use_scaled_rope"] is True and "rope_scaling" not in params
+
+    write_tiny_gguf(tmp_path / "odd.gguf", extra={"rope_freqs.weight": rope_freqs * 2})
+    with pytest.raises(ConversionError, match="unsupported rope scaling"):
+        convert.convert(tmp_path / "odd.gguf", tmp_path / "out2")
 
 
 def test_unsupported_hf_rope_scaling(tmp_path):
