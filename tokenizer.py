@@ -42,6 +42,7 @@ import tempfile
 from pathlib import Path
 from typing import AbstractSet, Iterator, Literal, Optional, Sequence, TypedDict, Union
 
+import regex  # tiktoken's own dependency, with the same \p{L}-style regex dialect
 import sentencepiece
 import tiktoken
 
@@ -318,13 +319,7 @@ def _llama3_spec(num_base_tokens: int) -> TokenizerSpec:
 def _check_vocabulary(
     model_path: Path, spec_source: str, ranks: dict[bytes, int], spec: TokenizerSpec
 ) -> None:
-    """Every byte has a rank, and no special token takes an id a rank already has."""
-    missing_bytes = [b for b in range(NUM_BYTE_VALUES) if bytes([b]) not in ranks]
-    if missing_bytes:
-        raise TokenizerFileError(
-            f"{model_path}: byte-level BPE needs a rank for each of the {NUM_BYTE_VALUES} single "
-            f"bytes; missing e.g. {bytes(missing_bytes[:8])!r}"
-        )
+    """No special token takes an id a rank already has."""
     rank_ids = set(ranks.values())
     clashes = {name: i for name, i in spec["special_tokens"].items() if i in rank_ids}
     if clashes:
@@ -332,6 +327,11 @@ def _check_vocabulary(
         raise TokenizerFileError(
             f"{spec_source}: key 'special_tokens' reuses ids of {model_path}'s ranks: {some}"
         )
+
+
+def _contains_any_byte(s: str, byte_values: bytes) -> bool:
+    encoded = s.encode("utf-8")
+    return len(encoded.translate(None, delete=byte_values)) != len(encoded)
 
 
 # -----------------------------------------------------------------------------
@@ -446,6 +446,11 @@ class Tokenizer:
             raise TokenizerFileError(
                 f"{spec_source}: key 'pattern' is not a valid regex ({e})"
             ) from None
+        # Some vocabularies (SmolLM2's) lack a few single bytes: control characters and bytes that
+        # never occur in UTF-8. Text containing them is encoded as Hugging Face does (see
+        # `_encode_dropping_unranked_bytes`); tiktoken alone would crash on it.
+        self.unranked_bytes = bytes(b for b in range(NUM_BYTE_VALUES) if bytes([b]) not in mergeable_ranks)
+        self._split_regex = regex.compile(spec["pattern"])
 
         def token_id(key: str, token: Optional[str]) -> int:
             """The id of a token named by the spec: a special token, or else a plain rank."""
@@ -490,6 +495,8 @@ class Tokenizer:
             raise ValueError(f"{self.model_path}: this vocabulary has no BOS token; pass bos=False")
         if self.sp_model is not None:
             t = self.sp_model.encode(s)
+        elif self.unranked_bytes and _contains_any_byte(s, self.unranked_bytes):
+            t = self._encode_dropping_unranked_bytes(s, allowed_special)
         else:
             t = []
             for substr in _safe_substrings(s):
@@ -503,6 +510,31 @@ class Tokenizer:
             t.insert(0, self.bos_id)
         if eos:
             t.append(self.eos_id)
+        return t
+
+    def _encode_dropping_unranked_bytes(
+        self, s: str, allowed_special: Union[Literal["all"], AbstractSet[str]]
+    ) -> list[int]:
+        """Byte-level BPE for text holding bytes the vocabulary has no token for.
+
+        Hugging Face's BPE splits the text with the regex first, then skips the unknown byte
+        inside its piece and merges what remains. We do the same, piece by piece: the regex
+        split is unchanged by the byte, which is dropped only afterwards.
+        """
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        segments = [s]
+        if allowed:
+            special_regex = "(" + "|".join(regex.escape(name) for name in sorted(allowed, key=len, reverse=True)) + ")"
+            segments = regex.split(special_regex, s)  # odd positions hold the special tokens
+        t: list[int] = []
+        for position, segment in enumerate(segments):
+            if position % 2 == 1:
+                t.append(self.special_tokens[segment])
+                continue
+            for piece in self._split_regex.findall(segment):
+                kept = piece.encode("utf-8").translate(None, delete=self.unranked_bytes)
+                if kept:
+                    t.extend(self.model._encode_single_piece(kept))
         return t
 
     # -- ids -> text ----------------------------------------------------------------------------

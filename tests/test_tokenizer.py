@@ -359,11 +359,19 @@ def test_rank_file_with_binary_tail_error_names_the_path(tmp_path):
     assert str(model) in str(error.value)
 
 
-def test_rank_file_missing_single_bytes_is_rejected(tmp_path):
+def test_bytes_without_a_token_are_dropped_after_the_regex_split_as_hugging_face_does(tmp_path):
+    # Hand-made vocabulary without b"\x04": HF's BPE splits "a\x04b" into the pieces "a", "\x04",
+    # "b" and skips the unknown byte, so the result is [a, b], not the merged "ab" token.
     model = tmp_path / "tokenizer.model"
-    write_tiktoken_model(model, {b"a": 0, b"b": 1, b"ab": 2})
-    with pytest.raises(TokenizerFileError, match="256 single bytes"):
-        Tokenizer(model)
+    ranks = {bytes([b]): b for b in range(256) if b != 0x04}
+    ranks[b"ab"] = 256
+    write_tiktoken_model(model, ranks)
+    spec = tiny_spec(special_tokens={"<|x|>": 4}, bos_token=None, eos_token="<|x|>", stop_tokens=["<|x|>"])
+    write_tokenizer_spec(tmp_path / TOKENIZER_SPEC_FILENAME, spec)
+    tok = Tokenizer(model)
+    assert tok.encode("ab", bos=False, eos=False) == [256]
+    assert tok.encode("a\x04b", bos=False, eos=False) == [ord("a"), ord("b")]
+    assert tok.encode("a\x04b<|x|>", bos=False, eos=False, allowed_special="all") == [ord("a"), ord("b"), 4]
 
 
 def test_truncated_sidecar_error_names_the_sidecar(tmp_path):
