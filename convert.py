@@ -30,6 +30,7 @@ it at the end, so a failed conversion leaves nothing behind.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -43,6 +44,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from model import RopeScaling, feed_forward_hidden_dim
 from tokenizer import LLAMA3_PAT_STR, write_tiktoken_model, write_tokenizer_spec  # the formats tokenizer.py reads
 
 # --------------------------------------------------------------------------------------------
@@ -73,20 +75,7 @@ MULTIPLE_OF_CANDIDATES = (256, 1024, 512, 128, 64, 32, 16, 8, 4, 2, 1)
 
 # Llama 3.1's `use_scaled_rope: true` stands for these fixed values (llama-models, model.py,
 # apply_scaling). Any other llama3-type scaling goes into params.json as an explicit override.
-META_ROPE_SCALING = {
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
-
-
-def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
-    """Meta's rule for the FFN width, exactly as in llama/model.py."""
-    hidden = int(2 * (4 * dim) / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+META_ROPE_SCALING = dataclasses.asdict(RopeScaling())
 
 
 def find_ffn_params(dim: int, hidden_dim: int) -> tuple[int, Optional[float]]:
@@ -103,7 +92,7 @@ def find_ffn_params(dim: int, hidden_dim: int) -> tuple[int, Optional[float]]:
         multipliers.append(math.nextafter(multipliers[-1], math.inf))
     for multiplier in multipliers:
         for multiple_of in MULTIPLE_OF_CANDIDATES:
-            if meta_ffn_hidden_dim(dim, multiple_of, multiplier) == hidden_dim:
+            if feed_forward_hidden_dim(dim, multiple_of, multiplier) == hidden_dim:
                 return multiple_of, multiplier
     raise ConversionError(
         f"cannot express FFN width {hidden_dim} (dim {dim}) with Meta's multiple_of/ffn_dim_multiplier rule"

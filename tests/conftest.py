@@ -78,3 +78,31 @@ def demo_ckpt(smollm2_gguf, tmp_path_factory) -> Path:
     from convert import convert
 
     return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "smollm2-f32", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf):
+    """Hugging Face's own model from the SmolLM2 GGUF, fp32: the reference engine."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_tokenizer(smollm2_gguf):
+    """HF's tokenizer from the GGUF, with SmolLM2's real pre-tokenizer.
+
+    transformers' GGUF loader ignores `tokenizer.ggml.pre = smollm` and builds a plain GPT-2
+    ByteLevel pre-tokenizer; SmolLM2's own tokenizer.json has Sequence[Digits(individual_digits),
+    ByteLevel], which is also what llama.cpp runs for "smollm". We put it back.
+    """
+    import transformers
+    from tokenizers import pre_tokenizers
+
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    )
+    return tok

@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import torch
-import transformers
 
 from checkpoint import load_transformer
 from inference import LLaMa
@@ -29,12 +28,8 @@ GREEDY_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def hf(smollm2_gguf):
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
-    ).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
-    return model, tokenizer
+def hf(hf_smollm2, hf_smollm2_tokenizer):
+    return hf_smollm2, hf_smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +66,13 @@ def cut_at_stop(tokens: list[int], stop_tokens: set[int]) -> list[int]:
 
 
 def test_greedy_generation_equals_hugging_face_generate_alone_and_in_a_ragged_batch(hf, ours):
-    prompt_ids = [hf_ids(hf, p) for p in PROMPTS]
-    assert len({len(p) for p in prompt_ids}) > 1, "the batch must be ragged"
+    prompts = PROMPTS[:3]
+    prompt_ids = [hf_ids(hf, p) for p in prompts]
+    assert len({len(p) for p in prompt_ids}) == len(prompts), "the batch must be ragged"
     expected = [cut_at_stop(hf_greedy(hf, ids, GREEDY_TOKENS), ours.tokenizer.stop_tokens) for ids in prompt_ids]
-    alone = [ours.generate([ids], max_gen_len=GREEDY_TOKENS, temperature=0)[0].tokens for ids in prompt_ids]
+    alone = ours.generate(prompt_ids[:1], max_gen_len=GREEDY_TOKENS, temperature=0)[0].tokens
     batch = [g.tokens for g in ours.generate(prompt_ids, max_gen_len=GREEDY_TOKENS, temperature=0)]
-    assert alone == expected
+    assert alone == expected[0]
     assert batch == expected
     assert sum(len(t) for t in expected) >= 2 * GREEDY_TOKENS  # real generations, not early stops
 
