@@ -32,7 +32,10 @@ only, no memory), `parallelize` swaps its layers for smaller ones, in the spirit
 tp.py. Weight names stay Meta's, so loading stays `strict=True`.
 """
 
+import argparse
+import json
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,13 +47,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from checkpoint import choose_device
+from checkpoint import PARAMS_FILE, CheckpointError, choose_device, model_args_from_params
 from model import ModelArgs, Transformer
 from reshard import ShardedCheckpoint
 
 # Where torchrun tells each process who it is.
 WORLD_SIZE_ENV, RANK_ENV, LOCAL_RANK_ENV = "WORLD_SIZE", "RANK", "LOCAL_RANK"
-MAIN_RANK = 0  # the rank that samples, prints and reports
+MAIN_RANK = 0  # the rank whose sampled tokens all ranks take, and the only one that prints
 
 COLUMN_DIM = 0  # nn.Linear weights are (out_features, in_features): output rows are dim 0
 ROW_DIM = 1  # ... and input columns dim 1
@@ -267,3 +270,98 @@ def load_tensor_parallel_transformer(
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.setup_caches(tp.device, dtype)
     return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: what one rank holds, and what crosses the network per token
+# --------------------------------------------------------------------------------------------
+
+GIGABYTE = 1e9
+MEGABYTE = 1e6
+BYTES_BF16, BYTES_INT8 = 2, 1  # per weight; int8 ignores its per-channel scales (under 0.1%)
+
+
+@dataclass
+class RankCost:
+    """The largest rank's share of a model on `world_size` ranks (rank 0: uneven splits favour it)."""
+
+    weights: int  # parameters held
+    kv_cache_per_position: int  # K and V elements per position of context, per sequence
+    collectives_per_step: int  # all-reduces and all-gathers per forward pass, one after the other
+    all_reduce_elements: int  # elements per all-reduce, per token
+    all_gather_elements: int  # elements of the gathered logits, per token
+
+    def network_bytes_per_token(self, world_size: int, bytes_per_element: int) -> float:
+        """Bytes each rank sends (and receives) per token, with ring algorithms.
+
+        A ring all-reduce of S bytes moves 2 (N-1)/N * S per rank, an all-gather of S (N-1)/N * S.
+        """
+        share = (world_size - 1) / world_size
+        all_reduces = (self.collectives_per_step - 1) * self.all_reduce_elements * 2 * share
+        return (all_reduces + self.all_gather_elements * share) * bytes_per_element
+
+
+def rank_cost(args: ModelArgs, world_size: int) -> RankCost:
+    with torch.device("meta"):
+        model = Transformer(args)
+        parallelize(model, rank_plan(args, world_size, MAIN_RANK))
+    kv_heads = model.layers[0].attention.n_kv_heads
+    return RankCost(
+        weights=sum(p.numel() for p in model.parameters()),
+        kv_cache_per_position=2 * args.n_layers * kv_heads * args.head_dim,
+        collectives_per_step=2 * args.n_layers + 2,  # wo and w2 per layer, the embedding, the logits
+        all_reduce_elements=args.dim,
+        all_gather_elements=args.vocab_size,
+    )
+
+
+def describe_plan(name: str, args: ModelArgs, world_size: int) -> str:
+    cost = rank_cost(args, world_size)
+    kv_bytes = cost.kv_cache_per_position * args.max_seq_len * args.max_batch_size * BYTES_BF16
+    network = cost.network_bytes_per_token(world_size, BYTES_BF16)
+    return (
+        f"{name} on {world_size} rank(s):\n"
+        f"  weights per rank: {cost.weights:,} parameters = {cost.weights * BYTES_BF16 / GIGABYTE:.1f} GB in bf16, "
+        f"{cost.weights * BYTES_INT8 / GIGABYTE:.1f} GB in int8\n"
+        f"  KV cache per rank: {kv_bytes / GIGABYTE:.2f} GB in bf16 for {args.max_batch_size} sequence(s) of "
+        f"{args.max_seq_len} positions\n"
+        f"  per token and sequence, each rank sends and receives {network / MEGABYTE:.2f} MB (bf16 activations) "
+        f"in {cost.collectives_per_step} collectives, one after the other"
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="What each rank holds, and what crosses the network per token, for a model on N ranks. "
+        "(To run a model on N ranks: torchrun --nproc_per_node N inference.py --ckpt-dir DIR.)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("params", type=Path, help="a params.json (e.g. params/llama-3.1-70b.json) or a checkpoint dir")
+    parser.add_argument("--nproc", type=int, required=True, help="number of ranks (processes, one per GPU)")
+    parser.add_argument("--vocab-size", type=int, help="needed when params.json says -1 (Llama 2's tokenizer: 32000)")
+    parser.add_argument("--max-seq-len", type=int, default=8192, help="context to reserve KV cache for")
+    parser.add_argument("--max-batch-size", type=int, default=1, help="sequences decoded together")
+    options = parser.parse_args(argv)
+    params_path = options.params / PARAMS_FILE if options.params.is_dir() else options.params
+    try:
+        params = json.loads(params_path.read_text())
+        if options.vocab_size is not None:
+            params = {**params, "vocab_size": options.vocab_size}
+        args = model_args_from_params(params, params_path, max_seq_len=options.max_seq_len,
+                                      max_batch_size=options.max_batch_size)
+        if not args.has_vocab_size:
+            raise ValueError(f"{params_path} says vocab_size -1 (the tokenizer's size): pass --vocab-size")
+        if options.nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {options.nproc}")
+        print(describe_plan(params_path.name, args, options.nproc))
+    except json.JSONDecodeError as e:
+        print(f"error: {params_path} is not valid JSON: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

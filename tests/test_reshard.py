@@ -5,8 +5,6 @@ fairscale layers independently of reshard.py. The tiny model has 12 query / 6 ke
 FFN of 288 and a vocabulary of 384, so it can be cut into 1, 2, 3 or 6 shards.
 """
 
-import json
-import shutil
 
 import pytest
 import torch

@@ -11,6 +11,7 @@ weight from checkpoints of any shard count. The end-to-end tests start real torc
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,12 @@ import pytest
 import torch
 
 from conftest import LLAMA2_TOKENIZER
+import tensor_parallel
 from inference import LLaMa, main
 from model import ModelArgs
 from reshard import reshard
 from tensor_parallel import (
-    TensorParallel, load_tensor_parallel_transformer, rank_part, rank_plan, weight_slice,
+    TensorParallel, load_tensor_parallel_transformer, rank_cost, rank_part, rank_plan, weight_slice,
 )
 from tiny import LLAMA2_VOCAB_SIZE, hf_model, meta_state_dict, write_checkpoint
 from tokenizer import Tokenizer
@@ -70,7 +72,8 @@ def single_process(ckpt, prompt_tokens):
 def check_ranks_agree_with_one_process(ranks: list[dict], tokens, logits, n_params: int):
     for rank, out in enumerate(ranks):
         assert out["tokens"] == tokens, f"rank {rank}"
-        torch.testing.assert_close(out["logits"], logits, rtol=1e-5, atol=1e-5)
+        # The all-reduce adds the partial sums in another order: float32 rounding, nothing more.
+        torch.testing.assert_close(out["logits"], logits, rtol=1e-4, atol=1e-4)
     # Each rank holds about 1/N of the weights (norms are copied whole): nobody holds the model.
     shares = [out["n_params"] / n_params for out in ranks]
     assert all(share < 1.05 / len(ranks) for share in shares), shares
@@ -129,6 +132,7 @@ def test_three_ranks_on_the_demo_model_give_the_same_greedy_tokens_as_one_proces
     llama, tokens, logits = single_process(demo_ckpt, prompt_tokens)
     ranks = run_worker(demo_ckpt, prompt_tokens, 3, tmp_path)
     check_ranks_agree_with_one_process(ranks, tokens, logits, sum(p.numel() for p in llama.model.parameters()))
+    assert ranks[0]["n_params"] == rank_cost(llama.args, 3).weights  # the planner counts what rank 0 loaded
 
 
 def test_command_line_on_three_ranks_with_two_shards_prints_once_the_same_as_one_process(tiny_two_shards, capsys):
@@ -141,3 +145,23 @@ def test_command_line_on_three_ranks_with_two_shards_prints_once_the_same_as_one
     assert parallel.returncode == 0, parallel.stderr[-3000:]
     assert parallel.stdout == single
     assert parallel.stderr.count("loaded ") == 1 and "3 ranks" in parallel.stderr
+
+
+# ---- the planner: python tensor_parallel.py PARAMS --nproc N ------------------------------
+
+
+def test_planner_prints_weights_kv_cache_and_network_per_rank(capsys):
+    assert tensor_parallel.main([str(REPO / "params" / "llama-3-70b.json"), "--nproc", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "weights per rank: 8,820,367,360 parameters = 17.6 GB in bf16, 8.8 GB in int8" in out
+    assert "4.84 MB (bf16 activations) in 162 collectives" in out  # (2 * 80 + 1) all-reduces of 8192, 1 gather
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["llama-2-7b.json", "--nproc", "2"], r"llama-2-7b\.json says vocab_size -1 .*: pass --vocab-size"),
+    (["llama-3-8b.json", "--nproc", "3"], r"world size 3 does not divide n_kv_heads=8"),
+    (["no-such-model.json", "--nproc", "1"], r"no-such-model\.json"),
+])
+def test_planner_bad_input(capsys, argv, message):
+    assert tensor_parallel.main([str(REPO / "params" / argv[0]), *argv[1:]]) == 2
+    assert re.search(message, capsys.readouterr().err)
