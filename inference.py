@@ -17,6 +17,7 @@ How generation works (Meta's `generation.py`, restructured):
 Batches larger than `max_batch_size` are split into several runs, one after the other.
 
 Command line:  python inference.py --help
+On N processes (tensor parallel, see tensor_parallel.py):  torchrun --nproc_per_node N inference.py ...
 """
 
 import argparse
