@@ -49,6 +49,18 @@ def tiny_two_shards(tiny_one_shard, tmp_path_factory):
     return reshard(tiny_one_shard, tmp_path_factory.mktemp("tp2") / "mp2", 2, progress=False)
 
 
+@pytest.fixture
+def one_thread():
+    """The one-process reference runs on one thread, as torchrun runs each rank (OMP_NUM_THREADS=1).
+
+    Like for like, and on a busy 2-core machine threads fighting over cores slow it down tenfold.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -125,7 +137,7 @@ def test_world_size_that_does_not_divide_n_kv_heads_is_an_error_before_loading(t
 # ---- end to end: torchrun ----------------------------------------------------------------
 
 
-def test_three_ranks_on_the_demo_model_give_the_same_greedy_tokens_as_one_process(demo_ckpt, tmp_path):
+def test_three_ranks_on_the_demo_model_give_the_same_greedy_tokens_as_one_process(demo_ckpt, tmp_path, one_thread):
     tokenizer = Tokenizer(demo_ckpt / "tokenizer.model")
     prompt_tokens = [tokenizer.encode(p, bos=tokenizer.add_bos, eos=False)
                      for p in ("The capital of France is", "def fibonacci(n):")]
@@ -135,7 +147,8 @@ def test_three_ranks_on_the_demo_model_give_the_same_greedy_tokens_as_one_proces
     assert ranks[0]["n_params"] == rank_cost(llama.args, 3).weights  # the planner counts what rank 0 loaded
 
 
-def test_command_line_on_three_ranks_with_two_shards_prints_once_the_same_as_one_process(tiny_two_shards, capsys):
+def test_command_line_on_three_ranks_with_two_shards_prints_once_the_same_as_one_process(tiny_two_shards, capsys,
+                                                                                       one_thread):
     """FFN (256) and vocabulary (32,000) split unevenly over 3 ranks, from a checkpoint cut in 2."""
     cli = ["--ckpt-dir", str(tiny_two_shards), *[arg for p in PROMPTS for arg in ("--prompt", p)],
            "--temperature", "0", "--max-gen-len", str(MAX_GEN_LEN), "--device", "cpu", "--dtype", "float32"]
