@@ -102,8 +102,9 @@ class ShardedCheckpoint:
     def read(self, name: str, dim: Optional[int] = None, start: int = 0, length: Optional[int] = None) -> torch.Tensor:
         """The slice [start, start + length) along `dim` of the full tensor `name` (dim None: all of it).
 
-        Only the shards that hold part of the slice are touched. The result may be a view into the
-        memory-mapped file: clone it before keeping it beyond the life of this object.
+        Only the shards that hold part of the slice are touched. The result may be a view into a
+        memory-mapped shard (no copy, nothing read yet); `torch.save` of a view writes its whole
+        underlying tensor, so clone a slice before saving it.
         """
         layout = self.layouts[name]
         pieces = [shard[name] for shard in self.shards]

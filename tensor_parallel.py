@@ -130,7 +130,7 @@ def check_world_size(args: ModelArgs, world_size: int) -> None:
         divisors = [d for d in range(1, args.n_kv_heads + 1) if args.n_kv_heads % d == 0]
         raise ValueError(
             f"world size {world_size} does not divide n_kv_heads={args.n_kv_heads}: every rank must hold whole "
-            f"key/value heads; run with --nproc_per_node in {divisors} (times the number of nodes)"
+            f"key/value heads; use a world size (nodes x --nproc_per_node) in {divisors}"
         )
 
 

@@ -130,7 +130,7 @@ def test_each_rank_loads_exactly_its_slice_whatever_the_shard_count(tiny_one_sha
 def test_world_size_that_does_not_divide_n_kv_heads_is_an_error_before_loading(tiny_one_shard):
     tp = TensorParallel(rank=0, world_size=4, device=torch.device("cpu"))
     with pytest.raises(ValueError, match=r"world size 4 does not divide n_kv_heads=6: every rank must hold whole "
-                                         r"key/value heads; run with --nproc_per_node in \[1, 2, 3, 6\]"):
+                                         r"key/value heads; use a world size \(nodes x --nproc_per_node\) in \[1, 2, 3, 6\]"):
         LLaMa.build(tiny_one_shard, max_seq_len=16, dtype="float32", progress=False, tensor_parallel=tp)
 
 
