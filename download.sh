@@ -28,6 +28,7 @@ SCRIPT_NAME=$(basename "$0")
 DOWNLOAD_TRIES=5           # attempts per file before giving up (the .part file is kept for a rerun)
 RETRY_WAIT_SECONDS=10      # longest pause between two attempts
 PART_SUFFIX=".part"        # a file being downloaded; renamed once complete and verified
+HTTP_RANGE_NOT_SATISFIABLE=416  # the answer to "resume from byte N" when the file has N bytes
 CHECKLIST="checklist.chk"  # "<md5>  <file name>" per line, one per model directory on Meta's server
 
 # Every model this script knows. The remote folder is the model's directory on Meta's server
@@ -178,8 +179,13 @@ download() {  # download URL OUT: resume OUT if it exists, retry; nonzero status
              --no-verbose --show-progress --progress="$progress" -O "$out" "$url"
     else
         if [ -t 2 ]; then progress=--progress-bar; else progress=--silent; fi
-        curl --fail --location --continue-at - --retry "$DOWNLOAD_TRIES" --retry-delay "$RETRY_WAIT_SECONDS" \
-             "$progress" --show-error --output "$out" "$url"
+        local http_code
+        http_code=$(curl --fail --location --continue-at - --retry "$DOWNLOAD_TRIES" \
+                         --retry-delay "$RETRY_WAIT_SECONDS" "$progress" --show-error \
+                         --write-out '%{http_code}' --output "$out" "$url") && return 0
+        # A .part that is already complete (a run stopped before renaming it) gets "416: nothing
+        # left to send". wget takes that as done; curl fails, so accept it here: the checksum decides.
+        [ "$http_code" = "$HTTP_RANGE_NOT_SATISFIABLE" ] && [ -s "$out" ]
     fi
 }
 

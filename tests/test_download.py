@@ -166,6 +166,20 @@ def test_interrupted_download_resumes_from_its_part_file(server, tmp_path, downl
 
 
 @pytest.mark.parametrize("downloader", DOWNLOADERS)
+def test_complete_part_file_from_a_stopped_run_is_verified_and_renamed(server, tmp_path, downloader):
+    """The server answers 416 (nothing left to send); the checksum then decides."""
+    root, base, requests = server
+    files = llama_3_2_tree(root)
+    target = tmp_path / "models"
+    (target / "llama-3.2-1b").mkdir(parents=True)
+    (target / "llama-3.2-1b" / "consolidated.00.pth.part").write_bytes(files["consolidated.00.pth"])
+    result = run(signed(base), "llama-3.2-1b", target, downloader)
+    assert result.returncode == 0, result.stderr
+    assert (target / "llama-3.2-1b" / "consolidated.00.pth").read_bytes() == files["consolidated.00.pth"]
+    assert parts_left(target) == []
+
+
+@pytest.mark.parametrize("downloader", DOWNLOADERS)
 def test_dry_run_lists_every_file_and_fetches_nothing(server, tmp_path, downloader):
     root, base, requests = server
     llama_2_tree(root)
