@@ -17,6 +17,7 @@ How generation works (Meta's `generation.py`, restructured):
 Batches larger than `max_batch_size` are split into several runs, one after the other.
 
 Command line:  python inference.py --help
+On N processes (tensor parallel, see tensor_parallel.py):  torchrun --nproc_per_node N inference.py ...
 """
 
 import argparse
@@ -38,6 +39,7 @@ from checkpoint import (
 )
 from model import ModelArgs, Transformer
 from sampling import check_sampling_args, sample_next_token
+from tensor_parallel import TensorParallel, init_from_torchrun, load_tensor_parallel_transformer, main_rank_first
 from tokenizer import Tokenizer, TokenizerFileError
 
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -57,11 +59,15 @@ class Generation:
 
 
 class LLaMa:
-    def __init__(self, model: Optional[Transformer], tokenizer: Tokenizer, args: ModelArgs, device: torch.device):
+    def __init__(
+        self, model: Optional[Transformer], tokenizer: Tokenizer, args: ModelArgs, device: torch.device,
+        tensor_parallel: Optional[TensorParallel] = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.args = args
         self.device = device
+        self.tensor_parallel = tensor_parallel  # None: the whole model is in this process
 
     @staticmethod
     def build(
@@ -73,13 +79,17 @@ class LLaMa:
         device: Union[str, torch.device, None] = None,
         dtype: Union[str, torch.dtype, None] = None,
         progress: bool = True,
+        tensor_parallel: Optional[TensorParallel] = None,
     ) -> "LLaMa":
         """Load a Meta checkpoint dir (params.json, consolidated.*.pth, tokenizer.model).
 
         device: None picks cuda, then mps, then cpu. dtype: None picks fp16 on GPUs, bf16 on CPU.
         Both accept a torch object or a string ("cuda:1", "bfloat16"). With load_model=False only
-        the tokenizer and the args are loaded (`model` is None).
+        the tokenizer and the args are loaded (`model` is None). With `tensor_parallel` (from
+        `tensor_parallel.init_from_torchrun()`), this rank loads only its slice, on its own device.
         """
+        if tensor_parallel is not None:
+            device = tensor_parallel.device
         device = choose_device(device)
         dtype = choose_dtype(dtype, device)
         checkpoints_dir = Path(checkpoints_dir)
@@ -88,12 +98,15 @@ class LLaMa:
         tokenizer = Tokenizer(tokenizer_path)
         model = None
         if load_model:
-            model = load_transformer(checkpoints_dir, args, device, dtype, progress=progress)
+            if tensor_parallel is None:
+                model = load_transformer(checkpoints_dir, args, device, dtype, progress=progress)
+            else:
+                model = load_tensor_parallel_transformer(checkpoints_dir, args, tensor_parallel, dtype, progress)
             args = model.args  # now with vocab_size read from the weights if params.json said -1
         elif not args.has_vocab_size:
             args = load_model_args(checkpoints_dir, max_seq_len, max_batch_size, vocab_size=tokenizer.n_words)
         check_vocab_matches(tokenizer.n_words, tokenizer_path, args)
-        return LLaMa(model, tokenizer, args, device)
+        return LLaMa(model, tokenizer, args, device, tensor_parallel)
 
     # ----------------------------------------------------------------------------------------
     # Generation from token ids
@@ -170,6 +183,8 @@ class LLaMa:
         end = prompt_len
         for cur_pos in range(prompt_len, total_len):
             next_token = sample_next_token(last_logits, temperature, top_p, generator)  # (B,)
+            if self.tensor_parallel is not None:
+                next_token = self.tensor_parallel.broadcast_from_main(next_token)  # ranks stay in lockstep
             tokens[:, cur_pos] = next_token
             if logprobs:
                 token_logprobs[:, cur_pos] = log_prob_of(last_logits, next_token)
@@ -288,24 +303,37 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    tp = None
     try:
+        tp = init_from_torchrun(args.device)  # None unless torchrun started several processes
+        is_main = tp is None or tp.is_main  # only one process prints
         ckpt_dir = args.ckpt_dir
         if ckpt_dir is None:
             from demo_model import ensure_demo_model  # only needed for the demo
 
-            ckpt_dir = ensure_demo_model()
+            with main_rank_first(tp):
+                ckpt_dir = ensure_demo_model()
         started = time.perf_counter()
         llama = LLaMa.build(ckpt_dir, tokenizer_path=args.tokenizer, max_seq_len=args.max_seq_len,
-                            max_batch_size=args.max_batch_size, device=args.device, dtype=args.dtype)
-        print(f"loaded {ckpt_dir} in {time.perf_counter() - started:.1f}s "
-              f"({llama.device}, {next(llama.model.parameters()).dtype})", file=sys.stderr)
+                            max_batch_size=args.max_batch_size, device=args.device, dtype=args.dtype,
+                            progress=is_main, tensor_parallel=tp)
+        if is_main:
+            ranks = "" if tp is None else f", {tp.world_size} ranks"
+            print(f"loaded {ckpt_dir} in {time.perf_counter() - started:.1f}s "
+                  f"({llama.device}, {next(llama.model.parameters()).dtype}{ranks})", file=sys.stderr)
         prompts = args.prompt or DEMO_PROMPTS
         started = time.perf_counter()
         out_tokens, out_text = llama.text_completion(prompts, temperature=args.temperature, top_p=args.top_p,
                                                      max_gen_len=args.max_gen_len, seed=args.seed)
     except (CheckpointError, TokenizerFileError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = "" if tp is None else f"[rank {tp.rank}] "
+        print(f"{rank}error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if tp is not None:
+            tp.close()
+    if not is_main:
+        return 0
     elapsed = time.perf_counter() - started
     for prompt, text in zip(prompts, out_text):
         print(f"\n> {prompt}")
