@@ -30,6 +30,8 @@ Usage:
     tok = Tokenizer("tokenizer.model")
     ids = tok.encode("Hello", bos=True, eos=False)
     text = tok.decode(ids)
+    ids = tok.encode_dialog_prompt([{"role": "user", "content": "Hi!"}])  # see chat_format.py
+    decoder = tok.stream_decoder()  # ids -> text pieces, one token at a time (for streaming)
 """
 
 from __future__ import annotations
@@ -45,6 +47,20 @@ from typing import AbstractSet, Iterator, Literal, Optional, Sequence, TypedDict
 import regex  # tiktoken's own dependency, with the same \p{L}-style regex dialect
 import sentencepiece
 import tiktoken
+
+from chat_format import (
+    CHATML_END,
+    CHATML_START,
+    LLAMA3_END_OF_TURN,
+    LLAMA3_HEADER_END,
+    LLAMA3_HEADER_START,
+    ChatFormat,
+    ChatMLFormat,
+    Llama2ChatFormat,
+    Llama3ChatFormat,
+    Message,
+    chatml_default_system_prompt,
+)
 
 # -----------------------------------------------------------------------------
 # Constants (Llama 3 values are copied from Meta's llama_models/llama3/tokenizer.py, v0.3.0)
@@ -97,6 +113,9 @@ KIND_TIKTOKEN = "tiktoken"
 
 # Meta's convention for "this vocabulary has no such token" (sentencepiece's pad_id() is -1 too).
 NO_TOKEN_ID = -1
+
+# What `decode` puts where bytes do not (yet) form a whole UTF-8 character.
+REPLACEMENT_CHARACTER = "\ufffd"
 
 
 class TokenizerFileError(ValueError):
@@ -380,6 +399,8 @@ class Tokenizer:
         add_bos: whether a plain completion prompt starts with BOS.
         special_tokens: special token text -> id (empty for SentencePiece).
         chat_template: the sidecar's jinja chat template, else None.
+        chat_format: how dialogs are written (chat_format.py), or None for a vocabulary without
+            chat markers; chosen from the vocabulary's content by `choose_chat_format`.
     """
 
     def __init__(self, model_path: str | Path):
@@ -420,6 +441,7 @@ class Tokenizer:
         self.add_bos = True
         self.special_tokens: dict[str, int] = {}
         self.chat_template: Optional[str] = None
+        self.chat_format: Optional[ChatFormat] = choose_chat_format(self)
 
     def _init_tiktoken(self, model_path: Path, spec_path: Optional[Path]) -> None:
         mergeable_ranks = load_tiktoken_bpe(model_path)
@@ -472,6 +494,7 @@ class Tokenizer:
         self.stop_tokens = {token_id("stop_tokens", t) for t in spec["stop_tokens"]}
         self.add_bos = spec["add_bos"]
         self.chat_template = spec["chat_template"]
+        self.chat_format = choose_chat_format(self)
 
     # -- text -> ids ----------------------------------------------------------------------------
 
@@ -537,6 +560,20 @@ class Tokenizer:
                     t.extend(self.model._encode_single_piece(kept))
         return t
 
+    def encode_dialog_prompt(self, dialog: Sequence[Message]) -> list[int]:
+        """A dialog (list of {"role", "content"}) as ids in this model's chat format, ending with
+        the cue for the assistant's turn. Bad dialogs raise `chat_format.DialogError`."""
+        return self.require_chat_format().encode_dialog_prompt(dialog)
+
+    def require_chat_format(self) -> ChatFormat:
+        """`chat_format`, or an error saying why this vocabulary has none."""
+        if self.chat_format is None:
+            raise ValueError(
+                f"{self.model_path}: this vocabulary has no chat format (neither Llama 3's header tokens nor "
+                f"ChatML's {CHATML_START}/{CHATML_END}): it cannot encode a dialog; use text completion"
+            )
+        return self.chat_format
+
     # -- ids -> text ----------------------------------------------------------------------------
 
     def _check_ids(self, t: Sequence[int]) -> None:
@@ -567,3 +604,93 @@ class Tokenizer:
         except KeyError:
             raise ValueError(f"token id not in the vocabulary of {self.model_path}: {i}") from None
         return piece.decode("utf-8", errors="replace")
+
+    def is_control(self, i: int) -> bool:
+        """Whether SentencePiece's decode skips id `i` (<s>, </s>); tiktoken decodes every id to text."""
+        return self.sp_model is not None and self.sp_model.IsControl(i)
+
+    def stream_decoder(self) -> "StreamDecoder":
+        """A fresh `StreamDecoder` for one sequence of generated ids."""
+        return StreamDecoder(self)
+
+
+# -----------------------------------------------------------------------------
+# Choosing the chat format from the vocabulary
+
+
+def choose_chat_format(tokenizer: Tokenizer) -> Optional[ChatFormat]:
+    """The chat format a vocabulary was made for, read from its content.
+
+    SentencePiece is Llama 2's tokenizer; Llama 3's header tokens mean Llama 3's format (also when
+    a converted Hugging Face Llama 3 vocabulary comes with a sidecar); <|im_start|>/<|im_end|> mean
+    ChatML, with the default system prompt of the model's own template. Otherwise None.
+    """
+    if tokenizer.kind == KIND_SENTENCEPIECE:
+        return Llama2ChatFormat(tokenizer)
+    special = tokenizer.special_tokens
+    llama3_markers = (LLAMA3_HEADER_START, LLAMA3_HEADER_END, LLAMA3_END_OF_TURN)
+    if all(t in special for t in llama3_markers) and tokenizer.bos_id != NO_TOKEN_ID:
+        return Llama3ChatFormat(tokenizer)
+    if CHATML_START in special and CHATML_END in special:
+        return ChatMLFormat(tokenizer, chatml_default_system_prompt(tokenizer.chat_template))
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Decoding while generating
+
+
+class StreamDecoder:
+    """Turns generated ids into text one token at a time, never splitting a character.
+
+    Decoding token by token does not work: one character may be spelled by several tokens (an
+    emoji is four byte tokens "<0xF0><0x9F><0xA6><0x99>" in Llama 2, and byte-level BPE tokens can
+    end mid-character), and SentencePiece drops the space of a sequence's first "▁word" but keeps
+    it mid-sentence. So we decode a short *window* of recent ids and emit what it adds to the
+    window's already-emitted head (the method of vLLM's `detokenize_incrementally` and Hugging
+    Face's `TextStreamer`):
+
+        head   = ids[head_start:emitted_end]   already shown; decoded again for context
+        window = ids[head_start:]              head plus the ids not yet shown
+        new    = decode(window)[len(decode(head)):]
+
+    While `decode(window)` ends in U+FFFD the last character is still incomplete: nothing is
+    emitted and the window grows. Otherwise `new` is emitted and the window slides forward: the
+    ids just emitted become the next head. The head is always whole characters, so its text is a
+    prefix of the window's. `flush()` emits what is held back when generation ends (a dangling
+    partial character becomes U+FFFD, as in `decode`). Joined, the pieces equal
+    `tokenizer.decode(all ids)`.
+
+    One SentencePiece subtlety: decode skips control tokens (<s>, </s>) and drops the space of the
+    first *other* piece. A head of control tokens only would let that drop hit a new "▁word" that
+    is mid-sentence in the full text, so such a head is not taken: the window keeps its old head.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.head_start = 0  # first id of the window
+        self.emitted_end = 0  # ids before this one have been emitted
+
+    def feed(self, token: int) -> str:
+        """Add one id; return the text it completes (often "", while a character is incomplete)."""
+        self.ids.append(token)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """The text still held back (an incomplete character shows as U+FFFD)."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        if self.emitted_end == len(self.ids):
+            return ""
+        head = self.tokenizer.decode(self.ids[self.head_start : self.emitted_end])
+        window = self.tokenizer.decode(self.ids[self.head_start :])
+        if window.endswith(REPLACEMENT_CHARACTER) and not final:
+            return ""  # the last character is not complete yet
+        assert window.startswith(head), (head, window)  # the head is whole characters
+        new_head = self.ids[self.emitted_end :]
+        if not all(self.tokenizer.is_control(i) for i in new_head):
+            self.head_start = self.emitted_end
+        self.emitted_end = len(self.ids)
+        return window[len(head) :]
