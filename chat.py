@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, TextIO
+from typing import Callable, Iterator, Optional, Sequence, TextIO
 
 from chat_format import DialogError, Message
 from inference import DEFAULT_CHAT_MAX_GEN_LEN, FINISH_LENGTH, LLaMa, TextStream
@@ -45,6 +45,7 @@ class Answer:
     user_message: str
     stream: TextStream
     notices: list[str] = field(default_factory=list)  # e.g. "dropped the oldest exchange ..."
+    shown: str = ""  # the pieces the caller has taken and handled (printed)
     started: float = 0.0
     seconds: float = 0.0
 
@@ -52,13 +53,17 @@ class Answer:
         self.started = time.perf_counter()
         return self
 
-    def __iter__(self):
-        return iter(self.stream)
+    def __iter__(self) -> Iterator[str]:
+        for piece in self.stream:
+            yield piece
+            # The caller asked for the next piece, so it has handled this one. A piece whose
+            # printing Ctrl-C interrupted is not counted: the history keeps what the user saw.
+            self.shown += piece
 
     def __exit__(self, *exc_info) -> bool:
         """Keep the exchange in the history: the whole answer, or what was shown before Ctrl-C."""
         self.seconds = time.perf_counter() - self.started
-        self.session.record(self.user_message, self.stream.text)
+        self.session.record(self.user_message, self.shown)
         return False  # never swallow an exception (Ctrl-C is the caller's to report)
 
     @property

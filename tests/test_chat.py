@@ -336,7 +336,7 @@ def test_demo_model_knows_the_capital_of_france(demo_llama):
 
 
 def test_kv_cache_reuse_across_turns_equals_encoding_the_whole_history(demo_llama):
-    session = ChatSession(demo_llama, max_gen_len=12, temperature=0)
+    session = ChatSession(demo_llama, max_gen_len=8, temperature=0)
     turns = []
     for question in ["My name is Alice.", "What is my name?", "Say it again."]:
         dialog = session.dialog(question)
@@ -350,6 +350,6 @@ def test_kv_cache_reuse_across_turns_equals_encoding_the_whole_history(demo_llam
             previous_prompt = turns[turn - 1][2].prompt_tokens
             assert stream.prompt_tokens[: len(cached_before)] == cached_before
             assert stream.reused_tokens == len(cached_before) > len(previous_prompt)
-        fresh = demo_llama.chat_stream(dialog, max_gen_len=12, temperature=0)  # the whole history, no reuse
+        fresh = demo_llama.chat_stream(dialog, max_gen_len=8, temperature=0)  # the whole history, no reuse
         assert "".join(fresh) == text
         assert fresh.tokens == stream.tokens and fresh.reused_tokens == 0
