@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, TextIO
 
 from chat_format import DialogError, Message
-from inference import DEFAULT_CHAT_MAX_GEN_LEN, FINISH_LENGTH, LLaMa, TextStream
-from sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, NO_REPETITION_PENALTY
+from inference import DEFAULT_CHAT_MAX_GEN_LEN, FINISH_LENGTH, LLaMa, TextStream, check_stop_strings
+from sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, NO_REPETITION_PENALTY, SamplingParams
 
 USER_PROMPT = "you> "
 ASSISTANT_PREFIX = "assistant> "
@@ -66,10 +66,6 @@ class Answer:
         self.session.record(self.user_message, self.shown)
         return False  # never swallow an exception (Ctrl-C is the caller's to report)
 
-    @property
-    def interrupted(self) -> bool:
-        return self.stream.finish_reason is None
-
     def stats(self) -> str:
         n = len(self.stream.tokens)
         rate = n / self.seconds if self.seconds > 0 else 0.0
@@ -98,9 +94,11 @@ class ChatSession:
     ):
         self.llama = llama
         self.chat_format = llama.tokenizer.require_chat_format()
-        if not isinstance(max_gen_len, int) or max_gen_len < 1:
+        if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 1:
             raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
         self.max_gen_len = max_gen_len
+        SamplingParams(temperature, top_p, top_k, repetition_penalty)  # bad values fail now, not at the first answer
+        check_stop_strings(stop)
         self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k,
                              repetition_penalty=repetition_penalty, stop=stop)
         # Answer n is sampled with seed + n: a whole session replays exactly with the same seed.
@@ -113,11 +111,12 @@ class ChatSession:
 
     # -- the conversation --------------------------------------------------------------------------
 
-    def dialog(self, user_message: Optional[str] = None) -> list[Message]:
+    def dialog(self, user_message: Optional[str] = None, with_history: bool = True) -> list[Message]:
         """The dialog as the model sees it: system prompt, history, and the new user message."""
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        history = self.messages if with_history else []
         new = [{"role": "user", "content": user_message}] if user_message is not None else []
-        return system + self.messages + new
+        return system + history + new
 
     def reset(self) -> None:
         self.messages = []
@@ -142,7 +141,7 @@ class ChatSession:
         before anything is generated; the history is then unchanged.
         """
         max_seq_len = self.llama.args.max_seq_len
-        alone = self.llama.tokenizer.encode_dialog_prompt(self.dialog_without_history(user_message))
+        alone = self.llama.tokenizer.encode_dialog_prompt(self.dialog(user_message, with_history=False))
         if len(alone) >= max_seq_len:
             raise ValueError(
                 f"this message is {len(alone)} tokens with the system prompt, and max_seq_len={max_seq_len} "
@@ -166,10 +165,6 @@ class ChatSession:
         stream = self.llama.stream(prompt, max_gen_len, seed=seed, stop_tokens=self.chat_format.stop_tokens,
                                    reuse_cache=True, **self.sampling)
         return Answer(self, user_message, stream, notices)
-
-    def dialog_without_history(self, user_message: str) -> list[Message]:
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return system + [{"role": "user", "content": user_message}]
 
 
 # --------------------------------------------------------------------------------------------

@@ -767,8 +767,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             with main_rank_first(tp):
                 ckpt_dir = ensure_demo_model()
         started = time.perf_counter()
+        max_batch_size = 1 if args.chat else args.max_batch_size  # a chat is one conversation: one cache row
         llama = LLaMa.build(ckpt_dir, tokenizer_path=args.tokenizer, max_seq_len=args.max_seq_len,
-                            max_batch_size=args.max_batch_size, device=args.device, dtype=args.dtype,
+                            max_batch_size=max_batch_size, device=args.device, dtype=args.dtype,
                             progress=is_main, tensor_parallel=tp)
         if is_main:
             ranks = "" if tp is None else f", {tp.world_size} ranks"

@@ -176,3 +176,15 @@ def test_a_session_with_a_seed_replays_exactly(tiny_llama):
         return [answer(session, m)[1] for m in ("Hi", "And then?")]
 
     assert run() == run()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_gen_len=0), "max_gen_len"),
+    (dict(top_k=0), "top_k"),
+    (dict(temperature=-1), "temperature"),
+    (dict(stop="\n"), "stop must be a list"),
+    (dict(system_prompt=" "), "system prompt is empty"),
+])
+def test_bad_session_settings_fail_at_once(tiny_llama, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ChatSession(tiny_llama, **kwargs)
