@@ -173,31 +173,17 @@ def test_llama2_control_tags_in_a_message_are_refused(llama2, tag):
 
 
 @pytest.fixture(scope="module")
-def hf_smol_tokenizer(smollm2_gguf):
-    """HF's tokenizer from the GGUF, with SmolLM2's digit-splitting pre-tokenizer put back (HF's
-    GGUF loader drops it; see tests/test_convert.py)."""
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import pre_tokenizers
-
-    tok = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
-    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    )
-    return tok
-
-
-@pytest.fixture(scope="module")
 def smol(demo_ckpt):
     return Tokenizer(demo_ckpt / "tokenizer.model")
 
 
 @pytest.mark.parametrize("dialog", DIALOGS)
-def test_chatml_prompt_equals_hugging_faces_chat_template(smol, hf_smol_tokenizer, dialog):
-    expected = hf_smol_tokenizer.apply_chat_template(dialog, tokenize=False, add_generation_prompt=True)
+def test_chatml_prompt_equals_hugging_faces_chat_template(smol, hf_smollm2_tokenizer, dialog):
+    expected = hf_smollm2_tokenizer.apply_chat_template(dialog, tokenize=False, add_generation_prompt=True)
     ids = smol.encode_dialog_prompt(dialog)
     assert smol.chat_format.name == "chatml"
     assert smol.decode(ids) == expected
-    assert ids == hf_smol_tokenizer.encode(expected, add_special_tokens=False)
+    assert ids == hf_smollm2_tokenizer.encode(expected, add_special_tokens=False)
 
 
 def test_chatml_default_system_prompt_comes_from_the_template(smol):
