@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import sentencepiece
-import torch
 
 from chat import ChatSession
 from chat_format import DialogError, chatml_default_system_prompt, check_dialog
