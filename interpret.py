@@ -63,10 +63,15 @@ DEFAULT_STUDY_DTYPE = "float32"
 DEFAULT_TOP_K = 5
 DEFAULT_IG_STEPS = 128  # completeness within 0.1% on the demo model's examples; 64 gave 4-7% (README)
 COMPLETENESS_TOLERANCE = 0.02  # warn above 2%: the scores do not yet add up to the logit difference
-DEFAULT_IG_BATCH = 16  # interpolation steps per forward/backward pass
+# Token rows (interpolation steps x tokens) per forward/backward pass of integrated gradients:
+# bigger passes run faster on a CPU (SmolLM2, 12 tokens: 8 passes of 16 steps took 2-4x the
+# CPU time of one pass of 128), but every row keeps each layer's activations for the backward pass
+# (about 1.2 MB per row for SmolLM2 in float32).
+IG_ROWS_PER_PASS = 512
 DEFAULT_WHY_GEN_LEN = 8
 DEFAULT_TEXT = "The capital of France is Paris. The capital of Germany is"
 MATPLOTLIB_HINT = "PNG output needs matplotlib: pip install matplotlib"
+PNG_DPI = 80  # pixels per inch of the saved pictures: readable labels, small files
 LAST_POSITION = -1  # Python's negative indexing: the last token
 
 # Names of the loadable pieces of a Transformer (Meta's module names).
@@ -565,17 +570,20 @@ def integrated_gradients(
     position: int = LAST_POSITION,
     steps: int = DEFAULT_IG_STEPS,
     baseline: Optional[torch.Tensor] = None,
-    batch_size: int = DEFAULT_IG_BATCH,
+    batch_size: Optional[int] = None,
 ) -> IntegratedGradients:
     """Per-token score: (x - x0) times the gradient averaged along the straight path x0 -> x.
 
     Along the path the target logit goes from F(x0) to F(x); the fundamental theorem of calculus
     for path integrals makes the scores sum to F(x) - F(x0) exactly ("completeness"); a Riemann
     sum over `steps` points approximates the average, and `completeness_error` says how well.
-    The baseline x0 (1, T, C) defaults to `mean_embedding_baseline`.
+    The baseline x0 (1, T, C) defaults to `mean_embedding_baseline`; `batch_size` (points per
+    forward/backward pass) to as many as fit in IG_ROWS_PER_PASS token rows.
     """
     check_target(model, target)
     position = check_position(position, len(tokens))
+    if batch_size is None:
+        batch_size = max(1, IG_ROWS_PER_PASS // len(tokens))
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     x = input_embeddings(model, tokens)  # (1, T, C)
@@ -766,22 +774,22 @@ def save_attention_png(weights: torch.Tensor, labels: list[str], path: Union[str
     n_heads = weights.shape[0]
     cols = math.ceil(math.sqrt(n_heads))
     rows = math.ceil(n_heads / cols)
-    cell = 0.25 * len(labels) + 1.5  # inches per panel: room for one label per token
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * cell), squeeze=False)
+    cell = 0.3 * len(labels) + 2  # inches per panel: room for one label per token
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell + 1, rows * cell), squeeze=False, layout="constrained")
     for head, ax in enumerate(axes.flat):
         if head >= n_heads:
             ax.axis("off")
             continue
-        ax.imshow(weights[head].float().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
-        ax.set_title(f"head {head}" if n_heads > 1 else title, fontsize=9)
-        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(labels)), labels, fontsize=7)
-        ax.set_xlabel("key (attended to)", fontsize=7)
-        ax.set_ylabel("query", fontsize=7)
+        image = ax.imshow(weights[head].float().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_title(f"head {head}" if n_heads > 1 else title, fontsize=10)
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xlabel("key (attended to)", fontsize=8)
+        ax.set_ylabel("query (attending)", fontsize=8)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
     if n_heads > 1:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=PNG_DPI)
     plt.close(fig)
     return Path(path)
 
@@ -799,7 +807,7 @@ def save_attribution_png(scores: dict[str, torch.Tensor], labels: list[str], pat
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=PNG_DPI)
     plt.close(fig)
     return Path(path)
 
@@ -877,14 +885,15 @@ def cmd_attribute(llama: LLaMa, args: argparse.Namespace) -> str:
     tokens = encode_text(llama, args.text)
     position = check_position(args.position, len(tokens))
     target = resolve_target(llama, llama.model, tokens, position, args.target, args.target_id)
+    labels = [token_label(llama.tokenizer, t) for t in tokens]
     gxi = gradient_x_input(llama.model, tokens, target, position) if args.method in ("gxi", "both") else None
     ig = None
     if args.method in ("ig", "both"):
         x = input_embeddings(llama.model, tokens)
         baseline = BASELINES[args.baseline](llama.model, x, llama.tokenizer.eos_id)
         ig = integrated_gradients(llama.model, tokens, target, position, args.steps, baseline)
-    labels = [token_label(llama.tokenizer, t) for t in tokens]
-    title = f"attribution of {token_label(llama.tokenizer, target)} (id {target}) after position {position}"
+    title = (f"attribution of {token_label(llama.tokenizer, target)} (id {target}) as the next token "
+             f"after position {position} ({labels[position]})")
     text = title + "\n" + format_attribution(labels, gxi, ig)
     if args.out:
         scores = {}
@@ -964,7 +973,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
     p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="candidates shown per step")
-    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same tokens as inference.py")
+    p.add_argument("--seed", type=int, help="random seed: with the same seed and --dtype, the same tokens as inference.py")
     return parser.parse_args(argv)
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,15 +18,13 @@ from inspect_checkpoint import INDEX_FILE, estimate_memory, main, resolve, tenso
 from test_checkpoint import copy_split
 from tiny import LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint
 
-# Meta's params.json files, and the parameter counts Meta publishes for them.
-LLAMA2_7B = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05, "vocab_size": -1}
+# Meta's params.json files (the repository's presets) and the parameter counts Meta publishes.
+PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
+LLAMA2_7B = PARAMS_DIR / "llama-2-7b.json"  # {"dim": 4096, ..., "vocab_size": -1}
 LLAMA2_7B_PARAMS = 6_738_415_616
-LLAMA3_8B = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
-             "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0}
+LLAMA3_8B = PARAMS_DIR / "llama-3-8b.json"
 LLAMA3_8B_PARAMS = 8_030_261_248
-LLAMA32_1B = {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
-              "ffn_dim_multiplier": 1.5, "multiple_of": 256, "norm_eps": 1e-05, "rope_theta": 500000.0,
-              "use_scaled_rope": True}
+LLAMA32_1B = PARAMS_DIR / "llama-3.2-1b.json"
 LLAMA32_1B_PARAMS = 1_235_814_400  # published with the head tied to the embedding: counted once
 
 
@@ -53,8 +52,9 @@ def total_line(text: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def test_llama2_7b_params_json_counts_the_published_total(tmp_path, capsys):
-    path = write_params(tmp_path, LLAMA2_7B)
+def test_llama2_7b_params_json_counts_the_published_total(capsys):
+    path = LLAMA2_7B
+    assert json.loads(path.read_text())["vocab_size"] == -1
     assert total_parameters(path, vocab_size=32000) == LLAMA2_7B_PARAMS
     assert main([str(path), "--vocab-size", "32000"]) == 0
     out = capsys.readouterr().out
@@ -65,7 +65,8 @@ def test_llama2_7b_params_json_counts_the_published_total(tmp_path, capsys):
 
 
 def test_vocab_size_minus_one_comes_from_the_tokenizer_next_to_it_or_is_an_error(tmp_path, capsys):
-    path = write_params(tmp_path, LLAMA2_7B, name="llama-2-7b.json")
+    path = tmp_path / "llama-2-7b.json"
+    shutil.copy(LLAMA2_7B, path)
     assert main([str(path)]) == 2
     err = capsys.readouterr().err
     assert "vocab_size -1" in err and "--vocab-size" in err and "Traceback" not in err
@@ -75,10 +76,9 @@ def test_vocab_size_minus_one_comes_from_the_tokenizer_next_to_it_or_is_an_error
     assert total_parameters(path) == LLAMA2_7B_PARAMS
 
 
-def test_other_published_counts(tmp_path, capsys):
-    assert total_parameters(write_params(tmp_path, LLAMA3_8B, "8b.json")) == LLAMA3_8B_PARAMS
-    path = write_params(tmp_path, LLAMA32_1B, "1b.json")
-    assert main([str(path)]) == 0
+def test_other_published_counts(capsys):
+    assert total_parameters(LLAMA3_8B) == LLAMA3_8B_PARAMS
+    assert main([str(LLAMA32_1B)]) == 0
     out = capsys.readouterr().out
     assert f"{LLAMA32_1B_PARAMS:,} distinct parameters" in out  # the tying note
     assert "Llama 3.1 frequency scaling: factor 8" in out
@@ -207,11 +207,11 @@ def test_bad_paths_are_one_clear_line(tmp_path, capsys, make, message):
 
 
 def test_a_checkpoint_dir_without_shards_is_an_error(tmp_path, capsys):
-    write_params(tmp_path, LLAMA2_7B)
+    shutil.copy(LLAMA2_7B, tmp_path / "params.json")
     assert main([str(tmp_path)]) == 2
     assert "no consolidated.*.pth files" in capsys.readouterr().err
 
 
-def test_vocab_size_flag_that_contradicts_params_json_is_an_error(tmp_path):
+def test_vocab_size_flag_that_contradicts_params_json_is_an_error():
     with pytest.raises(CheckpointError, match=r"--vocab-size 100 disagrees with vocab_size 128256"):
-        resolve(write_params(tmp_path, LLAMA3_8B), vocab_size=100)
+        resolve(LLAMA3_8B, vocab_size=100)
