@@ -429,8 +429,7 @@ def describe_architecture(resolved: Resolved) -> list[str]:
         ("vocabulary", f"{a.vocab_size:,} (from {resolved.vocab_source})"),
         ("RoPE theta", f"{a.rope_theta:g}"),
         ("RoPE scaling", scaling),
-        ("context", "not recorded in params.json (the training context is in the model card); "
-                    "the memory estimate below uses --max-seq-len"),
+        ("context", "not in params.json (see the model card); the memory estimate uses --max-seq-len"),
         ("norm eps", f"{a.norm_eps:g}"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -450,15 +449,15 @@ def describe_parameters(counts: dict[str, int], args: ModelArgs, source: str) ->
     return lines
 
 
-def describe_tying(shapes: dict[str, tuple[int, ...]], tied: Optional[bool]) -> list[str]:
+def describe_tying(shapes: dict[str, tuple[int, ...]], tied: Optional[bool], can_check: bool) -> list[str]:
     """Meta's format stores the head even when the model ties it to the embedding (Llama 3.2, SmolLM2)."""
     if shapes.get(OUTPUT_KEY) is None or shapes.get(OUTPUT_KEY) != shapes.get(EMBEDDING_KEY):
         return []
     shared = int(torch.Size(shapes[EMBEDDING_KEY]).numel())
     unique = sum(int(torch.Size(s).numel()) for s in shapes.values()) - shared
     if tied is None:
-        return [f"  note: output and tok_embeddings have the same shape; if the model ties them (Llama 3.2, "
-                f"SmolLM2), it has {unique:,} distinct parameters (--check-tied compares them)"]
+        check = " (--check-tied compares them)" if can_check else ""
+        return [f"  if output is tied to tok_embeddings (Llama 3.2, SmolLM2): {unique:,} distinct parameters{check}"]
     if tied:
         return [f"  output.weight equals tok_embeddings.weight (tied): {unique:,} distinct parameters"]
     return ["  output.weight differs from tok_embeddings.weight: not tied"]
@@ -579,7 +578,7 @@ def report(
         if problems:
             lines.append(f"  warning: the tensors disagree with params.json: {'; '.join(problems[:5])}")
     tied = check_tied(resolved.index, args.dim) if compare_tied and resolved.index is not None else None
-    lines += describe_tying(shapes, tied)
+    lines += describe_tying(shapes, tied, can_check=resolved.index is not None)
     if resolved.index is not None:
         lines += [""] + describe_disk(resolved.index, args.dim)
     lines += [""] + describe_memory(args, n_params, run_dtype)

@@ -613,12 +613,8 @@ class Candidate:
     token: int
     prob: float  # the model's own probability: softmax(logits)
     prob_temperature: float  # softmax(logits / temperature); greedy (0): 1 for the argmax
-    prob_final: float  # after top-p, renormalised: what the draw used (0 if cut)
-
-    @property
-    def cut(self) -> bool:
-        """Removed by top-p (nucleus) filtering: it could not be drawn."""
-        return self.prob_final == 0.0
+    prob_final: float  # after top-p, renormalised: what the draw used
+    cut_by_top_p: bool  # had probability after temperature, none after top-p: it could not be drawn
 
 
 @dataclass
@@ -670,7 +666,8 @@ def why(
         probs, tempered, final = sampler_view(logits[0], temperature, top_p)
         top = torch.topk(probs, min(k, probs.shape[-1])).indices.tolist()
         shown = top + ([chosen] if chosen not in top else [])
-        candidates = [Candidate(t, float(probs[t]), float(tempered[t]), float(final[t])) for t in shown]
+        candidates = [Candidate(t, float(probs[t]), float(tempered[t]), float(final[t]),
+                                cut_by_top_p=bool(tempered[t] > 0 and final[t] == 0)) for t in shown]
         steps.append(WhyStep(cur_pos, chosen, candidates, int((final > 0).sum())))
         if chosen in stop_tokens or cur_pos + 1 == end:
             break
@@ -749,7 +746,7 @@ def format_why(steps: list[WhyStep], tokenizer: Tokenizer, temperature: float, t
         rule = "greedy" if temperature == 0 else f"T={temperature:g}, top-p {top_p:g}: {step.nucleus_size} token(s) kept"
         out.append(f"position {step.position}: chose {token_label(tokenizer, step.chosen)} ({rule})")
         rows = [[token_label(tokenizer, c.token), f"{c.prob:.4f}", f"{c.prob_temperature:.4f}", f"{c.prob_final:.4f}",
-                 "cut by top-p" if c.cut and temperature > 0 else ("<- chosen" if c.token == step.chosen else "")]
+                 "cut by top-p" if c.cut_by_top_p else ("<- chosen" if c.token == step.chosen else "")]
                 for c in step.candidates]
         out.append(format_table(["candidate", "p (model)", "p (temperature)", "p (after top-p)", ""], rows))
         out.append("")

@@ -240,7 +240,10 @@ def test_why_draws_the_same_tokens_as_text_completion(llama, temperature, top_p,
     assert [s.chosen for s in steps][: len(expected)] == expected
     for step in steps:
         assert step.chosen in [c.token for c in step.candidates]
-        assert all(not c.cut for c in step.candidates if c.token == step.chosen)
+        assert all(not c.cut_by_top_p for c in step.candidates if c.token == step.chosen)
+        if temperature == 0:  # greedy: nothing is cut, the argmax gets all the mass
+            assert not any(c.cut_by_top_p for c in step.candidates)
+            assert [c.prob_final for c in step.candidates if c.token == step.chosen] == [1.0]
 
 
 def test_why_top_p_cut_equals_hugging_face_warpers(llama):
@@ -256,7 +259,7 @@ def test_why_top_p_cut_equals_hugging_face_warpers(llama):
     assert step.nucleus_size == int((hf_probs > 0).sum())
     for c in step.candidates:
         assert c.prob_final == pytest.approx(float(hf_probs[c.token]), abs=1e-6)
-        assert c.cut == (float(hf_probs[c.token]) == 0.0)
+        assert c.cut_by_top_p == (float(hf_probs[c.token]) == 0.0)
         assert c.prob == pytest.approx(float(torch.softmax(logits[0], -1)[c.token]), abs=1e-6)
 
 
@@ -384,7 +387,8 @@ def test_every_command_has_help(capsys):
 # The demo model: SmolLM2-135M-Instruct, fp32, against Hugging Face on the same GGUF
 # --------------------------------------------------------------------------------------------
 
-# "The capital of France is Paris. The capital of Germany is" in SmolLM2's vocabulary (HF's tokenizer).
+SMOL_TEXT = "The capital of France is Paris. The capital of Germany is"
+# SMOL_TEXT in SmolLM2's vocabulary (HF's tokenizer), so that these tests do not depend on ours.
 SMOL_IDS = [504, 3575, 282, 4649, 314, 7042, 30, 378, 3575, 282, 4521, 314]
 SMOL_BERLIN = 11452  # " Berlin"
 SMOL_PARIS = 7042  # " Paris"
@@ -421,3 +425,17 @@ def test_demo_integrated_gradients_are_complete_with_the_default_baseline(smol):
     result = integrated_gradients(smol, SMOL_IDS[:5], SMOL_PARIS, steps=64, batch_size=32)
     assert result.completeness_error < 0.01
     assert int(result.scores.argmax()) == SMOL_IDS.index(SMOL_FRANCE)  # " France" matters most
+
+
+def test_demo_cli_attention_and_lens(demo_ckpt, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "layer17.png"
+    code, stdout, err = cli(capsys, "attention", "--ckpt-dir", str(demo_ckpt), "--text", SMOL_TEXT, "--layer", "17",
+                            "--out", str(out))
+    assert code == 0, err
+    assert png_size(out)[0] > 300
+    rows = {line.split("  ")[0]: line for line in stdout.splitlines()}
+    assert "' Germany'" in rows and "' is'" in rows  # SmolLM2's tokens label the rows
+    code, stdout, err = cli(capsys, "lens", "--ckpt-dir", str(demo_ckpt), "--text", SMOL_TEXT, "--top-k", "2")
+    assert code == 0, err
+    assert stdout.splitlines()[-1].startswith("block 29   ' Berlin'")  # the last layer: the model's own answer
