@@ -1,0 +1,641 @@
+"""Look at a Llama checkpoint without loading its weights: architecture, parameters, bytes, memory.
+
+    python inspect_checkpoint.py CKPT_DIR            # a Meta checkpoint directory
+    python inspect_checkpoint.py path/to/params.json # just the architecture: counts from the shapes
+
+What it prints, and where each number comes from:
+
+1. **Architecture**: params.json in words (layers, heads, KV heads, head dim, FFN hidden size,
+   vocabulary, RoPE theta and scaling). Derived sizes come from `model.ModelArgs`, the same code
+   that sizes the real model, so they cannot drift from it.
+2. **Parameters** per component (embedding, attention, feed-forward, norms, head) and the total.
+   For a directory they are counted from the tensors' shapes in the shards; for a bare
+   params.json, from the shapes a `Transformer` built on the "meta" device would have (shapes
+   without memory: nothing is allocated, even for 405B).
+3. **On disk**: bytes per dtype, and each shard file with what it holds.
+4. **Memory to run** at a dtype / max_seq_len / batch size: the weights, the KV cache (two
+   tensors per layer, (batch, n_kv_heads, max_seq_len, head_dim) each, as `model.KVCache`
+   allocates them), the RoPE table and the logits of a full-length prompt.
+
+## The tensor index (which tensor is in which shard)
+Meta's shards are pickled state dicts. Learning their tensors' names, shapes and dtypes means
+unpickling each shard's header (cheap with `mmap=True`: no tensor data is read, but still one
+file open per shard). We do that once and cache the answer next to the checkpoint as
+`tensor_index.json`; a shard whose size or modification time changed makes the cache stale, and
+it is rebuilt. The file is written atomically (a temporary name, then `os.replace`), and in a
+read-only directory it is simply not written. `interpret.py` uses the same index to load only a
+range of layers. (This is a checkpoint helper that could move to checkpoint.py; it lives here so
+that checkpoint.py stays as it is.)
+
+## Llama 2's "vocab_size": -1
+Meta's Llama 2 params.json leaves the vocabulary to the tokenizer. We resolve it, in order, from
+`--vocab-size`, from the weights' shapes (a checkpoint directory), or from the `tokenizer.model`
+next to params.json. If none is there it is an error asking for `--vocab-size`: a silent default
+(32000 for Llama 2) would be wrong for any other model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from checkpoint import (
+    EMBEDDING_KEY,
+    OUTPUT_KEY,
+    PARAMS_FILE,
+    CheckpointError,
+    check_checkpoint_dir,
+    choose_dtype,
+    list_shards,
+    merge_slices,
+    model_args_from_params,
+    open_shard,
+    read_params,
+    split_dim,
+)
+from inference import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN
+from model import ModelArgs, Transformer
+
+INDEX_FILE = "tensor_index.json"
+INDEX_FORMAT = "llama-from-scratch tensor index"
+INDEX_VERSION = 1
+TOKENIZER_FILE = "tokenizer.model"
+FILE_MODE = 0o666  # before the umask, as open() would create the file
+
+# A KV cache holds two tensors per layer: the keys and the values.
+KV_TENSORS_PER_LAYER = 2
+COMPLEX64_BYTES = 8  # the RoPE table is complex64 (model.precompute_freqs_cis)
+LOGITS_BYTES = 4  # the model returns float32 logits (model.Transformer.forward)
+
+# Parameter components, in the order a token meets them.
+COMPONENTS = ("embedding", "attention", "feed-forward", "norms", "head")
+COMPONENT_LABELS = {
+    "embedding": "embedding (tok_embeddings)",
+    "attention": "attention (wq wk wv wo)",
+    "feed-forward": "feed-forward (w1 w2 w3)",
+    "norms": "norms (RMSNorm weights)",
+    "head": "head (output)",
+    "other": "other tensors",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The tensor index: names, shapes and dtypes of every shard, cached next to the checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor (or one model-parallel slice of it) as stored in one shard."""
+
+    dtype: str  # "bfloat16", "float32", ... (torch's name without "torch.")
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_from_name(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str  # name inside the checkpoint dir, e.g. "consolidated.00.pth"
+    bytes: int  # file size: with mtime_ns, tells whether a cached index is still valid
+    mtime_ns: int
+    tensors: dict[str, TensorInfo]  # in the shard's own order
+
+
+@dataclass(frozen=True)
+class TensorIndex:
+    ckpt_dir: Path
+    shards: list[ShardInfo]
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return [self.ckpt_dir / shard.file for shard in self.shards]
+
+    def names(self) -> list[str]:
+        """Every tensor name, in the order of the first shard that holds it."""
+        seen: dict[str, None] = {}
+        for shard in self.shards:
+            seen.update(dict.fromkeys(shard.tensors))
+        return list(seen)
+
+    def shards_holding(self, name: str) -> list[int]:
+        """Indices of the shards that hold (a slice of) `name`. All of them, in Meta's layout."""
+        return [i for i, shard in enumerate(self.shards) if name in shard.tensors]
+
+    def merged_shape(self, name: str, dim: int) -> tuple[int, ...]:
+        """The shape of `name` once its slices are concatenated (see checkpoint.merge_slices)."""
+        holders = self.shards_holding(name)
+        if not holders:
+            raise KeyError(name)
+        shape = list(self.shards[holders[0]].tensors[name].shape)
+        concat_dim = split_dim(name, torch.Size(shape), len(holders), dim)
+        if concat_dim is not None:
+            shape[concat_dim] = sum(self.shards[i].tensors[name].shape[concat_dim] for i in holders)
+        return tuple(shape)
+
+    def load_tensor(self, name: str, dim: int, state_dicts: dict[int, dict]) -> torch.Tensor:
+        """`name` merged from its slices; `state_dicts` maps shard index -> opened shard (mmap)."""
+        holders = self.shards_holding(name)
+        if not holders:
+            raise CheckpointError(f"{self.ckpt_dir}: no shard holds {name}")
+        for i in holders:
+            if i not in state_dicts:
+                state_dicts[i] = open_shard(self.shard_paths[i])
+        slices = [state_dicts[i][name] for i in holders]
+        return merge_slices(name, slices, [self.shard_paths[i] for i in holders], dim)
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"unknown dtype name {name!r} in a tensor index")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def shard_fingerprint(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def read_shard_info(path: Path) -> ShardInfo:
+    """Unpickle one shard's header (mmap: no tensor data is read) and note every tensor in it."""
+    size, mtime_ns = shard_fingerprint(path)
+    state_dict = open_shard(path)
+    tensors = {name: TensorInfo(dtype_name(t.dtype), tuple(t.shape)) for name, t in state_dict.items()}
+    return ShardInfo(path.name, size, mtime_ns, tensors)
+
+
+def index_to_json(index: TensorIndex) -> dict:
+    return {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "shards": [
+            {
+                "file": shard.file,
+                "bytes": shard.bytes,
+                "mtime_ns": shard.mtime_ns,
+                "tensors": {name: {"dtype": t.dtype, "shape": list(t.shape)} for name, t in shard.tensors.items()},
+            }
+            for shard in index.shards
+        ],
+    }
+
+
+def index_from_json(data: object, ckpt_dir: Path) -> Optional[TensorIndex]:
+    """The index in `data`, or None if it is not one we wrote (another version, edited, truncated)."""
+    try:
+        if data["format"] != INDEX_FORMAT or data["version"] != INDEX_VERSION:
+            return None
+        shards = [
+            ShardInfo(
+                file=str(shard["file"]),
+                bytes=int(shard["bytes"]),
+                mtime_ns=int(shard["mtime_ns"]),
+                tensors={
+                    str(name): TensorInfo(str(t["dtype"]), tuple(int(n) for n in t["shape"]))
+                    for name, t in shard["tensors"].items()
+                },
+            )
+            for shard in data["shards"]
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return TensorIndex(ckpt_dir, shards)
+
+
+def read_cached_index(ckpt_dir: Path, shard_paths: list[Path]) -> Optional[TensorIndex]:
+    """The cached index if it describes exactly these shard files as they are now, else None."""
+    path = ckpt_dir / INDEX_FILE
+    try:
+        index = index_from_json(json.loads(path.read_text()), ckpt_dir)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if index is None or [s.file for s in index.shards] != [p.name for p in shard_paths]:
+        return None
+    for shard, shard_path in zip(index.shards, shard_paths):
+        if (shard.bytes, shard.mtime_ns) != shard_fingerprint(shard_path):
+            return None
+    return index
+
+
+def write_index_atomically(index: TensorIndex) -> bool:
+    """Write tensor_index.json via a temporary file and a rename; False if the dir is not writable."""
+    target = index.ckpt_dir / INDEX_FILE
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=index.ckpt_dir, prefix=f".{INDEX_FILE}.", suffix=".tmp")
+    except OSError:  # read-only directory or file system: a cache we cannot keep is no error
+        return False
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(index_to_json(index), f)
+        os.chmod(tmp_name, FILE_MODE & ~current_umask())  # mkstemp makes it private (0600)
+        os.replace(tmp_name, target)
+    except OSError:
+        Path(tmp_name).unlink(missing_ok=True)
+        return False
+    return True
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def tensor_index(ckpt_dir: Union[str, Path], cache: bool = True) -> TensorIndex:
+    """Which tensors (names, shapes, dtypes) each shard of a Meta checkpoint dir holds.
+
+    Read from `tensor_index.json` when it is up to date, else built from the shards and cached there.
+    """
+    ckpt_dir = check_checkpoint_dir(ckpt_dir)
+    shard_paths = list_shards(ckpt_dir)
+    if cache:
+        cached = read_cached_index(ckpt_dir, shard_paths)
+        if cached is not None:
+            return cached
+    index = TensorIndex(ckpt_dir, [read_shard_info(path) for path in shard_paths])
+    if cache:
+        write_index_atomically(index)
+    return index
+
+
+# --------------------------------------------------------------------------------------------
+# Architecture and parameter counts
+# --------------------------------------------------------------------------------------------
+
+
+def component_of(name: str) -> str:
+    """Which part of the model a tensor belongs to, from its Meta name."""
+    if name == EMBEDDING_KEY:
+        return "embedding"
+    if name == OUTPUT_KEY:
+        return "head"
+    if name.endswith("norm.weight"):  # attention_norm, ffn_norm, and the final norm
+        return "norms"
+    if ".attention.w" in name:
+        return "attention"
+    if ".feed_forward.w" in name:
+        return "feed-forward"
+    return "other"
+
+
+def model_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every weight's shape, from a Transformer built on the "meta" device (no memory used)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def count_by_component(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for name, shape in shapes.items():
+        counts[component_of(name)] += int(torch.Size(shape).numel())
+    return dict(counts)
+
+
+def checkpoint_shapes(index: TensorIndex, dim: int) -> dict[str, tuple[int, ...]]:
+    return {name: index.merged_shape(name, dim) for name in index.names()}
+
+
+def vocab_size_from_shapes(index: TensorIndex, dim: int) -> Optional[int]:
+    """Rows of the head (or of the embedding if there is no head): the vocabulary size."""
+    names = index.names()
+    for name in (OUTPUT_KEY, EMBEDDING_KEY):
+        if name in names:
+            return index.merged_shape(name, dim)[0]
+    return None
+
+
+def read_params_file(path: Path) -> dict:
+    """A params.json given on its own (any file name), with the same errors as checkpoint.read_params."""
+    try:
+        params = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{path} must hold a JSON object of model hyperparameters")
+    return params
+
+
+@dataclass
+class Resolved:
+    """params.json made concrete: ModelArgs with a real vocab_size, and where that size came from."""
+
+    args: ModelArgs
+    params_path: Path
+    vocab_source: str
+    index: Optional[TensorIndex]  # None when given only a params.json
+
+
+def resolve(
+    path: Union[str, Path],
+    vocab_size: Optional[int] = None,
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+) -> Resolved:
+    """Read a checkpoint dir or a params.json; fill in a vocab_size of -1 (see the module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: give a checkpoint directory or a params.json")
+    if path.is_dir():
+        params, params_path = read_params(path), path / PARAMS_FILE
+        index = tensor_index(path)
+    else:
+        params, params_path, index = read_params_file(path), path, None
+    args = model_args_from_params(params, params_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+
+    if args.has_vocab_size:
+        if vocab_size is not None and vocab_size != args.vocab_size:
+            raise CheckpointError(
+                f"--vocab-size {vocab_size} disagrees with vocab_size {args.vocab_size} in {params_path}"
+            )
+        return Resolved(args, params_path, "params.json", index)
+    if vocab_size is not None:
+        if vocab_size < 1:
+            raise CheckpointError(f"--vocab-size must be >= 1, got {vocab_size}")
+        return Resolved(replace(args, vocab_size=vocab_size), params_path, "--vocab-size", index)
+    if index is not None:
+        from_shapes = vocab_size_from_shapes(index, args.dim)
+        if from_shapes is not None:
+            return Resolved(replace(args, vocab_size=from_shapes), params_path, "the weights' shapes", index)
+    tokenizer_path = params_path.with_name(TOKENIZER_FILE)
+    if tokenizer_path.is_file():
+        from tokenizer import Tokenizer  # only needed for this fallback
+
+        n_words = Tokenizer(tokenizer_path).n_words
+        return Resolved(replace(args, vocab_size=n_words), params_path, f"the tokenizer {tokenizer_path}", index)
+    raise CheckpointError(
+        f"{params_path} says vocab_size -1 (\"take it from the tokenizer\") and there is no {TOKENIZER_FILE} "
+        f"next to it: pass --vocab-size N (Llama 2's tokenizer has 32000 tokens)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def describe_architecture(resolved: Resolved) -> list[str]:
+    a = resolved.args
+    if a.n_kv_heads == a.n_heads:
+        kv = f"{a.n_kv_heads} (multi-head attention: one K/V head per query head)"
+    elif a.n_kv_heads == 1:
+        kv = f"{a.n_kv_heads} (multi-query attention: all query heads share it)"
+    else:
+        kv = f"{a.n_kv_heads} (grouped-query attention: {a.n_rep} query heads share each K/V head)"
+    ffn = f"{a.ffn_hidden_dim} (SwiGLU: 2/3 of 4 x dim"
+    ffn += f", x {a.ffn_dim_multiplier}" if a.ffn_dim_multiplier is not None else ""
+    ffn += f", rounded up to a multiple of {a.multiple_of})"
+    if a.rope_scaling_args is None:
+        scaling = "none"
+    else:
+        s = a.rope_scaling_args
+        scaling = (f"Llama 3.1 frequency scaling: factor {s.factor:g}, low/high freq factors "
+                   f"{s.low_freq_factor:g}/{s.high_freq_factor:g}, original context {s.original_max_position_embeddings}")
+    rows = [
+        ("layers (blocks)", str(a.n_layers)),
+        ("model dim", str(a.dim)),
+        ("query heads", str(a.n_heads)),
+        ("key/value heads", kv),
+        ("head dim", f"{a.head_dim} (= dim / query heads)"),
+        ("FFN hidden size", ffn),
+        ("vocabulary", f"{a.vocab_size:,} (from {resolved.vocab_source})"),
+        ("RoPE theta", f"{a.rope_theta:g}"),
+        ("RoPE scaling", scaling),
+        ("context", "not in params.json (see the model card); the memory estimate uses --max-seq-len"),
+        ("norm eps", f"{a.norm_eps:g}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return [f"Architecture ({resolved.params_path})"] + [f"  {k:<{width}}  {v}" for k, v in rows]
+
+
+def describe_parameters(counts: dict[str, int], args: ModelArgs, source: str) -> list[str]:
+    total = sum(counts.values())
+    per_layer = {"attention": args.n_layers, "feed-forward": args.n_layers}
+    lines = [f"Parameters (counted from {source})"]
+    names = [c for c in COMPONENTS if c in counts] + [c for c in counts if c not in COMPONENTS]
+    labels = {c: COMPONENT_LABELS[c] + (f" x {per_layer[c]} layers" if c in per_layer else "") for c in names}
+    width = max(len(label) for label in labels.values())
+    for c in names:
+        lines.append(f"  {labels[c]:<{width}}  {counts[c]:>17,}  {100 * counts[c] / total:5.1f}%")
+    lines.append(f"  {'total':<{width}}  {total:>17,}")
+    return lines
+
+
+def describe_tying(shapes: dict[str, tuple[int, ...]], tied: Optional[bool], can_check: bool) -> list[str]:
+    """Meta's format stores the head even when the model ties it to the embedding (Llama 3.2, SmolLM2)."""
+    if shapes.get(OUTPUT_KEY) is None or shapes.get(OUTPUT_KEY) != shapes.get(EMBEDDING_KEY):
+        return []
+    shared = int(torch.Size(shapes[EMBEDDING_KEY]).numel())
+    unique = sum(int(torch.Size(s).numel()) for s in shapes.values()) - shared
+    if tied is None:
+        check = " (--check-tied compares them)" if can_check else ""
+        return [f"  if output is tied to tok_embeddings (Llama 3.2, SmolLM2): {unique:,} distinct parameters{check}"]
+    if tied:
+        return [f"  output.weight equals tok_embeddings.weight (tied): {unique:,} distinct parameters"]
+    return ["  output.weight differs from tok_embeddings.weight: not tied"]
+
+
+def describe_disk(index: TensorIndex, dim: int) -> list[str]:
+    by_dtype: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # dtype -> [elements, bytes]
+    for shard in index.shards:
+        for t in shard.tensors.values():
+            by_dtype[t.dtype][0] += t.numel
+            by_dtype[t.dtype][1] += t.nbytes
+    lines = ["On disk"]
+    for dtype, (numel, nbytes) in sorted(by_dtype.items()):
+        lines.append(f"  {dtype:<9} {numel:>17,} values  {human_bytes(nbytes):>9}")
+    lines.append(f"  {len(index.shards)} shard(s):")
+    n_shards = len(index.shards)
+    for shard in index.shards:
+        split = [n for n in shard.tensors if split_dim(n, torch.Size(shard.tensors[n].shape), n_shards, dim) is not None]
+        if n_shards == 1:
+            held = f"{len(shard.tensors)} tensors, whole"
+        else:
+            held = (f"{len(shard.tensors)} tensors: a 1/{n_shards} slice of {len(split)} split ones, "
+                    f"{len(shard.tensors) - len(split)} whole (replicated)")
+        lines.append(f"    {shard.file}  {human_bytes(shard.bytes):>9}  {held}")
+    return lines
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    kv_cache: int
+    rope_table: int
+    prompt_logits: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.rope_table + self.prompt_logits
+
+
+def estimate_memory(args: ModelArgs, n_params: int, dtype: torch.dtype) -> MemoryEstimate:
+    """Bytes to run at `dtype` with args.max_seq_len and args.max_batch_size (as model.py allocates)."""
+    kv_values = KV_TENSORS_PER_LAYER * args.n_layers * args.max_batch_size * args.max_seq_len * args.n_kv_heads * args.head_dim
+    return MemoryEstimate(
+        weights=n_params * dtype.itemsize,
+        kv_cache=kv_values * dtype.itemsize,
+        rope_table=args.max_seq_len * (args.head_dim // 2) * COMPLEX64_BYTES,
+        prompt_logits=args.max_batch_size * args.max_seq_len * args.vocab_size * LOGITS_BYTES,
+    )
+
+
+def describe_memory(args: ModelArgs, n_params: int, dtype: torch.dtype) -> list[str]:
+    m = estimate_memory(args, n_params, dtype)
+    b, s = args.max_batch_size, args.max_seq_len
+    rows = [
+        ("weights", f"{n_params:,} x {dtype.itemsize} bytes", m.weights),
+        ("KV cache", f"{KV_TENSORS_PER_LAYER} x {args.n_layers} layers x batch {b} x {s} positions x "
+                     f"{args.n_kv_heads} KV heads x {args.head_dim} x {dtype.itemsize} bytes", m.kv_cache),
+        ("RoPE table", f"{s} positions x {args.head_dim // 2} complex64", m.rope_table),
+        ("prompt logits", f"batch {b} x {s} positions x {args.vocab_size:,} x float32 (a full-length prompt)",
+         m.prompt_logits),
+    ]
+    lines = [f"Memory to run ({dtype_name(dtype)}, max_seq_len {s}, batch {b}; activations not counted)"]
+    for name, how, nbytes in rows:
+        lines.append(f"  {name:<13} {human_bytes(nbytes):>9}  {how}")
+    lines.append(f"  {'total':<13} {human_bytes(m.total):>9}")
+    return lines
+
+
+def describe_tensors(index: TensorIndex) -> list[str]:
+    lines = ["Tensors (per shard: dtype and shape of what that shard holds)"]
+    for shard in index.shards:
+        lines.append(f"  {shard.file}")
+        for name, t in shard.tensors.items():
+            lines.append(f"    {name:<40} {t.dtype:<9} {tuple(t.shape)}")
+    return lines
+
+
+def check_tied(index: TensorIndex, dim: int) -> bool:
+    """Compare the head with the embedding, streaming both from the memory-mapped shards."""
+    opened: dict[int, dict] = {}
+    return torch.equal(index.load_tensor(OUTPUT_KEY, dim, opened), index.load_tensor(EMBEDDING_KEY, dim, opened))
+
+
+def parameter_counts(resolved: Resolved) -> tuple[dict[str, tuple[int, ...]], str]:
+    """Shapes to count: the checkpoint's tensors if there are any, else the model's from params.json."""
+    if resolved.index is not None:
+        return checkpoint_shapes(resolved.index, resolved.args.dim), "the tensors in the shards"
+    return model_shapes(resolved.args), "the shapes params.json implies"
+
+
+def shape_mismatches(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> list[str]:
+    problems = [f"missing {n}" for n in expected if n not in found]
+    problems += [f"unexpected {n}" for n in found if n not in expected]
+    problems += [f"{n} is {found[n]}, params.json implies {expected[n]}" for n in expected if n in found and found[n] != expected[n]]
+    return problems
+
+
+def report(
+    path: Union[str, Path],
+    vocab_size: Optional[int] = None,
+    dtype: Union[str, torch.dtype] = "bfloat16",
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    list_tensors: bool = False,
+    compare_tied: bool = False,
+) -> str:
+    """The whole inspection report, as text."""
+    resolved = resolve(path, vocab_size, max_seq_len, max_batch_size)
+    args = resolved.args
+    run_dtype = choose_dtype(dtype, torch.device("cpu"))
+    shapes, source = parameter_counts(resolved)
+    counts = count_by_component(shapes)
+    n_params = sum(counts.values())
+
+    lines = describe_architecture(resolved) + [""] + describe_parameters(counts, args, source)
+    if resolved.index is not None:
+        problems = shape_mismatches(shapes, model_shapes(args))
+        if problems:
+            lines.append(f"  warning: the tensors disagree with params.json: {'; '.join(problems[:5])}")
+    tied = check_tied(resolved.index, args.dim) if compare_tied and resolved.index is not None else None
+    lines += describe_tying(shapes, tied, can_check=resolved.index is not None)
+    if resolved.index is not None:
+        lines += [""] + describe_disk(resolved.index, args.dim)
+    lines += [""] + describe_memory(args, n_params, run_dtype)
+    if list_tensors and resolved.index is not None:
+        lines += [""] + describe_tensors(resolved.index)
+    return "\n".join(lines)
+
+
+def total_parameters(path: Union[str, Path], vocab_size: Optional[int] = None) -> int:
+    """The total parameter count: every tensor in the checkpoint, or every weight params.json implies."""
+    shapes, _ = parameter_counts(resolve(path, vocab_size))
+    return sum(count_by_component(shapes).values())
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Describe a Llama checkpoint without loading its weights: architecture, parameter "
+        "counts per component and in total, bytes on disk, shards, and memory needed to run it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("path", help="a Meta checkpoint directory, or a params.json on its own")
+    parser.add_argument("--vocab-size", type=int,
+                        help="vocabulary size when params.json says -1 (Llama 2) and neither weights nor a "
+                        "tokenizer.model are next to it")
+    parser.add_argument("--dtype", default="bfloat16", help="dtype of the weights and KV cache for the memory estimate")
+    parser.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
+                        help="positions the KV cache holds, for the memory estimate")
+    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                        help="sequences run together, for the memory estimate")
+    parser.add_argument("--tensors", action="store_true", help="also list every tensor of every shard")
+    parser.add_argument("--check-tied", action="store_true",
+                        help="read output.weight and tok_embeddings.weight to tell whether they are tied")
+    parser.add_argument("--total-only", action="store_true", help="print only the total parameter count")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        for name in ("max_seq_len", "max_batch_size"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.total_only:
+            print(total_parameters(args.path, args.vocab_size))
+        else:
+            print(report(args.path, args.vocab_size, args.dtype, args.max_seq_len, args.max_batch_size,
+                         list_tensors=args.tensors, compare_tied=args.check_tied))
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
