@@ -38,6 +38,7 @@ from checkpoint import (
     load_transformer,
 )
 from model import ModelArgs, Transformer
+from quantize import prepacking_helps
 from sampling import check_sampling_args, sample_next_token
 from tensor_parallel import TensorParallel, init_from_torchrun, load_tensor_parallel_transformer, main_rank_first
 from tokenizer import Tokenizer, TokenizerFileError
@@ -68,6 +69,7 @@ class LLaMa:
         self.args = args
         self.device = device
         self.tensor_parallel = tensor_parallel  # None: the whole model is in this process
+        self.decode_step = decode_step  # or its compiled version: see `build(compile=True)`
 
     @staticmethod
     def build(
@@ -80,6 +82,8 @@ class LLaMa:
         dtype: Union[str, torch.dtype, None] = None,
         progress: bool = True,
         tensor_parallel: Optional[TensorParallel] = None,
+        quantize: Optional[str] = None,
+        compile: bool = False,
     ) -> "LLaMa":
         """Load a Meta checkpoint dir (params.json, consolidated.*.pth, tokenizer.model).
 
@@ -87,8 +91,13 @@ class LLaMa:
         Both accept a torch object or a string ("cuda:1", "bfloat16"). With load_model=False only
         the tokenizer and the args are loaded (`model` is None). With `tensor_parallel` (from
         `tensor_parallel.init_from_torchrun()`), this rank loads only its slice, on its own device.
+        quantize: None, "int8" or "int4": weight-only quantization of the linear layers while
+        loading (quantize.py). compile: `torch.compile` the decode step (the first generation then
+        takes longer while it compiles).
         """
         if tensor_parallel is not None:
+            if quantize is not None or compile:
+                raise ValueError("quantize and compile are not supported with tensor parallel yet: run without them")
             device = tensor_parallel.device
         device = choose_device(device)
         dtype = choose_dtype(dtype, device)
@@ -99,14 +108,20 @@ class LLaMa:
         model = None
         if load_model:
             if tensor_parallel is None:
-                model = load_transformer(checkpoints_dir, args, device, dtype, progress=progress)
+                # Compiled graphs cannot read prepacked weights (torch.compile packs them itself).
+                prepack = quantize is None and not compile and prepacking_helps(device, dtype)
+                model = load_transformer(checkpoints_dir, args, device, dtype, progress=progress,
+                                         quantize=quantize, prepack=prepack)
             else:
                 model = load_tensor_parallel_transformer(checkpoints_dir, args, tensor_parallel, dtype, progress)
             args = model.args  # now with vocab_size read from the weights if params.json said -1
         elif not args.has_vocab_size:
             args = load_model_args(checkpoints_dir, max_seq_len, max_batch_size, vocab_size=tokenizer.n_words)
         check_vocab_matches(tokenizer.n_words, tokenizer_path, args)
-        return LLaMa(model, tokenizer, args, device, tensor_parallel)
+        llama = LLaMa(model, tokenizer, args, device, tensor_parallel)
+        if compile and model is not None:
+            llama.decode_step = compile_decode_step(decode_step)
+        return llama
 
     # ----------------------------------------------------------------------------------------
     # Generation from token ids
@@ -172,9 +187,10 @@ class LLaMa:
         stop_tokens = torch.tensor(sorted(self.tokenizer.stop_tokens), device=self.device)
         stopped = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
 
-        # Prefill: all prompt tokens in one pass.
-        logits = self.model(tokens[:, :prompt_len], start_pos=0, pad_lens=pad_lens)  # (B, P, V)
-        if logprobs and echo:
+        # Prefill: all prompt tokens in one pass (logits of every position only if echo needs them).
+        every_position = logprobs and echo
+        logits = self.model(tokens[:, :prompt_len], start_pos=0, pad_lens=pad_lens, last_only=not every_position)
+        if every_position:
             # log p(token t | tokens before t) for the prompt: logits at t - 1 score token t.
             token_logprobs[:, 1:prompt_len] = log_prob_of(logits[:, :-1], tokens[:, 1:prompt_len])
         last_logits = logits[:, -1]  # (B, V)
@@ -192,7 +208,7 @@ class LLaMa:
             end = cur_pos + 1
             if bool(stopped.all()) or end == total_len:
                 break
-            last_logits = self.model(tokens[:, cur_pos : cur_pos + 1], start_pos=cur_pos, pad_lens=pad_lens)[:, -1]
+            last_logits = self.decode_step(self.model, tokens[:, cur_pos : cur_pos + 1], cur_pos, pad_lens)
 
         return [
             self._cut_row(tokens[row], token_logprobs[row], prompt_len - prompt_lens[row], prompt_len, end, logprobs, echo)
@@ -246,6 +262,20 @@ class LLaMa:
         if logprobs:
             return out_tokens, out_text, [g.logprobs for g in generations]
         return out_tokens, out_text
+
+
+def decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int, pad_lens: Optional[torch.Tensor]) -> torch.Tensor:
+    """One decoding step: the logits (B, V) that follow `tokens` (B, 1) placed at `start_pos`."""
+    return model(tokens, start_pos, pad_lens, last_only=True)[:, -1]
+
+
+def compile_decode_step(step):
+    """`step` compiled by torch.compile (Inductor): its ops fused into a few generated kernels.
+
+    dynamic=True: start_pos grows by one each step and the attended part of the KV cache with it;
+    compiling once for symbolic sizes avoids a recompile per position.
+    """
+    return torch.compile(step, dynamic=True)
 
 
 def log_prob_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
