@@ -38,7 +38,7 @@ from checkpoint import (
     load_transformer,
 )
 from model import ModelArgs, Transformer
-from quantize import prepacking_helps
+from quantize import SCHEMES, prepacking_helps
 from sampling import check_sampling_args, sample_next_token
 from tensor_parallel import TensorParallel, init_from_torchrun, load_tensor_parallel_transformer, main_rank_first
 from tokenizer import Tokenizer, TokenizerFileError
@@ -328,6 +328,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float16 on GPU, bfloat16 on CPU)")
     parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    parser.add_argument("--quantize", choices=SCHEMES,
+                        help="weight-only quantization of the linear layers, done while loading (quantize.py)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step: faster tokens after a slow first one")
     return parser.parse_args(argv)
 
 
@@ -346,11 +350,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         started = time.perf_counter()
         llama = LLaMa.build(ckpt_dir, tokenizer_path=args.tokenizer, max_seq_len=args.max_seq_len,
                             max_batch_size=args.max_batch_size, device=args.device, dtype=args.dtype,
-                            progress=is_main, tensor_parallel=tp)
+                            progress=is_main, tensor_parallel=tp, quantize=args.quantize, compile=args.compile)
         if is_main:
             ranks = "" if tp is None else f", {tp.world_size} ranks"
+            quantized = f", linear layers {args.quantize}" if args.quantize else ""
             print(f"loaded {ckpt_dir} in {time.perf_counter() - started:.1f}s "
-                  f"({llama.device}, {next(llama.model.parameters()).dtype}{ranks})", file=sys.stderr)
+                  f"({llama.device}, {next(llama.model.parameters()).dtype}{quantized}{ranks})", file=sys.stderr)
         prompts = args.prompt or DEMO_PROMPTS
         started = time.perf_counter()
         out_tokens, out_text = llama.text_completion(prompts, temperature=args.temperature, top_p=args.top_p,
