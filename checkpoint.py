@@ -29,8 +29,11 @@ Device and dtype are decided here, once: CUDA if present (fp16), else Apple's MP
 (bf16).
 """
 
+import ctypes
 import json
-from dataclasses import replace
+import mmap
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -38,6 +41,16 @@ import torch
 from tqdm import tqdm
 
 from model import ModelArgs, Transformer
+from quantize import (
+    INT4,
+    INT8,
+    check_scheme,
+    fast_linear,
+    layer_scheme,
+    linear_bytes,
+    linear_layer_names,
+    prepacking_helps,
+)
 
 PARAMS_FILE = "params.json"
 SHARD_GLOB = "consolidated.*.pth"
@@ -61,6 +74,10 @@ SPLIT_DIMS = {
 }
 EMBEDDING_KEY = "tok_embeddings.weight"
 OUTPUT_KEY = "output.weight"
+
+
+# The C library, for madvise (see `release_file_pages`); only used on Linux.
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 class CheckpointError(ValueError):
@@ -217,6 +234,147 @@ def infer_vocab_size(state_dicts: list[dict], n_shards: int, dim: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# Memory planning: will the model fit?
+# --------------------------------------------------------------------------------------------
+
+GIB = 1024**3
+MEMINFO = Path("/proc/meminfo")  # Linux: MemAvailable counts free memory plus reclaimable caches
+LOGITS_DTYPE = torch.float32  # the model returns float32 logits
+
+
+class MemoryPlanError(CheckpointError):
+    """The model will not fit in the memory available; the message suggests what to change."""
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes a model will take on its device, computed from ModelArgs before anything is loaded."""
+
+    weights: int  # every parameter (quantized or not), as it will sit in memory
+    kv_cache: int  # keys and values for max_batch_size x max_seq_len positions, every layer
+    activations: int  # an estimate of the largest temporaries of one forward pass
+    available: Optional[int]  # free memory on the device now (None: unknown, nothing is checked)
+    device: torch.device
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations
+
+    def fits(self) -> bool:
+        return self.available is None or self.total <= self.available
+
+
+def linear_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
+    """(N, K) of every linear layer, by its name in the model: the matrices quantization applies to."""
+    query_size, kv_size = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    shapes = {}
+    for i in range(args.n_layers):
+        attention, feed_forward = f"layers.{i}.attention", f"layers.{i}.feed_forward"
+        shapes.update({
+            f"{attention}.wq": (query_size, args.dim), f"{attention}.wk": (kv_size, args.dim),
+            f"{attention}.wv": (kv_size, args.dim), f"{attention}.wo": (args.dim, query_size),
+            f"{feed_forward}.w1": (args.ffn_hidden_dim, args.dim), f"{feed_forward}.w3": (args.ffn_hidden_dim, args.dim),
+            f"{feed_forward}.w2": (args.dim, args.ffn_hidden_dim),
+        })
+    shapes["output"] = (args.vocab_size, args.dim)
+    return shapes
+
+
+def weights_bytes(args: ModelArgs, dtype: torch.dtype, quantize: Optional[str]) -> int:
+    embedding_and_norms = args.vocab_size * args.dim + (2 * args.n_layers + 1) * args.dim
+    total = embedding_and_norms * dtype.itemsize
+    for name, (out_features, in_features) in linear_shapes(args).items():
+        scheme = layer_scheme(name, quantize) if quantize else None
+        total += linear_bytes(out_features, in_features, scheme, dtype)
+    return total
+
+
+def kv_cache_bytes(args: ModelArgs, dtype: torch.dtype, max_seq_len: int) -> int:
+    positions = args.max_batch_size * max_seq_len
+    return 2 * args.n_layers * positions * args.n_kv_heads * args.head_dim * dtype.itemsize  # 2: keys, values
+
+
+def activations_bytes(args: ModelArgs, dtype: torch.dtype, max_seq_len: int) -> int:
+    """The largest temporaries of a prefill over a full-length batch: the residual stream, a norm's and
+    attention's outputs (3 x C per token), the two FFN hidden vectors (2 x F per token), and the last
+    position's float32 logits. (Asking for every position's logits, as logprobs with echo does,
+    needs B x T x V x 4 bytes more.)"""
+    tokens = args.max_batch_size * max_seq_len
+    per_token = (3 * args.dim + 2 * args.ffn_hidden_dim) * dtype.itemsize
+    return tokens * per_token + args.max_batch_size * args.vocab_size * LOGITS_DTYPE.itemsize
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes free on `device` now, or None where we cannot tell."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and MEMINFO.is_file():
+        for line in MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # the value is in kB
+    return None
+
+
+def plan_memory(
+    args: ModelArgs, dtype: torch.dtype, quantize: Optional[str], device: torch.device,
+    available: Optional[int] = None,
+) -> MemoryPlan:
+    """The memory plan for loading `args` in `dtype` (and `quantize`) on `device`.
+
+    available: bytes to plan against; None asks the device (see `available_memory`).
+    """
+    return MemoryPlan(
+        weights=weights_bytes(args, dtype, quantize),
+        kv_cache=kv_cache_bytes(args, dtype, args.max_seq_len),
+        activations=activations_bytes(args, dtype, args.max_seq_len),
+        available=available if available is not None else available_memory(device),
+        device=device,
+    )
+
+
+def longest_fitting_seq_len(args: ModelArgs, dtype: torch.dtype, quantize: Optional[str], available: int) -> int:
+    """The largest max_seq_len whose plan fits in `available` bytes (0 if even the weights do not fit)."""
+    fixed = weights_bytes(args, dtype, quantize) + activations_bytes(args, dtype, max_seq_len=0)
+    per_position = kv_cache_bytes(args, dtype, 1) + activations_bytes(args, dtype, 1) - activations_bytes(args, dtype, 0)
+    return max(0, (available - fixed) // per_position)
+
+
+def check_memory(plan: MemoryPlan, args: ModelArgs, dtype: torch.dtype, quantize: Optional[str]) -> None:
+    """Refuse a plan that does not fit, saying what it needs and which single change would fit."""
+    if plan.fits():
+        return
+
+    def gib(n: int) -> str:
+        return f"{n / GIB:.2f} GiB"
+
+    def needs(new_args: ModelArgs, new_dtype: torch.dtype, new_quantize: Optional[str]) -> MemoryPlan:
+        return plan_memory(new_args, new_dtype, new_quantize, plan.device, plan.available)
+
+    candidates = []  # (what to change, its plan)
+    seq_len = longest_fitting_seq_len(args, dtype, quantize, plan.available)
+    if seq_len >= 1:
+        candidates.append((f"max_seq_len={seq_len} (--max-seq-len {seq_len})", needs(replace(args, max_seq_len=seq_len), dtype, quantize)))
+    if args.max_batch_size > 1:
+        candidates.append(("max_batch_size=1 (--max-batch-size 1)", needs(replace(args, max_batch_size=1), dtype, quantize)))
+    for scheme in (INT8, INT4):
+        if quantize is None or (quantize, scheme) == (INT8, INT4):
+            candidates.append((f"quantize={scheme!r} (--quantize {scheme})", needs(args, dtype, scheme)))
+    if dtype == torch.float32:
+        candidates.append(("dtype='bfloat16' (--dtype bfloat16)", needs(args, torch.bfloat16, quantize)))
+    fitting = [f"{change}: needs {gib(p.total)}" for change, p in candidates if p.fits()]
+    advice = "Try " + "; or ".join(fitting) if fitting else (
+        "No single change (shorter max_seq_len, batch of 1, int8/int4, bfloat16) makes it fit: combine them, "
+        "or use a smaller model or a machine with more memory")
+    quantized = f", quantized to {quantize}" if quantize else ""
+    raise MemoryPlanError(
+        f"the model will not fit in memory: it needs about {gib(plan.total)} on {plan.device} "
+        f"(weights {gib(plan.weights)} in {str(dtype).removeprefix('torch.')}{quantized}, KV cache {gib(plan.kv_cache)} "
+        f"for max_batch_size {args.max_batch_size} x max_seq_len {args.max_seq_len}, activations about "
+        f"{gib(plan.activations)}), but only {gib(plan.available)} is available. {advice}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
 
@@ -240,32 +398,83 @@ def load_transformer(
     device: torch.device,
     dtype: torch.dtype,
     progress: bool = True,
+    quantize: Optional[str] = None,
+    prepack: bool = False,
+    available_bytes: Optional[int] = None,
 ) -> Transformer:
-    """Build a Transformer from every consolidated.NN.pth shard of `ckpt_dir`, on `device` in `dtype`."""
+    """Build a Transformer from every consolidated.NN.pth shard of `ckpt_dir`, on `device` in `dtype`.
+
+    quantize: None, "int8" or "int4" (see quantize.py): each linear weight is quantized as soon as it
+    is read, so the full-precision model never exists in memory. prepack (bf16 on CPU, no quantize):
+    store the linear weights in oneDNN's layout instead (`quantize.PackedLinear`). Before anything
+    is loaded, the memory plan (weights + KV cache) is checked against `available_bytes` (None:
+    what the device has free now), and a model that will not fit is refused with suggestions.
+    """
+    check_scheme(quantize)
+    if prepack and (quantize is not None or not prepacking_helps(device, dtype)):
+        raise ValueError(f"prepack is for unquantized bfloat16 on a CPU with oneDNN, not {quantize or dtype} on {device}")
     shards = list_shards(ckpt_dir)
     state_dicts = [open_shard(path) for path in shards]
     if not args.has_vocab_size:
         args = replace(args, vocab_size=infer_vocab_size(state_dicts, len(shards), args.dim))
+    check_memory(plan_memory(args, dtype, quantize, device, available_bytes), args, dtype, quantize)
 
     with torch.device("meta"):
         model = Transformer(args)
     expected_shapes = {name: t.shape for name, t in model.state_dict().items()}
+    linear_layers = set(linear_layer_names(model)) if quantize or prepack else set()
 
     names = list(state_dicts[0])
     check_same_tensor_names(shards, state_dicts, expected_shapes)
-    merged = {}
+    loaded = {}
     for name in tqdm(names, desc=f"loading {Path(ckpt_dir).name}", unit="tensor", disable=not progress):
-        tensor = merge_slices(name, [sd[name] for sd in state_dicts], shards, args.dim)
+        slices = [sd[name] for sd in state_dicts]
+        tensor = merge_slices(name, slices, shards, args.dim)
         if tensor.shape != expected_shapes[name]:
             where = shards[0] if len(shards) == 1 else f"{shards[0]} .. {shards[-1].name} (merged)"
             raise CheckpointError(
                 f"{name} in {where} has shape {tuple(tensor.shape)}, "
                 f"but params.json implies {tuple(expected_shapes[name])}"
             )
-        merged[name] = tensor.to(device=device, dtype=dtype)
-    model.load_state_dict(merged, strict=True, assign=True)
+        module_name, _, _ = name.rpartition(".")
+        if module_name in linear_layers:
+            # Quantize (or prepack) on the target device, then put the new layer in place of the
+            # (shapes-only) nn.Linear; its tensors join the state dict under the layer's name.
+            layer = fast_linear(module_name, tensor.to(device), quantize, dtype)
+            model.set_submodule(module_name, layer)
+            loaded.update({f"{module_name}.{key}": t for key, t in layer.state_dict().items()})
+            kept = None
+        else:
+            kept = loaded[name] = tensor.to(device=device, dtype=dtype)  # no copy if nothing changes
+        if kept is None or all(kept.data_ptr() != piece.data_ptr() for piece in slices):
+            release_file_pages(slices)  # copied out: the file's pages need not stay in our memory
+    model.load_state_dict(loaded, strict=True, assign=True)
     model.setup_caches(device, dtype)
     return model.eval()
+
+
+def release_file_pages(mapped: list[torch.Tensor]) -> None:
+    """Let the OS take back the file pages behind tensors memory-mapped by `open_shard`.
+
+    Reading a memory-mapped tensor pulls its pages into our resident memory (RSS), where they stay
+    while the mapping lives, even after the values were copied out (cast to another dtype, moved to a
+    GPU, quantized). Without this, converting a checkpoint would hold the whole file *and* the
+    converted model in RSS at once. `madvise(MADV_DONTNEED)` drops our claim on the pages; the file
+    is unchanged (the mapping is private and never written), so touching them again just reads them
+    back. Only whole pages inside each tensor are released: a neighbour that stays in use keeps its
+    pages. Linux only (elsewhere this does nothing); it must only ever see tensors from `open_shard`,
+    since on ordinary memory MADV_DONTNEED would zero the values.
+    """
+    if _libc is None:
+        return
+    for tensor in mapped:
+        if tensor.device.type != "cpu":
+            continue
+        start = tensor.data_ptr()
+        first_page = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # round up
+        end_page = (start + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE  # down
+        if end_page > first_page:
+            _libc.madvise(ctypes.c_void_p(first_page), ctypes.c_size_t(end_page - first_page), mmap.MADV_DONTNEED)
 
 
 def check_same_tensor_names(shards: list[Path], state_dicts: list[dict], expected_shapes: dict) -> None:

@@ -46,6 +46,7 @@ from checkpoint import (
 from chat_format import Dialog, DialogError, Message
 from model import ModelArgs, Transformer
 from sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, NO_REPETITION_PENALTY, SamplingParams, sample
+from quantize import SCHEMES, prepacking_helps
 from tensor_parallel import TensorParallel, init_from_torchrun, load_tensor_parallel_transformer, main_rank_first
 from tokenizer import Tokenizer, TokenizerFileError
 
@@ -83,6 +84,7 @@ class LLaMa:
         # for single-prompt runs ([] after a batch). `stream(..., reuse_cache=True)` reads it.
         self.kv_cache_tokens: list[int] = []
         self._cache_writes = 0  # counts prefills, so a paused stream notices another one
+        self.decode_step = decode_step  # or its compiled version: see `build(compile=True)`
 
     @staticmethod
     def build(
@@ -95,6 +97,8 @@ class LLaMa:
         dtype: Union[str, torch.dtype, None] = None,
         progress: bool = True,
         tensor_parallel: Optional[TensorParallel] = None,
+        quantize: Optional[str] = None,
+        compile: bool = False,
     ) -> "LLaMa":
         """Load a Meta checkpoint dir (params.json, consolidated.*.pth, tokenizer.model).
 
@@ -102,8 +106,13 @@ class LLaMa:
         Both accept a torch object or a string ("cuda:1", "bfloat16"). With load_model=False only
         the tokenizer and the args are loaded (`model` is None). With `tensor_parallel` (from
         `tensor_parallel.init_from_torchrun()`), this rank loads only its slice, on its own device.
+        quantize: None, "int8" or "int4": weight-only quantization of the linear layers while
+        loading (quantize.py). compile: `torch.compile` the decode step (the first generation then
+        takes longer while it compiles).
         """
         if tensor_parallel is not None:
+            if quantize is not None or compile:
+                raise ValueError("quantize and compile are not supported with tensor parallel yet: run without them")
             device = tensor_parallel.device
         device = choose_device(device)
         dtype = choose_dtype(dtype, device)
@@ -114,14 +123,20 @@ class LLaMa:
         model = None
         if load_model:
             if tensor_parallel is None:
-                model = load_transformer(checkpoints_dir, args, device, dtype, progress=progress)
+                # Compiled graphs cannot read prepacked weights (torch.compile packs them itself).
+                prepack = quantize is None and not compile and prepacking_helps(device, dtype)
+                model = load_transformer(checkpoints_dir, args, device, dtype, progress=progress,
+                                         quantize=quantize, prepack=prepack)
             else:
                 model = load_tensor_parallel_transformer(checkpoints_dir, args, tensor_parallel, dtype, progress)
             args = model.args  # now with vocab_size read from the weights if params.json said -1
         elif not args.has_vocab_size:
             args = load_model_args(checkpoints_dir, max_seq_len, max_batch_size, vocab_size=tokenizer.n_words)
         check_vocab_matches(tokenizer.n_words, tokenizer_path, args)
-        return LLaMa(model, tokenizer, args, device, tensor_parallel)
+        llama = LLaMa(model, tokenizer, args, device, tensor_parallel)
+        if compile and model is not None:
+            llama.decode_step = compile_decode_step(decode_step)
+        return llama
 
     # ----------------------------------------------------------------------------------------
     # Generation from token ids
@@ -199,7 +214,8 @@ class LLaMa:
         tokens, pad_lens = self._token_grid(prompt_tokens, total_len)
         seen = self._seen_tokens(prompt_tokens, params)
 
-        logits = self._prefill(tokens, 0, prompt_len, pad_lens)  # (B, P, V)
+        every_position = logprobs and echo  # the prompt's own logprobs need the logits of every position
+        logits = self._prefill(tokens, 0, prompt_len, pad_lens, last_only=not every_position)  # (B, P or 1, V)
         rows = [GenerationRow(TextTracker(self.tokenizer, stop)) for _ in range(batch_size)]
         for step in self._decode(tokens, logits[:, -1], prompt_len, total_len, pad_lens, params, seen, generator,
                                  logprobs):
@@ -242,15 +258,17 @@ class LLaMa:
         return seen
 
     def _prefill(
-        self, tokens: torch.Tensor, start_pos: int, prompt_len: int, pad_lens: Optional[torch.Tensor]
+        self, tokens: torch.Tensor, start_pos: int, prompt_len: int, pad_lens: Optional[torch.Tensor],
+        last_only: bool = True,
     ) -> torch.Tensor:
         """Run the prompt columns start_pos ... P-1 through the model in one pass, filling the KV
-        cache; their logits (B, P - start_pos, V). Positions before start_pos must already be cached."""
+        cache; the logits (B, 1, V) of the last column, or of every column (B, P - start_pos, V)
+        with last_only=False. Positions before start_pos must already be cached."""
         single_row = tokens.shape[0] == 1 and pad_lens is None
         # Keep `kv_cache_tokens` true at every moment, even if this pass is interrupted (Ctrl-C).
         self.kv_cache_tokens = tokens[0, :start_pos].tolist() if single_row else []
         self._cache_writes += 1
-        logits = self.model(tokens[:, start_pos:prompt_len], start_pos=start_pos, pad_lens=pad_lens)
+        logits = self.model(tokens[:, start_pos:prompt_len], start_pos=start_pos, pad_lens=pad_lens, last_only=last_only)
         if single_row:
             self.kv_cache_tokens = tokens[0, :prompt_len].tolist()
         return logits
@@ -291,7 +309,7 @@ class LLaMa:
                     "another generation ran while this one was paused and overwrote the KV cache: "
                     "finish (or drop) one stream before starting the next"
                 )
-            logits = self.model(tokens[:, cur_pos : cur_pos + 1], start_pos=cur_pos, pad_lens=pad_lens)[:, -1]
+            logits = self.decode_step(self.model, tokens[:, cur_pos : cur_pos + 1], cur_pos, pad_lens)
             if single_row:
                 self.kv_cache_tokens.append(int(next_token[0]))
 
@@ -650,6 +668,20 @@ class TextStream:
             yield row.text.text[shown_before:]
 
 
+def decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int, pad_lens: Optional[torch.Tensor]) -> torch.Tensor:
+    """One decoding step: the logits (B, V) that follow `tokens` (B, 1) placed at `start_pos`."""
+    return model(tokens, start_pos, pad_lens, last_only=True)[:, -1]
+
+
+def compile_decode_step(step):
+    """`step` compiled by torch.compile (Inductor): its ops fused into a few generated kernels.
+
+    dynamic=True: start_pos grows by one each step and the attended part of the KV cache with it;
+    compiling once for symbolic sizes avoids a recompile per position.
+    """
+    return torch.compile(step, dynamic=True)
+
+
 def log_prob_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target], for logits (..., V) and targets (...)."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
@@ -716,6 +748,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
     parser.add_argument("--echo", action="store_true", help="print each prompt's tokens with its completion")
     parser.add_argument("--logprobs", action="store_true", help="print each generated token with its log-probability")
+    parser.add_argument("--quantize", choices=SCHEMES,
+                        help="weight-only quantization of the linear layers, done while loading (quantize.py)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step: faster tokens after a slow first one")
     return parser.parse_args(argv)
 
 
@@ -770,11 +806,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         max_batch_size = 1 if args.chat else args.max_batch_size  # a chat is one conversation: one cache row
         llama = LLaMa.build(ckpt_dir, tokenizer_path=args.tokenizer, max_seq_len=args.max_seq_len,
                             max_batch_size=max_batch_size, device=args.device, dtype=args.dtype,
-                            progress=is_main, tensor_parallel=tp)
+                            progress=is_main, tensor_parallel=tp, quantize=args.quantize, compile=args.compile)
         if is_main:
             ranks = "" if tp is None else f", {tp.world_size} ranks"
+            quantized = f", linear layers {args.quantize}" if args.quantize else ""
             print(f"loaded {ckpt_dir} in {time.perf_counter() - started:.1f}s "
-                  f"({llama.device}, {next(llama.model.parameters()).dtype}{ranks})", file=sys.stderr)
+                  f"({llama.device}, {next(llama.model.parameters()).dtype}{quantized}{ranks})", file=sys.stderr)
         if args.chat:
             return run_chat_cli(llama, args, ckpt_dir)
         prompts = args.prompt or DEMO_PROMPTS

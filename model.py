@@ -89,6 +89,9 @@ class ModelArgs:
     # Not in params.json: how much room to reserve for the KV cache.
     max_seq_len: int = 2048
     max_batch_size: int = 4
+    # Not in params.json: how attention is computed. False: PyTorch's fused kernel (fast, the default);
+    # True: the explicit `scaled_dot_product_attention` below (slow, the documented reference).
+    reference_attention: bool = False
 
     # Derived sizes, computed once in __post_init__.
     head_dim: int = field(init=False)
@@ -262,12 +265,25 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    """Grouped-query self-attention over the KV cache.
+
+    Two ways to compute the same softmax(q k^T / sqrt(D) + mask) v, chosen by
+    `ModelArgs.reference_attention`:
+
+    * fused (default): `F.scaled_dot_product_attention` with `enable_gqa=True`. The kernel reads each
+      K/V head for its n_rep query heads in place (no repeated copy of the cache) and never stores the
+      (T, S) score matrix, accumulating in float32 (flash attention; Dao et al. 2022).
+    * reference: `repeat_kv` then the explicit `scaled_dot_product_attention` below, every step
+      written out. Tests hold the fused path to it.
+    """
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads
         self.n_rep = args.n_rep
         self.head_dim = args.head_dim
+        self.reference_attention = args.reference_attention
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -290,11 +306,20 @@ class Attention(nn.Module):
 
         # Heads first: every head is an independent attention over the sequence.
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (B, H|K, T, D)
-        keys, values = self.cache.update(start_pos, xk, xv)  # (B, K, S, D)
-        keys = repeat_kv(keys, self.n_rep)  # (B, H, S, D)
-        values = repeat_kv(values, self.n_rep)  # (B, H, S, D)
-
-        output = scaled_dot_product_attention(xq, keys, values, mask)  # (B, H, T, D)
+        keys, values = self.cache.update(start_pos, xk, xv)  # (B, K, S, D): only the filled part
+        if self.reference_attention:
+            keys, values = repeat_kv(keys, self.n_rep), repeat_kv(values, self.n_rep)  # (B, H, S, D)
+            output = scaled_dot_product_attention(xq, keys, values, mask)  # (B, H, T, D)
+        elif seqlen == 1:
+            # Decoding. The n_rep query heads that share a K/V head are n_rep queries to that one
+            # head: (B, H, 1, D) -> (B, K, n_rep, D). The same numbers, but the kernel sees K heads of
+            # n_rep rows instead of H heads of one row, its slowest case (~7x slower at S = 2000).
+            # A decode mask, if any, is (B or 1, 1, 1, S): it applies to every row alike.
+            grouped = xq.view(batch_size, self.n_kv_heads, self.n_rep, self.head_dim)
+            output = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+            output = output.view(batch_size, self.n_heads, 1, self.head_dim)  # (B, H, 1, D)
+        else:
+            output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, enable_gqa=True)
         output = output.transpose(1, 2).reshape(batch_size, seqlen, -1)  # (B, T, H * D)
         return self.wo(output)  # (B, T, C)
 
@@ -370,13 +395,15 @@ def causal_mask(
     total = start_pos + seqlen
     query_pos = torch.arange(start_pos, total, device=device)[:, None]  # (T, 1)
     key_pos = torch.arange(total, device=device)[None, :]  # (1, S)
-    allowed = key_pos <= query_pos  # (T, S)
+    allowed = (key_pos <= query_pos)[None]  # (1, T, S)
     if pad_lens is not None:
         key_is_real = key_pos >= pad_lens[:, None, None]  # (B, 1, S)
         allowed = (allowed & key_is_real) | (key_pos == query_pos)  # (B, T, S)
     mask = torch.zeros(allowed.shape, device=device, dtype=dtype)
     mask = mask.masked_fill(~allowed, float("-inf"))
-    return mask.unsqueeze(-3)  # (B or 1, 1, T, S): the same for every head
+    # Always 4-D: PyTorch's fused attention kernels take a (B or 1, heads or 1, T, S) mask, and
+    # silently fall back to a slower path for a 3-D one.
+    return mask.unsqueeze(1)  # (B or 1, 1, T, S): the same for every head
 
 
 class Transformer(nn.Module):
@@ -410,14 +437,20 @@ class Transformer(nn.Module):
             self.freqs_cis = self.freqs_cis.to(device)
         return self.freqs_cis
 
-    @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int, pad_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    @torch.no_grad()
+    def forward(
+        self, tokens: torch.Tensor, start_pos: int, pad_lens: Optional[torch.Tensor] = None, last_only: bool = False
+    ) -> torch.Tensor:
         """Logits (B, T, V) in float32 for tokens (B, T) placed at positions start_pos ... start_pos+T-1.
 
         Call it once with the whole prompt (start_pos = 0), then once per new token (T = 1,
         start_pos = tokens so far). `pad_lens` (B,) gives the number of left-padding positions of
         each row in a ragged batch: they are masked out, and each row's positions count from its
         first real token, so a padded prompt is rotated exactly as it would be alone.
+
+        last_only: return only the last position's logits, (B, 1, V). Generation needs no more, and
+        the output head is the largest matmul of a small model (V x C): skipping T - 1 of its rows
+        makes a long prefill markedly cheaper.
         """
         batch_size, seqlen = tokens.shape
         if start_pos + seqlen > self.args.max_seq_len:
@@ -434,5 +467,7 @@ class Transformer(nn.Module):
 
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask)
+        if last_only:
+            h = h[:, -1:]  # (B, 1, C)
         h = self.norm(h)
-        return self.output(h).float()  # (B, T, V)
+        return self.output(h).float()  # (B, T or 1, V)

@@ -78,8 +78,9 @@ class ScriptedModel(torch.nn.Module):
         super().__init__()
         self.script, self.vocab_size, self.calls = script, vocab_size, 0
 
-    def forward(self, tokens: torch.Tensor, start_pos: int, pad_lens=None) -> torch.Tensor:
-        logits = torch.zeros(tokens.shape[0], tokens.shape[1], self.vocab_size)
+    def forward(self, tokens: torch.Tensor, start_pos: int, pad_lens=None, last_only: bool = False) -> torch.Tensor:
+        positions = 1 if last_only else tokens.shape[1]
+        logits = torch.zeros(tokens.shape[0], positions, self.vocab_size)
         logits[:, -1, self.script[min(self.calls, len(self.script) - 1)]] = 100.0
         self.calls += 1
         return logits

@@ -1,0 +1,524 @@
+"""Side-by-side speed: our engine and its peers, in one run, on the same model and the same prompts.
+
+    python bench.py                          # every configuration of ours, HF, llama.cpp (if installed)
+    python bench.py --quantize int4 --compile   # one configuration of ours against the peers
+    python bench.py --json results.json      # also write every number as JSON ("-": to stdout)
+
+The model is the demo model, SmolLM2-135M-Instruct (demo_model.py), which exists here in all three
+engines' formats: our Meta-format directory (bf16), a Hugging Face safetensors copy made from it once
+(`transformers` reads the same GGUF, bf16), and the original Q4_1 GGUF for llama.cpp.
+
+What is measured (every engine generates greedily, exactly N tokens: stop tokens are ignored):
+
+    load s           from the engine's load call to a ready model (imports excluded; warm page cache)
+    load RSS MB      peak resident memory of the engine's process once loaded (VmHWM)
+    peak RSS MB      peak resident memory after every measurement (KV cache sized for the longest run)
+    first call s     the very first generation (3 tokens): with --compile, this is when it compiles
+    prefill tok/s    512-token prompt, batch 1: 512 / (time to the first new token)
+    decode tok/s     batch 1, 128 new tokens after a 16-token prompt
+    batch-8 tok/s    8 prompts of 16 tokens, 128 new tokens each: 8 * 128 tokens in total
+    decode@2000      batch 1, 32 new tokens after a 2000-token prompt (cost late in a long context)
+
+A decode rate is N / (time(prompt, 1 + N tokens) - time(prompt, 1 token)): the difference removes the
+prefill, so it counts only the per-token steps. Each time is the median of --repeats runs after one
+warm-up run. Every engine runs in its own process (so RSS is its own, and imports do not mix), and
+the engines take turns on each repeat, so a slow spell on the machine falls on all of them alike.
+
+Peers: Hugging Face transformers (`LlamaForCausalLM`, SDPA attention, bf16) and llama.cpp through
+`llama-cpp-python` on the Q4_1 GGUF. llama-cpp-python is not a requirement (it builds from source in
+about 10 minutes: `CMAKE_BUILD_PARALLEL_LEVEL=2 pip install llama-cpp-python==0.3.36`); without it,
+that column is skipped with a note. llama-cpp-python's Python API decodes one sequence at a time, so
+it has no batch-8 number.
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+# --------------------------------------------------------------------------------------------
+# What to run
+# --------------------------------------------------------------------------------------------
+
+PREFILL_LEN = 512  # the issue's prefill prompt
+SHORT_PROMPT_LEN = 16  # "decode at position ~16"
+DECODE_TOKENS = 128
+BATCH_SIZE = 8
+LONG_PROMPT_LEN = 2000  # "decode at position ~2000"
+LATE_DECODE_TOKENS = 32
+FIRST_CALL_TOKENS = 3  # the first call decodes at two positions: a compiled step compiles for both
+# Room for the longest run, rounded up to a multiple of 64 (our KV cache and llama.cpp's n_ctx).
+MAX_SEQ_LEN = 2048 + 64
+PROMPT_SEED = 0
+# SmolLM2's ids 0-16 are special tokens (<|endoftext|>, <|im_start|>, ...); prompts avoid them.
+FIRST_ORDINARY_TOKEN = 17
+LLAMA_CPP_BATCH = 512  # llama.cpp's n_batch: prompt tokens per forward pass
+MB = 1024 * 1024
+
+HF_DIR_NAME = "smollm2-135m-instruct-hf-bf16"  # next to the demo model in its cache
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One column of the table: an engine and its settings."""
+
+    name: str  # shown in the table
+    kind: str  # "ours", "hf" or "llamacpp"
+    quantize: Optional[str] = None  # ours: None, "int8" or "int4"
+    compile: bool = False  # ours: torch.compile the decode step
+
+
+OUR_CONFIGS = {
+    "bf16": EngineSpec("ours bf16", "ours"),
+    "bf16+compile": EngineSpec("ours bf16 compile", "ours", compile=True),
+    "int8": EngineSpec("ours int8", "ours", quantize="int8"),
+    "int8+compile": EngineSpec("ours int8 compile", "ours", quantize="int8", compile=True),
+    "int4": EngineSpec("ours int4", "ours", quantize="int4"),
+    "int4+compile": EngineSpec("ours int4 compile", "ours", quantize="int4", compile=True),
+}
+HF = EngineSpec("HF bf16", "hf")
+LLAMA_CPP = EngineSpec("llama.cpp Q4_1", "llamacpp")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One generation to time: `batch` prompts of `prompt_len` tokens, `new_tokens` new tokens each."""
+
+    batch: int
+    prompt_len: int
+    new_tokens: int
+
+
+# Each metric is work / (time of `run` - time of `base`); a base of None means "minus nothing".
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    run: Timing
+    base: Optional[Timing]
+    tokens: int  # tokens per run of the metric: the numerator of tok/s
+
+
+METRICS = [
+    Metric("prefill_tok_s", "prefill tok/s", Timing(1, PREFILL_LEN, 1), None, PREFILL_LEN),
+    Metric("decode_tok_s", "decode tok/s", Timing(1, SHORT_PROMPT_LEN, 1 + DECODE_TOKENS),
+           Timing(1, SHORT_PROMPT_LEN, 1), DECODE_TOKENS),
+    Metric("batch8_tok_s", "batch-8 tok/s", Timing(BATCH_SIZE, SHORT_PROMPT_LEN, 1 + DECODE_TOKENS),
+           Timing(BATCH_SIZE, SHORT_PROMPT_LEN, 1), BATCH_SIZE * DECODE_TOKENS),
+    Metric("late_decode_tok_s", "decode@2000 tok/s", Timing(1, LONG_PROMPT_LEN, 1 + LATE_DECODE_TOKENS),
+           Timing(1, LONG_PROMPT_LEN, 1), LATE_DECODE_TOKENS),
+]
+
+
+def prompts_for(timing: Timing, vocab_size: int) -> list[list[int]]:
+    """The same pseudo-random prompts for every engine (ids only: no tokenizer is involved)."""
+    rng = random.Random(f"{PROMPT_SEED}-{timing.batch}-{timing.prompt_len}")
+    return [[rng.randrange(FIRST_ORDINARY_TOKEN, vocab_size) for _ in range(timing.prompt_len)]
+            for _ in range(timing.batch)]
+
+
+# --------------------------------------------------------------------------------------------
+# Workers: one process per engine, answering "generate" requests on stdin
+# --------------------------------------------------------------------------------------------
+
+
+def memory_status_mb(field_name: str) -> float:
+    """A field of /proc/self/status in MB: VmRSS (resident now) or VmHWM (its peak, the "high water
+    mark"). Unlike ru_maxrss, VmHWM starts afresh at exec, so the parent's memory does not leak in."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) / 1024  # the value is in kB
+    raise RuntimeError(f"no {field_name} in /proc/self/status: the memory columns need Linux")
+
+
+def peak_rss_mb() -> float:
+    return memory_status_mb("VmHWM")
+
+
+def current_rss_mb() -> float:
+    return memory_status_mb("VmRSS")
+
+
+class OurEngine:
+    def __init__(self, spec: EngineSpec, paths: dict, threads: int):
+        import torch
+
+        from inference import LLaMa
+
+        torch.set_num_threads(threads)
+        started = time.perf_counter()
+        self.llama = LLaMa.build(paths["ckpt_dir"], max_seq_len=MAX_SEQ_LEN, max_batch_size=BATCH_SIZE,
+                                 device="cpu", dtype="bfloat16", quantize=spec.quantize, compile=spec.compile,
+                                 progress=False)
+        self.load_s = time.perf_counter() - started
+        self.llama.tokenizer.stop_tokens = set()  # generate exactly the number of tokens asked for
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
+        self.llama.generate(prompts, max_gen_len=new_tokens, temperature=0)
+
+
+class HFEngine:
+    def __init__(self, spec: EngineSpec, paths: dict, threads: int):
+        import torch
+        import transformers
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        transformers.logging.set_verbosity_error()
+        started = time.perf_counter()
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(paths["hf_dir"], dtype=torch.bfloat16).eval()
+        self.load_s = time.perf_counter() - started
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
+        ids = self.torch.tensor(prompts)
+        with self.torch.inference_mode():
+            self.model.generate(ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+
+class LlamaCppEngine:
+    def __init__(self, spec: EngineSpec, paths: dict, threads: int):
+        import llama_cpp
+
+        started = time.perf_counter()
+        self.llm = llama_cpp.Llama(model_path=str(paths["gguf"]), n_ctx=MAX_SEQ_LEN, n_batch=LLAMA_CPP_BATCH,
+                                   n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.load_s = time.perf_counter() - started
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
+        if len(prompts) != 1:
+            raise ValueError("llama-cpp-python generates one sequence at a time")
+        self.llm.reset()  # forget the previous prompt: otherwise its cached prefix would be reused
+        for count, _ in enumerate(self.llm.generate(prompts[0], top_k=1, temp=0.0), start=1):
+            if count == new_tokens:
+                break
+
+
+ENGINES = {"ours": OurEngine, "hf": HFEngine, "llamacpp": LlamaCppEngine}
+
+
+def worker_main(spec_json: str) -> int:
+    """Load one engine, report, then time each generation request read from stdin (one JSON per line)."""
+    request = json.loads(spec_json)
+    spec, paths, threads = EngineSpec(**request["spec"]), request["paths"], request["threads"]
+    rss_before_load = current_rss_mb()
+    engine = ENGINES[spec.kind](spec, paths, threads)
+    reply({"load_s": engine.load_s, "load_rss_mb": peak_rss_mb(), "rss_before_load_mb": rss_before_load})
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["op"] == "quit":
+            break
+        started = time.perf_counter()
+        engine.generate(command["prompts"], command["new_tokens"])
+        reply({"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()})
+    return 0
+
+
+def reply(message: dict) -> None:
+    print(json.dumps(message), flush=True)
+
+
+class Worker:
+    """The parent's handle on one engine's process."""
+
+    def __init__(self, spec: EngineSpec, paths: dict, threads: int):
+        self.spec = spec
+        request = json.dumps({"spec": asdict(spec), "paths": {k: str(v) for k, v in paths.items()}, "threads": threads})
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        self.process = subprocess.Popen([sys.executable, __file__, "--worker", request], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).parent)
+        self.loaded = self.receive()
+
+    def receive(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            code = self.process.wait()
+            raise RuntimeError(f"the {self.spec.name} worker exited (code {code}); its error is printed above")
+        return json.loads(line)
+
+    def time(self, timing: Timing, vocab_size: int) -> dict:
+        command = {"op": "generate", "prompts": prompts_for(timing, vocab_size), "new_tokens": timing.new_tokens}
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        return self.receive()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self.process.stdin.close()
+            self.process.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EngineResult:
+    name: str
+    load_s: float
+    load_rss_mb: float
+    first_call_s: float
+    peak_rss_mb: float = 0.0
+    metrics: dict = field(default_factory=dict)  # Metric.key -> tok/s (None: not supported)
+    runs: dict = field(default_factory=dict)  # "batch x prompt + new" -> every timed run, in seconds
+
+
+def supports(spec: EngineSpec, timing: Timing) -> bool:
+    return not (spec.kind == "llamacpp" and timing.batch > 1)
+
+
+def timing_key(timing: Timing) -> str:
+    return f"{timing.batch}x{timing.prompt_len}+{timing.new_tokens}"
+
+
+def measure(specs: list[EngineSpec], paths: dict, threads: int, repeats: int, vocab_size: int) -> list[EngineResult]:
+    workers, results = [], []
+    try:
+        for spec in specs:  # loading one at a time: each load has the machine to itself
+            print(f"loading {spec.name} ...", file=sys.stderr)
+            workers.append(Worker(spec, paths, threads))
+        for worker in workers:
+            first = worker.time(Timing(1, SHORT_PROMPT_LEN, FIRST_CALL_TOKENS), vocab_size)
+            results.append(EngineResult(worker.spec.name, worker.loaded["load_s"], worker.loaded["load_rss_mb"],
+                                        first["seconds"]))
+        timings = list(dict.fromkeys(t for m in METRICS for t in (m.run, m.base) if t is not None))
+        for round_ in range(1 + repeats):  # round 0 is the warm-up
+            print(f"{'warm-up' if round_ == 0 else f'repeat {round_}/{repeats}'} ...", file=sys.stderr)
+            for timing in timings:
+                for worker, result in zip(workers, results):
+                    if supports(worker.spec, timing):
+                        answer = worker.time(timing, vocab_size)
+                        if round_ > 0:
+                            result.runs.setdefault(timing_key(timing), []).append(answer["seconds"])
+                        result.peak_rss_mb = answer["peak_rss_mb"]
+    finally:
+        for worker in workers:
+            worker.close()
+    for worker, result in zip(workers, results):
+        for metric in METRICS:
+            if not supports(worker.spec, metric.run):
+                result.metrics[metric.key] = None
+                continue
+            elapsed = statistics.median(result.runs[timing_key(metric.run)])
+            if metric.base is not None:
+                elapsed -= statistics.median(result.runs[timing_key(metric.base)])
+            result.metrics[metric.key] = metric.tokens / elapsed
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# The report: table, ratios, targets
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """ours / peer >= at_least on one metric (issue 6), or a ratio of ours against itself."""
+
+    label: str
+    ours: list[str]  # the configurations of ours that may meet it: the best one counts
+    metric: str
+    peer: Optional[str]  # engine name; None: compare `metric` against `base_metric` of the same engine
+    at_least: float
+    base_metric: Optional[str] = None
+
+
+TARGETS = [
+    Target("decode bf16 >= 1.15x HF bf16", ["ours bf16", "ours bf16 compile"], "decode_tok_s", HF.name, 1.15),
+    Target("prefill >= 1.2x HF bf16", ["ours bf16"], "prefill_tok_s", HF.name, 1.2),
+    Target("batch-8 >= 1.3x HF bf16", ["ours bf16", "ours bf16 compile"], "batch8_tok_s", HF.name, 1.3),
+    Target("int8 decode >= 0.7x llama.cpp Q4_1", ["ours int8", "ours int8 compile"], "decode_tok_s",
+           LLAMA_CPP.name, 0.7),
+    Target("int4 decode >= 1.0x llama.cpp Q4_1", ["ours int4", "ours int4 compile"], "decode_tok_s",
+           LLAMA_CPP.name, 1.0),
+    # "decode at ~2000 costs <= 1.5x decode at ~16" is rate@16 / rate@2000 <= 1.5, i.e. this >= 1/1.5.
+    Target("decode@2000 cost <= 1.5x decode@16", ["ours bf16", "ours bf16 compile"], "late_decode_tok_s", None,
+           1 / 1.5, base_metric="decode_tok_s"),
+]
+LOAD_RSS_FACTOR, LOAD_RSS_ALLOWANCE_MB = 1.3, 300  # issue 6: peak RSS during load <= 1.3 x checkpoint + 300 MB
+
+
+def evaluate_target(target: Target, by_name: dict) -> Optional[dict]:
+    """The best of ours against the target, or None if an engine it needs did not run."""
+    candidates = [by_name[n] for n in target.ours if n in by_name and by_name[n].metrics.get(target.metric)]
+    if not candidates:
+        return None
+    if target.peer is None:
+        ratios = {c.name: c.metrics[target.metric] / c.metrics[target.base_metric] for c in candidates}
+    else:
+        peer = by_name.get(target.peer)
+        if peer is None or not peer.metrics.get(target.metric):
+            return None
+        ratios = {c.name: c.metrics[target.metric] / peer.metrics[target.metric] for c in candidates}
+    best = max(ratios, key=ratios.get)
+    return {"target": target.label, "ours": best, "ratio": ratios[best], "met": ratios[best] >= target.at_least}
+
+
+def machine_description(threads: int) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for module in ("torch", "transformers", "llama_cpp"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            versions[module] = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+            "load_average": os.getloadavg(), **versions}
+
+
+def format_table(results: list[EngineResult]) -> str:
+    columns = [("load s", lambda r: f"{r.load_s:.2f}"), ("load RSS MB", lambda r: f"{r.load_rss_mb:.0f}"),
+               ("peak RSS MB", lambda r: f"{r.peak_rss_mb:.0f}"), ("first call s", lambda r: f"{r.first_call_s:.2f}")]
+    columns += [(m.label, lambda r, k=m.key: "n/a" if r.metrics[k] is None else f"{r.metrics[k]:.1f}") for m in METRICS]
+    header = ["engine"] + [c[0] for c in columns]
+    rows = [[r.name] + [fmt(r) for _, fmt in columns] for r in results]
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in [header] + rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def format_targets(evaluations: list[dict]) -> str:
+    lines = []
+    for e in evaluations:
+        status = "met" if e["met"] else "NOT met"
+        lines.append(f"- {e['target']}: {e['ratio']:.2f}x ({e['ours']}) -- {status}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Preparing the three copies of the model
+# --------------------------------------------------------------------------------------------
+
+
+def prepare_paths() -> dict:
+    """Our Meta dir, the GGUF, and a Hugging Face safetensors copy of the same weights (made once)."""
+    from demo_model import ensure_demo_gguf, ensure_demo_model
+
+    ckpt_dir = ensure_demo_model()
+    gguf = ensure_demo_gguf()
+    hf_dir = ckpt_dir.parent / HF_DIR_NAME
+    if not (hf_dir / "config.json").is_file():
+        print(f"making a Hugging Face bf16 copy of {gguf.name} in {hf_dir} (once) ...", file=sys.stderr)
+        make_hf_copy(gguf, hf_dir)
+    return {"ckpt_dir": ckpt_dir, "gguf": gguf, "hf_dir": hf_dir}
+
+
+def make_hf_copy(gguf: Path, out_dir: Path) -> None:
+    """HF's own reading of the GGUF, unpacked to plain bf16 weights (`dequantize=True`: transformers
+    would otherwise keep the Q4_1 blocks and compute with GGUF kernels), saved as safetensors."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16,
+        quantization_config=transformers.GgufConfig(dequantize=True),
+    )
+    model.save_pretrained(out_dir)
+
+
+def checkpoint_mb(ckpt_dir: Path) -> float:
+    return sum(p.stat().st_size for p in Path(ckpt_dir).glob("consolidated.*.pth")) / MB
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quantize", choices=["int8", "int4"],
+                        help="run only this configuration of ours (with --compile: compiled) against the peers")
+    parser.add_argument("--compile", action="store_true", help="with --quantize, or alone for bf16: compile ours")
+    parser.add_argument("--ours", default=",".join(OUR_CONFIGS),
+                        help=f"configurations of ours to run, comma-separated, from: {', '.join(OUR_CONFIGS)}")
+    parser.add_argument("--peers", default="hf,llamacpp", help="peers to run: hf, llamacpp (comma-separated; '' for none)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the median is shown)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for every engine")
+    parser.add_argument("--json", metavar="PATH", help="write all results as JSON to PATH ('-': stdout)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one engine
+    return parser.parse_args(argv)
+
+
+def chosen_specs(args: argparse.Namespace) -> list[EngineSpec]:
+    if args.quantize or args.compile:
+        names = [(args.quantize or "bf16") + ("+compile" if args.compile else "")]
+    else:
+        names = [n for n in args.ours.split(",") if n]
+    unknown = [n for n in names if n not in OUR_CONFIGS]
+    if unknown:
+        raise SystemExit(f"error: unknown configuration(s) {unknown} for --ours; choose from {', '.join(OUR_CONFIGS)}")
+    specs = [OUR_CONFIGS[n] for n in names]
+    peers = [p for p in args.peers.split(",") if p]
+    if "hf" in peers:
+        specs.append(HF)
+    if "llamacpp" in peers:
+        try:
+            import llama_cpp  # noqa: F401 -- only to see whether it is installed
+            specs.append(LLAMA_CPP)
+        except ImportError:
+            print("note: llama-cpp-python is not installed, so llama.cpp is skipped "
+                  "(CMAKE_BUILD_PARALLEL_LEVEL=2 pip install llama-cpp-python==0.3.36 builds it in ~10 min)",
+                  file=sys.stderr)
+    return specs
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+    if args.repeats < 1 or args.threads < 1:
+        raise SystemExit("error: --repeats and --threads must be >= 1")
+    specs = chosen_specs(args)
+    paths = prepare_paths()
+    vocab_size = json.loads((Path(paths["ckpt_dir"]) / "params.json").read_text())["vocab_size"]
+    machine = machine_description(args.threads)
+    results = measure(specs, paths, args.threads, args.repeats, vocab_size)
+    machine["load_average_after"] = os.getloadavg()
+
+    by_name = {r.name: r for r in results}
+    evaluations = [e for e in (evaluate_target(t, by_name) for t in TARGETS) if e is not None]
+    budget_mb = LOAD_RSS_FACTOR * checkpoint_mb(paths["ckpt_dir"]) + LOAD_RSS_ALLOWANCE_MB
+    for r in results:
+        if r.name.startswith("ours"):
+            evaluations.append({"target": f"load peak RSS <= 1.3 x checkpoint + 300 MB = {budget_mb:.0f} MB",
+                                "ours": r.name, "ratio": r.load_rss_mb / budget_mb, "met": r.load_rss_mb <= budget_mb})
+
+    title = (f"SmolLM2-135M-Instruct, {machine['cpu']} ({machine['cores']} cores), {args.threads} threads, "
+             f"torch {machine['torch']}, transformers {machine['transformers']}, llama-cpp-python "
+             f"{machine['llama_cpp'] or '(not installed)'}; median of {args.repeats} after a warm-up; "
+             f"load average {machine['load_average'][0]:.1f} before, {machine['load_average_after'][0]:.1f} after")
+    report = f"{title}\n\n{format_table(results)}\n\nTargets (issue 6), ours / peer in this run:\n{format_targets(evaluations)}"
+    if args.json != "-":
+        print(report)
+    if args.json:
+        data = {"machine": machine, "results": [asdict(r) for r in results], "targets": evaluations}
+        text = json.dumps(data, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Weight-only quantization of the linear layers: int8 per channel, int4 per group.
+
+Why it makes decoding faster. Generating one token multiplies one vector by every weight matrix of
+the model: each weight is fetched from memory once and used for a single multiply-add. A CPU can do
+many multiply-adds per byte it fetches, so this step waits on memory, and its time is about
+(bytes of weights) / (memory bandwidth). Fewer bits per weight means fewer bytes: int8 halves
+bf16's traffic, int4 quarters it. The activations stay in the model's dtype ("weight-only"
+quantization); the kernels widen each weight on the fly. (gpt-fast's quantize.py uses the same two
+schemes; Dettmers et al. 2022 and Frantar et al. 2022 study why weights tolerate it.)
+
+* **int8**, symmetric, one scale per output channel (row n of W):
+
+      s[n] = max_k |W[n, k]| / 127,    q[n, k] = round(W[n, k] / s[n]) in [-127, 127],    W ~ q * s
+
+  Kernel: ``torch._weight_int8pack_mm(x, q, s) = x @ (q * s[:, None])^T``.
+
+* **int4**, asymmetric, per group of G consecutive weights of a row (G = 32, llama.cpp's block
+  size). Each group's [min, max] range is cut into 16 levels around its midpoint ``zero``:
+
+      scale = (max - min) / 15,   zero = min + 8 * scale,   q = round((W - min) / scale) in [0, 15],
+      W ~ (q - 8) * scale + zero
+
+  which is the form PyTorch's kernels take: ``torch._convert_weight_to_int4pack_for_cpu`` tiles q
+  into the CPU kernel's layout once, at load; ``torch._weight_int4pack_mm_for_cpu(x, packed, G,
+  scales_and_zeros)`` runs per call. (On CUDA, ``_convert_weight_to_int4pack`` takes two 4-bit
+  values per byte and ``_weight_int4pack_mm`` multiplies.) The int4 scheme keeps the output head in
+  int8: its errors go straight into the logits, and llama.cpp's Q4 files keep it at 8 bits too.
+
+The quantized layers hold their tensors as buffers under the linear layer's name (``wq.weight``
+int8 plus ``wq.scales``), so a quantized model still has Meta's names and loads strictly.
+
+Use it while loading (``checkpoint.load_transformer(..., quantize="int8")``: each weight is
+quantized as it is read, so the model never exists in full precision), or on a model already in
+memory (``quantize_model(model, "int4")``).
+
+Shape legend: N output features (rows of W), K input features, G group size, M rows of x.
+"""
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+INT8 = "int8"
+INT4 = "int4"
+SCHEMES = (INT8, INT4)
+
+INT8_MAX = 127  # symmetric: -127 ... 127, so that +x and -x round to opposite values
+INT4_LEVELS = 16  # q in 0 ... 15
+INT4_MIDPOINT = 8  # the kernels compute (q - 8) * scale + zero
+DEFAULT_INT4_GROUP_SIZE = 32  # llama.cpp's Q4 block size; the demo model's weights come in these blocks
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 kernels accept
+INT4_ROWS_MULTIPLE = 16  # the CPU packing works on tiles of 16 output rows
+# The CUDA packing splits K into tiles of 16 * inner_k_tiles (2, 4 or 8); the CPU kernel ignores it.
+INT4_INNER_K_TILES = 2
+# Scales of all-zero rows or groups would be 0 (and 0/0 = NaN): any tiny positive number works.
+MIN_SCALE = 1e-10
+# Quantize this many rows at a time: bounds the float32 working copy (Llama 3's 128256-row output
+# head would need 2 GB at once).
+ROWS_PER_CHUNK = 4096
+OUTPUT_HEAD = "output"  # Meta's name of the final linear layer
+
+
+class QuantizationError(ValueError):
+    """A model or layer that cannot be quantized as asked; the message says what to do instead."""
+
+
+def check_scheme(scheme: Optional[str]) -> Optional[str]:
+    """None (no quantization) or one of SCHEMES; anything else is an error naming the choices."""
+    if scheme is not None and scheme not in SCHEMES:
+        raise QuantizationError(f"unknown quantization {scheme!r}: use one of {', '.join(SCHEMES)} (or none)")
+    return scheme
+
+
+def layer_scheme(module_name: str, scheme: str) -> str:
+    """What one linear layer becomes under `scheme`: int4 keeps the output head in int8."""
+    return INT8 if module_name == OUTPUT_HEAD else scheme
+
+
+# --------------------------------------------------------------------------------------------
+# int8: one scale per output channel
+# --------------------------------------------------------------------------------------------
+
+
+def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (N, K) -> q int8 (N, K) and scales (N,) in `dtype`, with W ~ q * scales[:, None]."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=dtype, device=weight.device)
+    for start in range(0, weight.shape[0], ROWS_PER_CHUNK):
+        rows = weight[start : start + ROWS_PER_CHUNK].float()
+        # Round the scale to its storage dtype *first*, and divide by the rounded value: q is then the
+        # best integer for the scale the kernel will actually multiply by.
+        row_scales = (rows.abs().amax(dim=1) / INT8_MAX).clamp(min=MIN_SCALE).to(dtype)
+        scales[start : start + ROWS_PER_CHUNK] = row_scales
+        q[start : start + ROWS_PER_CHUNK] = (rows / row_scales.float()[:, None]).round().clamp(-INT8_MAX, INT8_MAX)
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    """Stands in for nn.Linear(K, N, bias=False): y = x @ (q * scales)^T."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)  # (N, K) int8
+        self.register_buffer("scales", scales)  # (N,) in the activations' dtype
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, dtype: torch.dtype) -> "Int8Linear":
+        return cls(*quantize_int8(weight, dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # (M, K): the kernel takes a matrix
+        return torch._weight_int8pack_mm(rows, self.weight, self.scales).reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight (N, K) this layer multiplies by, in float32 (for tests and inspection)."""
+        return self.weight.float() * self.scales.float()[:, None]
+
+
+# --------------------------------------------------------------------------------------------
+# int4: a scale and a zero per group of G input weights
+# --------------------------------------------------------------------------------------------
+
+
+def check_int4_shape(weight_shape: torch.Size, group_size: int, name: str = "this layer") -> None:
+    out_features, in_features = weight_shape
+    if group_size not in INT4_GROUP_SIZES:
+        raise QuantizationError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if in_features % group_size != 0 or out_features % INT4_ROWS_MULTIPLE != 0:
+        raise QuantizationError(
+            f"int4 cannot quantize {name} of shape {tuple(weight_shape)}: PyTorch's kernels need the input "
+            f"size to be a multiple of the group size ({group_size}) and the output size a multiple of "
+            f"{INT4_ROWS_MULTIPLE}; use int8 for this model"
+        )
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (N, K) -> q int32 (N, K) in [0, 15] and scales_and_zeros (K/G, N, 2) in `dtype`.
+
+    With s, z = scales_and_zeros[g, n]: W[n, g*G + i] ~ (q[n, g*G + i] - 8) * s + z. The (K/G, N, 2)
+    layout (groups first) is the one PyTorch's int4 kernels read.
+    """
+    out_features, in_features = weight.shape
+    n_groups = in_features // group_size
+    q = torch.empty(weight.shape, dtype=torch.int32, device=weight.device)
+    scales_and_zeros = torch.empty((n_groups, out_features, 2), dtype=dtype, device=weight.device)
+    for start in range(0, out_features, ROWS_PER_CHUNK):
+        groups = weight[start : start + ROWS_PER_CHUNK].float().reshape(-1, n_groups, group_size)  # (n, K/G, G)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (n, K/G)
+        scales = ((high - low) / (INT4_LEVELS - 1)).clamp(min=MIN_SCALE).to(dtype)
+        zeros = (low + INT4_MIDPOINT * scales.float()).to(dtype)
+        # As for int8: quantize against the rounded scale and zero that the kernel will use.
+        level0 = zeros.float() - INT4_MIDPOINT * scales.float()  # the value of q = 0
+        levels = (groups - level0[..., None]) / scales.float()[..., None]
+        q[start : start + ROWS_PER_CHUNK] = levels.round().clamp(0, INT4_LEVELS - 1).reshape(-1, in_features)
+        scales_and_zeros[:, start : start + ROWS_PER_CHUNK] = torch.stack([scales, zeros], dim=-1).transpose(0, 1)
+    return q, scales_and_zeros
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q int32 (N, K) in [0, 15] -> the int4 kernel's packed layout for q's device."""
+    if q.device.type == "cuda":
+        two_per_byte = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # (N, K/2): even k in the high half
+        return torch._convert_weight_to_int4pack(two_per_byte, INT4_INNER_K_TILES)
+    return torch._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES)
+
+
+class Int4Linear(nn.Module):
+    """Stands in for nn.Linear(K, N, bias=False) with 4-bit weights in groups of G along K."""
+
+    def __init__(self, packed_weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
+        super().__init__()
+        n_groups, self.out_features, _ = scales_and_zeros.shape
+        self.in_features = n_groups * group_size
+        self.group_size = group_size
+        self.register_buffer("weight", packed_weight)  # packed 4-bit values, layout private to the kernel
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # (K/G, N, 2) in the activations' dtype
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, dtype: torch.dtype, group_size: int = DEFAULT_INT4_GROUP_SIZE,
+                   name: str = "this layer") -> "Int4Linear":
+        check_int4_shape(weight.shape, group_size, name)
+        q, scales_and_zeros = quantize_int4(weight, group_size, dtype)
+        return cls(pack_int4(q), scales_and_zeros, group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # (M, K)
+        if rows.device.type == "cuda":
+            y = torch._weight_int4pack_mm(rows, self.weight, self.group_size, self.scales_and_zeros)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size, self.scales_and_zeros)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+# --------------------------------------------------------------------------------------------
+# No quantization: bf16 weights prepacked for oneDNN
+# --------------------------------------------------------------------------------------------
+
+
+def prepacking_helps(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `PackedLinear` applies: bf16 on a CPU whose PyTorch has oneDNN (mkldnn) bf16 kernels."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+
+
+class PackedLinear(nn.Module):
+    """nn.Linear(K, N, bias=False) in bf16 with its weight stored in oneDNN's blocked layout.
+
+    `F.linear` on a CPU hands the weight to oneDNN (the kernel library PyTorch uses for bf16) in
+    PyTorch's row-major layout, and oneDNN rearranges it into the tiles its kernel reads, on every
+    call. Rearranging it once, at load, makes a decode step's matmuls about 1.6x faster; the result
+    is bit-for-bit the same. (torch.compile's "freezing" does the same for compiled graphs.) The packed
+    weight is opaque: torch.compile cannot trace it, so compiled models keep nn.Linear.
+    """
+
+    # oneDNN picks its blocking for an expected number of rows of x; decoding sends one per sequence.
+    EXPECTED_ROWS = 1
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, self.EXPECTED_ROWS))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+
+# --------------------------------------------------------------------------------------------
+# Whole models
+# --------------------------------------------------------------------------------------------
+
+
+def linear_bytes(out_features: int, in_features: int, scheme: Optional[str], dtype: torch.dtype) -> int:
+    """Bytes of one (N, K) linear layer's tensors: as float in `dtype`, or quantized by `scheme`."""
+    itemsize = dtype.itemsize
+    if scheme is None:
+        return out_features * in_features * itemsize
+    if scheme == INT8:
+        return out_features * in_features + out_features * itemsize  # 1 byte per weight + scales
+    n_groups = in_features // DEFAULT_INT4_GROUP_SIZE
+    return out_features * in_features // 2 + n_groups * out_features * 2 * itemsize  # + scales and zeros
+
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Qualified names of every nn.Linear in `model` ("layers.0.attention.wq", ..., "output")."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def fast_linear(name: str, weight: torch.Tensor, scheme: Optional[str], dtype: torch.dtype) -> nn.Module:
+    """The stand-in for the linear layer `name` whose float weight is `weight` (N, K): quantized by
+    `scheme`, or with no scheme the weight in `dtype`, prepacked (`PackedLinear`)."""
+    if scheme is None:
+        return PackedLinear(weight.to(dtype))
+    if layer_scheme(name, scheme) == INT8:
+        return Int8Linear.from_float(weight, dtype)
+    return Int4Linear.from_float(weight, dtype, name=name)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
+    """Replace every nn.Linear of a loaded model by its `scheme` counterpart, in place; returns the model.
+
+    The activation dtype is the one each layer's weight has now (quantize a bf16 model for bf16 math).
+    """
+    check_scheme(scheme)
+    for name in linear_layer_names(model):
+        linear = model.get_submodule(name)
+        if linear.bias is not None:
+            raise QuantizationError(f"{name} has a bias; these quantized layers have none (Llama's linears have no bias)")
+        model.set_submodule(name, fast_linear(name, linear.weight, scheme, linear.weight.dtype))
+    return model

@@ -1,0 +1,207 @@
+"""quantize.py and the loader's memory work: quantized layers against their float weights, the
+quantized demo model against bf16, the memory planner against real bytes, and peak RSS while loading.
+
+Accuracy on the demo model is stated as a tolerance on a text (the greedy continuation of a prompt
+may legitimately fork at a near-tie): the perplexity of the quantized model is within
+PERPLEXITY_TOLERANCE of bf16's, and its top-1 prediction agrees with bf16's at most positions.
+(Measured: bf16 45.4, int8 45.1, int4 45.0 on 512 tokens of this project's README; top-1
+agreement with bf16 93% and 95%.)
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint import MemoryPlanError, load_model_args, load_transformer, plan_memory
+from conftest import LLAMA2_TOKENIZER
+from inference import LLaMa, main
+from quantize import INT4_MIDPOINT, Int4Linear, Int8Linear, QuantizationError, quantize_int4, quantize_model
+from tiny import LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint
+
+CPU = torch.device("cpu")
+PERPLEXITY_TOLERANCE = 0.03  # quantized perplexity <= bf16's * (1 + this)
+TOP1_AGREEMENT = 0.9  # fraction of positions where the quantized model's argmax is bf16's
+# Plain English, about 200 tokens: what the accuracy tests score.
+TEXT = (
+    "The history of the bicycle begins in the early nineteenth century, when inventors in Germany and "
+    "France built wooden machines that riders pushed along with their feet. Pedals attached to the front "
+    "wheel came decades later, and the high-wheeled designs that followed were fast but dangerous. The "
+    "safety bicycle, with two wheels of equal size and a chain driving the rear one, changed everything: "
+    "by the end of the century millions of people rode to work, to school and into the countryside. "
+    "Cycling clubs built roads, women gained a new freedom of movement, and the craftsmen who made "
+    "bicycles went on to build cars and aeroplanes. Today the bicycle remains one of the most efficient "
+    "machines ever invented, turning the energy of its rider into motion with remarkably little waste."
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Quantized layers against the float weights they stand for
+# --------------------------------------------------------------------------------------------
+
+
+def test_int8_layer_multiplies_by_its_dequantized_weight_which_is_within_half_a_step():
+    weight = torch.randn(96, 128)
+    layer = Int8Linear.from_float(weight, torch.float32)
+    x = torch.randn(2, 3, 128)
+    torch.testing.assert_close(layer(x), x @ layer.dequantize().T, rtol=1e-5, atol=1e-4)
+    half_step = layer.scales[:, None] / 2
+    assert ((layer.dequantize() - weight).abs() <= half_step * (1 + 1e-5)).all()
+
+
+def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """W from q (N, K) and scales_and_zeros (K/G, N, 2): (q - 8) * scale + zero, group by group."""
+    scales = scales_and_zeros[..., 0].T.repeat_interleave(group_size, dim=1).float()  # (N, K)
+    zeros = scales_and_zeros[..., 1].T.repeat_interleave(group_size, dim=1).float()
+    return (q.float() - INT4_MIDPOINT) * scales + zeros
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_int4_layer_multiplies_by_its_dequantized_weight_which_is_within_half_a_step(group_size):
+    weight = torch.randn(96, 128)
+    q, scales_and_zeros = quantize_int4(weight, group_size, torch.float32)
+    dequantized = dequantize_int4(q, scales_and_zeros, group_size)
+    half_step = scales_and_zeros[..., 0].T.repeat_interleave(group_size, dim=1) / 2
+    assert ((dequantized - weight).abs() <= half_step * (1 + 1e-5)).all()
+    layer = Int4Linear.from_float(weight, torch.float32, group_size)
+    x = torch.randn(2, 3, 128)
+    torch.testing.assert_close(layer(x), x @ dequantized.T, rtol=1e-5, atol=1e-4)
+
+
+def test_int4_rejects_shapes_its_kernel_cannot_take_and_says_to_use_int8():
+    with pytest.raises(QuantizationError, match="int8"):
+        Int4Linear.from_float(torch.randn(96, 100), torch.bfloat16)  # 100 is not a multiple of 32
+    with pytest.raises(QuantizationError, match="group size"):
+        Int4Linear.from_float(torch.randn(96, 128), torch.bfloat16, group_size=16)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading quantized, on a tiny checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    hf = hf_model(TINY, LLAMA2_VOCAB_SIZE)
+    params = {**TINY, "vocab_size": -1}
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"), meta_state_dict(hf, TINY), params, LLAMA2_TOKENIZER)
+
+
+def tiny_args(ckpt, max_seq_len=32, max_batch_size=2):
+    return load_model_args(ckpt, max_seq_len, max_batch_size, vocab_size=LLAMA2_VOCAB_SIZE)
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16_ckpt(tmp_path_factory):
+    """The tiny checkpoint stored in bf16: quantizing while loading it and after loading it as bf16
+    then start from the same numbers (from an fp32 file, loading quantizes the fp32 originals)."""
+    state_dict = {k: v.to(torch.bfloat16) for k, v in meta_state_dict(hf_model(TINY, LLAMA2_VOCAB_SIZE), TINY).items()}
+    params = {**TINY, "vocab_size": -1}
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-bf16"), state_dict, params, LLAMA2_TOKENIZER)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tiny_bf16_ckpt, scheme):
+    args = tiny_args(tiny_bf16_ckpt)
+    while_loading = load_transformer(tiny_bf16_ckpt, args, CPU, torch.bfloat16, progress=False, quantize=scheme)
+    loaded = load_transformer(tiny_bf16_ckpt, args, CPU, torch.bfloat16, progress=False)
+    afterwards = quantize_model(loaded, scheme)
+    assert not any(isinstance(m, torch.nn.Linear) for m in while_loading.modules())
+    assert isinstance(while_loading.output, Int8Linear)  # the head stays int8, also in the int4 scheme
+    expected_block_layer = Int8Linear if scheme == "int8" else Int4Linear
+    assert isinstance(while_loading.layers[0].feed_forward.w2, expected_block_layer)
+    tokens = torch.randint(0, LLAMA2_VOCAB_SIZE, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(while_loading(tokens, 0), afterwards(tokens, 0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype, scheme", [(torch.float32, None), (torch.bfloat16, None),
+                                           (torch.bfloat16, "int8"), (torch.bfloat16, "int4")])
+def test_memory_plan_counts_exactly_the_bytes_of_the_loaded_model(tiny_ckpt, dtype, scheme):
+    args = tiny_args(tiny_ckpt, max_seq_len=48, max_batch_size=3)
+    plan = plan_memory(args, dtype, scheme, CPU)
+    model = load_transformer(tiny_ckpt, args, CPU, dtype, progress=False, quantize=scheme)
+    caches = {name for name, _ in model.named_buffers() if ".cache." in name}
+    tensors = dict(model.named_parameters(), **dict(model.named_buffers()))
+    assert plan.weights == sum(t.nbytes for name, t in tensors.items() if name not in caches)
+    assert plan.kv_cache == sum(tensors[name].nbytes for name in caches)
+
+
+def test_a_model_that_does_not_fit_is_refused_before_loading_with_suggestions(tiny_ckpt):
+    args = tiny_args(tiny_ckpt, max_seq_len=64, max_batch_size=1)
+    needs = plan_memory(args, torch.float32, None, CPU).total
+    as_int8 = plan_memory(args, torch.float32, "int8", CPU).total
+    available = (needs + as_int8) // 2  # int8 fits, fp32 does not
+    with pytest.raises(MemoryPlanError) as error:
+        load_transformer(tiny_ckpt, args, CPU, torch.float32, progress=False, available_bytes=available)
+    message = str(error.value)
+    assert "will not fit" in message and "max_seq_len 64" in message
+    assert "quantize='int8' (--quantize int8)" in message and "dtype='bfloat16'" in message
+    with pytest.raises(MemoryPlanError, match="No single change"):
+        load_transformer(tiny_ckpt, args, CPU, torch.float32, progress=False, available_bytes=1000)
+
+
+def test_cli_quantize_flag_loads_int8_and_rejects_other_values(tiny_ckpt, capsys):
+    code = main(["--ckpt-dir", str(tiny_ckpt), "--prompt", "Hello", "--temperature", "0", "--max-gen-len", "3",
+                 "--device", "cpu", "--quantize", "int8"])
+    captured = capsys.readouterr()
+    assert code == 0 and "> Hello" in captured.out and "int8" in captured.err
+    with pytest.raises(SystemExit):
+        main(["--ckpt-dir", str(tiny_ckpt), "--quantize", "int3"])
+    with pytest.raises(ValueError, match="int8, int4"):
+        LLaMa.build(tiny_ckpt, device="cpu", quantize="int3", progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The demo model: accuracy of int8 and int4, and peak memory while loading
+# --------------------------------------------------------------------------------------------
+
+
+def perplexity_and_argmax(llama: LLaMa, text: str) -> tuple[float, torch.Tensor]:
+    ids = torch.tensor([llama.tokenizer.encode(text, bos=llama.tokenizer.add_bos, eos=False)])
+    logits = llama.model(ids, 0)[0, :-1]  # position t predicts token t + 1
+    nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:])
+    return nll.exp().item(), logits.argmax(-1)
+
+
+@pytest.fixture(scope="module")
+def bf16_reference(demo_ckpt):
+    llama = LLaMa.build(demo_ckpt, max_seq_len=512, max_batch_size=1, device="cpu", dtype="bfloat16", progress=False)
+    return perplexity_and_argmax(llama, TEXT)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_demo_model_stays_within_the_stated_tolerance_of_bf16(demo_ckpt, bf16_reference, scheme):
+    llama = LLaMa.build(demo_ckpt, max_seq_len=512, max_batch_size=1, device="cpu", dtype="bfloat16",
+                        quantize=scheme, progress=False)
+    perplexity, argmax = perplexity_and_argmax(llama, TEXT)
+    reference_perplexity, reference_argmax = bf16_reference
+    assert perplexity <= reference_perplexity * (1 + PERPLEXITY_TOLERANCE), (perplexity, reference_perplexity)
+    assert (argmax == reference_argmax).float().mean() >= TOP1_AGREEMENT
+
+
+LOAD_AND_REPORT = textwrap.dedent("""
+    import json, sys, torch
+    from checkpoint import load_model_args, load_transformer
+    ckpt, quantize = sys.argv[1], (sys.argv[2] or None)
+    args = load_model_args(ckpt, max_seq_len=2048, max_batch_size=4)
+    load_transformer(ckpt, args, torch.device("cpu"), torch.bfloat16, progress=False, quantize=quantize)
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    print(json.dumps({"peak_kb": int(status["VmHWM"].split()[0])}))
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from Linux's /proc")
+@pytest.mark.parametrize("quantize", ["", "int8"], ids=["fp32-to-bf16", "fp32-to-int8"])
+def test_converting_while_loading_keeps_peak_rss_within_the_budget(demo_ckpt, quantize):
+    """Issue 6: peak RSS while loading <= 1.3 x the checkpoint + 300 MB (the interpreter and torch).
+    An fp32 checkpoint loaded as bf16 or int8 is the hard case: without releasing each tensor's file
+    pages once converted, the whole file and the converted model would be resident together."""
+    checkpoint_bytes = sum(p.stat().st_size for p in Path(demo_ckpt).glob("consolidated.*.pth"))
+    result = subprocess.run([sys.executable, "-c", LOAD_AND_REPORT, str(demo_ckpt), quantize], capture_output=True,
+                            text=True, cwd=Path(__file__).parent.parent, check=True)
+    peak_bytes = json.loads(result.stdout.strip().splitlines()[-1])["peak_kb"] * 1024
+    assert peak_bytes <= 1.3 * checkpoint_bytes + 300 * 2**20, (peak_bytes / 2**20, checkpoint_bytes / 2**20)
