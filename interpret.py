@@ -981,9 +981,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             require_matplotlib()  # fail before loading the model, not after the work
         ckpt_dir = args.ckpt_dir
         if ckpt_dir is None:
-            from demo_model import ensure_demo_model  # only needed for the demo
+            from demo_model import DemoModelError, ensure_demo_model  # only needed for the demo
 
-            ckpt_dir = ensure_demo_model()
+            try:
+                ckpt_dir = ensure_demo_model()
+            except DemoModelError as e:  # its message says how to get the model by hand
+                raise CheckpointError(str(e)) from None
         llama = LLaMa.build(ckpt_dir, max_seq_len=args.max_seq_len, max_batch_size=STUDY_BATCH_SIZE,
                             device=args.device, dtype=args.dtype, progress=False)
         print(COMMANDS[args.command](llama, args))

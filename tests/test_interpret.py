@@ -420,14 +420,14 @@ def test_demo_hidden_states_and_attention_equal_hugging_face(smol, hf_smol_eager
 
 
 def test_demo_integrated_gradients_are_complete_with_the_default_baseline(smol):
-    # "The capital of France is" -> " Paris". Measured: completeness error 0.5% at 32 steps,
+    # "The capital of France is" -> " Paris". Measured: completeness error 0.46% at 32 steps,
     # 0.006% at 64; the 12-token example above needs the default 128 (0.09%; 64 gives 7%).
-    result = integrated_gradients(smol, SMOL_IDS[:5], SMOL_PARIS, steps=64, batch_size=32)
-    assert result.completeness_error < 0.01
+    result = integrated_gradients(smol, SMOL_IDS[:5], SMOL_PARIS, steps=32)
+    assert result.completeness_error < 0.02
     assert int(result.scores.argmax()) == SMOL_IDS.index(SMOL_FRANCE)  # " France" matters most
 
 
-def test_demo_cli_attention_and_lens(demo_ckpt, tmp_path, capsys):
+def test_demo_cli_attention_with_the_issues_spelling(demo_ckpt, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "layer17.png"
     code, stdout, err = cli(capsys, "attention", "--ckpt-dir", str(demo_ckpt), "--text", SMOL_TEXT, "--layer", "17",
@@ -436,6 +436,9 @@ def test_demo_cli_attention_and_lens(demo_ckpt, tmp_path, capsys):
     assert png_size(out)[0] > 300
     rows = {line.split("  ")[0]: line for line in stdout.splitlines()}
     assert "' Germany'" in rows and "' is'" in rows  # SmolLM2's tokens label the rows
-    code, stdout, err = cli(capsys, "lens", "--ckpt-dir", str(demo_ckpt), "--text", SMOL_TEXT, "--top-k", "2")
-    assert code == 0, err
-    assert stdout.splitlines()[-1].startswith("block 29   ' Berlin'")  # the last layer: the model's own answer
+
+
+def test_demo_logit_lens_ends_at_the_models_answer(smol):
+    rows = logit_lens(smol, SMOL_IDS, k=2)
+    assert len(rows) == 31 and rows[-1].token_ids[0] == SMOL_BERLIN
+    assert rows[0].token_ids[0] == SMOL_IDS[-1]  # tied embeddings: the embedding reads back as itself
