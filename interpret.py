@@ -22,7 +22,8 @@ Chapters, each using only what stands above it:
    (Sundararajan et al. 2017, "Axiomatic Attribution for Deep Networks") whose scores add up to
    the target logit at the input minus at the baseline ("completeness", their sec. 3).
 6. **Why this token.** For each generated token: the top candidates with their probabilities
-   before and after temperature and top-p, and which of them top-p cut.
+   from the model, after repetition penalty / temperature / top-k, and after top-p, and which
+   of them top-k or top-p cut.
 7. **Tables and pictures** (matplotlib, optional: only for PNG files).
 8. **Command line**: ``python interpret.py hidden|attention|lens|attribute|why --help``.
 
