@@ -22,7 +22,8 @@ Chapters, each using only what stands above it:
    (Sundararajan et al. 2017, "Axiomatic Attribution for Deep Networks") whose scores add up to
    the target logit at the input minus at the baseline ("completeness", their sec. 3).
 6. **Why this token.** For each generated token: the top candidates with their probabilities
-   before and after temperature and top-p, and which of them top-p cut.
+   from the model, after repetition penalty / temperature / top-k, and after top-p, and which
+   of them top-k or top-p cut.
 7. **Tables and pictures** (matplotlib, optional: only for PNG files).
 8. **Command line**: ``python interpret.py hidden|attention|lens|attribute|why --help``.
 
@@ -37,7 +38,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import AbstractSet, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,17 +51,27 @@ from checkpoint import (
     choose_dtype,
     load_model_args,
 )
-from inference import DEFAULT_MAX_SEQ_LEN, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, LLaMa
+from inference import DEFAULT_MAX_SEQ_LEN, LLaMa
 from inspect_checkpoint import model_shapes, tensor_index, vocab_size_from_shapes
 from model import Attention, Transformer, TransformerBlock, apply_rotary_emb, causal_mask, repeat_kv
-from sampling import check_sampling_args, logits_to_probs, sample_next_token, top_p_filter
+from sampling import (
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    NO_REPETITION_PENALTY,
+    SamplingParams,
+    apply_repetition_penalty,
+    logits_to_probs,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
 from tokenizer import Tokenizer, TokenizerFileError
 
 # Interpretation works on one text at a time; attribution batches its interpolation steps itself.
 STUDY_BATCH_SIZE = 1
 # float32 by default: bf16 rounding would swamp small attributions and the completeness check.
 DEFAULT_STUDY_DTYPE = "float32"
-DEFAULT_TOP_K = 5
+DEFAULT_SHOW = 5  # tokens shown per layer (lens) or per step (why)
 DEFAULT_IG_STEPS = 128  # completeness within 0.1% on the demo model's examples; 64 gave 4-7% (README)
 COMPLETENESS_TOLERANCE = 0.02  # warn above 2%: the scores do not yet add up to the logit difference
 # Token rows (interpolation steps x tokens) per forward/backward pass of integrated gradients:
@@ -424,7 +435,7 @@ def lens_probs(model: Transformer, tokens: Sequence[int], position: int = LAST_P
 
 
 def logit_lens(
-    model: Transformer, tokens: Sequence[int], k: int = DEFAULT_TOP_K, position: int = LAST_POSITION
+    model: Transformer, tokens: Sequence[int], k: int = DEFAULT_SHOW, position: int = LAST_POSITION
 ) -> list[LensRow]:
     """The top-k next tokens at `position`, read through the final norm and head after every layer."""
     if k < 1:
@@ -612,65 +623,96 @@ def integrated_gradients(
 class Candidate:
     token: int
     prob: float  # the model's own probability: softmax(logits)
-    prob_temperature: float  # softmax(logits / temperature); greedy (0): 1 for the argmax
+    prob_shaped: float  # after repetition penalty, temperature and top-k (greedy: 1 for the argmax)
     prob_final: float  # after top-p, renormalised: what the draw used
-    cut_by_top_p: bool  # had probability after temperature, none after top-p: it could not be drawn
+    cut: Optional[str]  # "top-k" or "top-p" if that filter removed it, else None
 
 
 @dataclass
 class WhyStep:
     position: int  # where the chosen token goes in the sequence
     chosen: int
-    candidates: list[Candidate]  # top-k by the model's probability, plus the chosen token if it is not among them
-    nucleus_size: int  # how many tokens top-p kept
+    candidates: list[Candidate]  # the most likely by the model, plus the chosen token if it is not among them
+    kept: int  # how many tokens could have been drawn
+
+
+@dataclass
+class SamplerView:
+    """The distributions `sampling.sample_next_token` goes through, for one row of logits (V,)."""
+
+    probs: torch.Tensor  # (V,) softmax of the raw logits
+    shaped: torch.Tensor  # (V,) after repetition penalty, temperature and top-k
+    final: torch.Tensor  # (V,) after top-p: the distribution drawn from
+    cut_by_top_k: torch.Tensor  # (V,) bool
+    cut_by_top_p: torch.Tensor  # (V,) bool
 
 
 @torch.no_grad()
-def sampler_view(logits: torch.Tensor, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The three distributions `sampling.sample_next_token` goes through, for one row of logits (V,)."""
-    probs = logits_to_probs(logits[None], 1.0)[0]
-    if temperature == 0:  # greedy: all the mass on the argmax, nothing to cut
-        tempered = F.one_hot(torch.argmax(logits), logits.shape[-1]).float()
-        return probs, tempered, tempered
-    tempered = logits_to_probs(logits[None], temperature)[0]
-    final = top_p_filter(tempered[None], top_p)[0] if top_p < 1 else tempered
-    return probs, tempered, final
+def sampler_view(logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Tensor]) -> SamplerView:
+    """Each step of `sampling.sample_next_token`, kept, in its order (see sampling.py)."""
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    if params.repetition_penalty != NO_REPETITION_PENALTY:
+        logits = apply_repetition_penalty(logits[None], seen[None], params.repetition_penalty)[0]
+    nothing_cut = torch.zeros_like(probs, dtype=torch.bool)
+    if params.greedy:  # all the mass on the argmax; nothing is filtered
+        one_hot = F.one_hot(torch.argmax(logits), logits.shape[-1]).float()
+        return SamplerView(probs, one_hot, one_hot, nothing_cut, nothing_cut)
+    cut_by_top_k = nothing_cut
+    if params.top_k is not None:
+        filtered = top_k_filter(logits[None], params.top_k)[0]
+        cut_by_top_k = torch.isinf(filtered) & ~torch.isinf(logits)
+        logits = filtered
+    shaped = logits_to_probs(logits[None], params.temperature)[0]
+    final = top_p_filter(shaped[None], params.top_p)[0] if params.top_p < 1 else shaped
+    return SamplerView(probs, shaped, final, cut_by_top_k, (shaped > 0) & (final == 0))
 
 
 @torch.no_grad()
 def why(
     model: Transformer,
     prompt_tokens: Sequence[int],
-    stop_tokens: set[int],
+    stop_tokens: AbstractSet[int],
     max_gen_len: int = DEFAULT_WHY_GEN_LEN,
-    temperature: float = DEFAULT_TEMPERATURE,
-    top_p: float = DEFAULT_TOP_P,
-    k: int = DEFAULT_TOP_K,
+    params: Optional[SamplingParams] = None,
+    show: int = DEFAULT_SHOW,
     seed: Optional[int] = None,
 ) -> list[WhyStep]:
-    """Generate like `LLaMa.generate` (same model calls, same sampler, same seed -> same tokens) and
-    explain every step."""
-    check_sampling_args(temperature, top_p)
-    if max_gen_len < 1 or k < 1:
-        raise ValueError(f"max_gen_len and top-k must be >= 1, got {max_gen_len} and {k}")
+    """Generate as `LLaMa.generate` does (the same model calls, the same sampler; the same seed
+    gives the same tokens) and explain every step: the `show` most likely candidates.
+
+    params: temperature, top-p, top-k, repetition penalty (default: `SamplingParams()`, Meta's).
+    """
+    params = SamplingParams() if params is None else params
+    if max_gen_len < 1 or show < 1:
+        raise ValueError(f"max_gen_len and show must be >= 1, got {max_gen_len} and {show}")
     ids = token_tensor(model, prompt_tokens)
     if ids.shape[1] >= model.args.max_seq_len:
         raise ValueError(f"the prompt is {ids.shape[1]} tokens: max_seq_len={model.args.max_seq_len} "
                          f"leaves no room to generate; raise --max-seq-len")
     generator = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
-    logits = model(ids, start_pos=0)[:, -1]  # (1, V): prefill, as generate does
+    seen = None  # (1, V) bool: the tokens so far, for the repetition penalty
+    if params.repetition_penalty != NO_REPETITION_PENALTY:
+        seen = torch.zeros((1, model.args.vocab_size), dtype=torch.bool, device=ids.device)
+        seen[0, ids[0]] = True
+    logits = model(ids, start_pos=0)[:, -1]  # (1, V): the prefill, as generate does
     steps = []
     end = min(model.args.max_seq_len, ids.shape[1] + max_gen_len)
     for cur_pos in range(ids.shape[1], end):
-        chosen = int(sample_next_token(logits, temperature, top_p, generator)[0])
-        probs, tempered, final = sampler_view(logits[0], temperature, top_p)
-        top = torch.topk(probs, min(k, probs.shape[-1])).indices.tolist()
+        chosen = int(sample(logits, params, seen, generator)[0])
+        view = sampler_view(logits[0], params, seen[0] if seen is not None else None)
+        top = torch.topk(view.probs, min(show, view.probs.shape[-1])).indices.tolist()
         shown = top + ([chosen] if chosen not in top else [])
-        candidates = [Candidate(t, float(probs[t]), float(tempered[t]), float(final[t]),
-                                cut_by_top_p=bool(tempered[t] > 0 and final[t] == 0)) for t in shown]
-        steps.append(WhyStep(cur_pos, chosen, candidates, int((final > 0).sum())))
+        candidates = [
+            Candidate(t, float(view.probs[t]), float(view.shaped[t]), float(view.final[t]),
+                      cut="top-k" if view.cut_by_top_k[t] else "top-p" if view.cut_by_top_p[t] else None)
+            for t in shown
+        ]
+        steps.append(WhyStep(cur_pos, chosen, candidates, int((view.final > 0).sum())))
         if chosen in stop_tokens or cur_pos + 1 == end:
             break
+        if seen is not None:
+            seen[0, chosen] = True
         logits = model(torch.tensor([[chosen]], device=ids.device), start_pos=cur_pos)[:, -1]
     return steps
 
@@ -740,15 +782,23 @@ def format_attribution(
     return text
 
 
-def format_why(steps: list[WhyStep], tokenizer: Tokenizer, temperature: float, top_p: float) -> str:
+def format_why(steps: list[WhyStep], tokenizer: Tokenizer, params: SamplingParams) -> str:
+    shaping, settings = ["temperature"], [f"T={params.temperature:g}"]  # the sampler's steps in use, in order
+    if params.repetition_penalty != NO_REPETITION_PENALTY:
+        shaping.insert(0, "penalty")
+        settings.insert(0, f"repetition penalty {params.repetition_penalty:g}")
+    if params.top_k is not None:
+        shaping.append("top-k")
+        settings.append(f"top-k {params.top_k}")
+    header = ["candidate", "p (model)", f"p ({', '.join(shaping)})", "p (after top-p)", ""]
     out = []
     for step in steps:
-        rule = "greedy" if temperature == 0 else f"T={temperature:g}, top-p {top_p:g}: {step.nucleus_size} token(s) kept"
+        rule = "greedy" if params.greedy else f"{', '.join(settings)}, top-p {params.top_p:g}: {step.kept} token(s) kept"
         out.append(f"position {step.position}: chose {token_label(tokenizer, step.chosen)} ({rule})")
-        rows = [[token_label(tokenizer, c.token), f"{c.prob:.4f}", f"{c.prob_temperature:.4f}", f"{c.prob_final:.4f}",
-                 "cut by top-p" if c.cut_by_top_p else ("<- chosen" if c.token == step.chosen else "")]
+        rows = [[token_label(tokenizer, c.token), f"{c.prob:.4f}", f"{c.prob_shaped:.4f}", f"{c.prob_final:.4f}",
+                 f"cut by {c.cut}" if c.cut else ("<- chosen" if c.token == step.chosen else "")]
                 for c in step.candidates]
-        out.append(format_table(["candidate", "p (model)", "p (temperature)", "p (after top-p)", ""], rows))
+        out.append(format_table(header, rows))
         out.append("")
     return "\n".join(out)
 
@@ -873,7 +923,7 @@ def cmd_attention(llama: LLaMa, args: argparse.Namespace) -> str:
 def cmd_lens(llama: LLaMa, args: argparse.Namespace) -> str:
     tokens = encode_text(llama, args.text)
     position = check_position(args.position, len(tokens))
-    rows = logit_lens(llama.model, tokens, args.top_k, position)
+    rows = logit_lens(llama.model, tokens, args.show, position)
     head = f"logit lens at position {position} ({token_label(llama.tokenizer, tokens[position])}): next-token guesses"
     return head + "\n" + format_lens(rows, llama.tokenizer)
 
@@ -905,10 +955,10 @@ def cmd_attribute(llama: LLaMa, args: argparse.Namespace) -> str:
 
 def cmd_why(llama: LLaMa, args: argparse.Namespace) -> str:
     tokens = encode_text(llama, args.text)
-    steps = why(llama.model, tokens, llama.tokenizer.stop_tokens, args.max_gen_len, args.temperature, args.top_p,
-                args.top_k, args.seed)
+    params = SamplingParams(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
+    steps = why(llama.model, tokens, llama.tokenizer.stop_tokens, args.max_gen_len, params, args.show, args.seed)
     generated = llama.tokenizer.decode([s.chosen for s in steps])
-    return f"{args.text!r} -> {generated!r}\n\n" + format_why(steps, llama.tokenizer, args.temperature, args.top_p)
+    return f"{args.text!r} -> {generated!r}\n\n" + format_why(steps, llama.tokenizer, params)
 
 
 # --baseline for integrated gradients: (model, input embeddings, EOS id) -> baseline embeddings.
@@ -948,7 +998,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
     p = sub.add_parser("lens", parents=[common], formatter_class=fmt,
                        help="logit lens: the top next tokens read from every layer")
-    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="tokens shown per layer")
+    p.add_argument("--show", type=int, default=DEFAULT_SHOW, help="tokens shown per layer")
     p.add_argument("--position", type=int, default=LAST_POSITION, help="which token's next-token guess (-1 = last)")
 
     p = sub.add_parser("attribute", parents=[common], formatter_class=fmt,
@@ -968,8 +1018,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                        help="generate, and show each step's candidates before and after temperature / top-p")
     p.add_argument("--max-gen-len", type=int, default=DEFAULT_WHY_GEN_LEN, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
-    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="candidates shown per step")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="nucleus sampling; 1 = no cut")
+    p.add_argument("--top-k", type=int, help="draw only from the K most likely tokens (default: no such limit)")
+    p.add_argument("--repetition-penalty", type=float, default=NO_REPETITION_PENALTY, help="1 = off")
+    p.add_argument("--show", type=int, default=DEFAULT_SHOW, help="candidates shown per step")
     p.add_argument("--seed", type=int, help="random seed: with the same seed and --dtype, the same tokens as inference.py")
     return parser.parse_args(argv)
 
@@ -981,9 +1033,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             require_matplotlib()  # fail before loading the model, not after the work
         ckpt_dir = args.ckpt_dir
         if ckpt_dir is None:
-            from demo_model import ensure_demo_model  # only needed for the demo
+            from demo_model import DemoModelError, ensure_demo_model  # only needed for the demo
 
-            ckpt_dir = ensure_demo_model()
+            try:
+                ckpt_dir = ensure_demo_model()
+            except DemoModelError as e:  # its message says how to get the model by hand
+                raise CheckpointError(str(e)) from None
         llama = LLaMa.build(ckpt_dir, max_seq_len=args.max_seq_len, max_batch_size=STUDY_BATCH_SIZE,
                             device=args.device, dtype=args.dtype, progress=False)
         print(COMMANDS[args.command](llama, args))
