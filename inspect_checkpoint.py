@@ -13,9 +13,10 @@ What it prints, and where each number comes from:
    params.json, from the shapes a `Transformer` built on the "meta" device would have (shapes
    without memory: nothing is allocated, even for 405B).
 3. **On disk**: bytes per dtype, and each shard file with what it holds.
-4. **Memory to run** at a dtype / max_seq_len / batch size: the weights, the KV cache (two
-   tensors per layer, (batch, n_kv_heads, max_seq_len, head_dim) each, as `model.KVCache`
-   allocates them), the RoPE table and the logits of a full-length prompt.
+4. **Memory to run** at a dtype (and `--quantize`) / max_seq_len / batch size: the weights, the
+   KV cache (two tensors per layer, (batch, n_kv_heads, max_seq_len, head_dim) each, as
+   `model.KVCache` allocates them) and the activations, from `checkpoint.plan_memory`: the same
+   plan `LLaMa.build` checks before it loads anything.
 
 ## The tensor index (which tensor is in which shard)
 Meta's shards are pickled state dicts. Learning their tensors' names, shapes and dtypes means
@@ -60,10 +61,12 @@ from checkpoint import (
     model_args_from_params,
     open_shard,
     read_params,
+    plan_memory,
     split_dim,
 )
 from inference import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN
 from model import ModelArgs, Transformer
+from quantize import SCHEMES
 
 INDEX_FILE = "tensor_index.json"
 INDEX_FORMAT = "llama-from-scratch tensor index"
@@ -71,10 +74,6 @@ INDEX_VERSION = 1
 TOKENIZER_FILE = "tokenizer.model"
 FILE_MODE = 0o666  # before the umask, as open() would create the file
 
-# A KV cache holds two tensors per layer: the keys and the values.
-KV_TENSORS_PER_LAYER = 2
-COMPLEX64_BYTES = 8  # the RoPE table is complex64 (model.precompute_freqs_cis)
-LOGITS_BYTES = 4  # the model returns float32 logits (model.Transformer.forward)
 
 # Parameter components, in the order a token meets them.
 COMPONENTS = ("embedding", "attention", "feed-forward", "norms", "head")
@@ -485,44 +484,24 @@ def describe_disk(index: TensorIndex, dim: int) -> list[str]:
     return lines
 
 
-@dataclass
-class MemoryEstimate:
-    weights: int
-    kv_cache: int
-    rope_table: int
-    prompt_logits: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.kv_cache + self.rope_table + self.prompt_logits
-
-
-def estimate_memory(args: ModelArgs, n_params: int, dtype: torch.dtype) -> MemoryEstimate:
-    """Bytes to run at `dtype` with args.max_seq_len and args.max_batch_size (as model.py allocates)."""
-    kv_values = KV_TENSORS_PER_LAYER * args.n_layers * args.max_batch_size * args.max_seq_len * args.n_kv_heads * args.head_dim
-    return MemoryEstimate(
-        weights=n_params * dtype.itemsize,
-        kv_cache=kv_values * dtype.itemsize,
-        rope_table=args.max_seq_len * (args.head_dim // 2) * COMPLEX64_BYTES,
-        prompt_logits=args.max_batch_size * args.max_seq_len * args.vocab_size * LOGITS_BYTES,
-    )
-
-
-def describe_memory(args: ModelArgs, n_params: int, dtype: torch.dtype) -> list[str]:
-    m = estimate_memory(args, n_params, dtype)
+def describe_memory(args: ModelArgs, dtype: torch.dtype, quantize: Optional[str]) -> list[str]:
+    """checkpoint.plan_memory's plan (the one `LLaMa.build` checks before loading), explained."""
+    plan = plan_memory(args, dtype, quantize, torch.device("cpu"))
     b, s = args.max_batch_size, args.max_seq_len
+    weights = f"{dtype_name(dtype)}" + (f", linear layers {quantize}" if quantize else "")
     rows = [
-        ("weights", f"{n_params:,} x {dtype.itemsize} bytes", m.weights),
-        ("KV cache", f"{KV_TENSORS_PER_LAYER} x {args.n_layers} layers x batch {b} x {s} positions x "
-                     f"{args.n_kv_heads} KV heads x {args.head_dim} x {dtype.itemsize} bytes", m.kv_cache),
-        ("RoPE table", f"{s} positions x {args.head_dim // 2} complex64", m.rope_table),
-        ("prompt logits", f"batch {b} x {s} positions x {args.vocab_size:,} x float32 (a full-length prompt)",
-         m.prompt_logits),
+        ("weights", weights, plan.weights),
+        ("KV cache", f"keys and values x {args.n_layers} layers x batch {b} x {s} positions x {args.n_kv_heads} "
+                     f"KV heads x head dim {args.head_dim} x {dtype.itemsize} bytes", plan.kv_cache),
+        ("activations", f"the largest temporaries of a full-length prefill (an estimate)", plan.activations),
     ]
-    lines = [f"Memory to run ({dtype_name(dtype)}, max_seq_len {s}, batch {b}; activations not counted)"]
+    lines = [f"Memory to run ({weights}, max_seq_len {s}, batch {b})"]
     for name, how, nbytes in rows:
-        lines.append(f"  {name:<13} {human_bytes(nbytes):>9}  {how}")
-    lines.append(f"  {'total':<13} {human_bytes(m.total):>9}")
+        lines.append(f"  {name:<12} {human_bytes(nbytes):>9}  {how}")
+    lines.append(f"  {'total':<12} {human_bytes(plan.total):>9}")
+    if plan.available is not None:
+        verdict = "fits" if plan.fits() else "does NOT fit"
+        lines.append(f"  {'this machine':<12} {human_bytes(plan.available):>9}  available now: it {verdict}")
     return lines
 
 
@@ -563,6 +542,7 @@ def report(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     list_tensors: bool = False,
     compare_tied: bool = False,
+    quantize: Optional[str] = None,
 ) -> str:
     """The whole inspection report, as text."""
     resolved = resolve(path, vocab_size, max_seq_len, max_batch_size)
@@ -570,7 +550,6 @@ def report(
     run_dtype = choose_dtype(dtype, torch.device("cpu"))
     shapes, source = parameter_counts(resolved)
     counts = count_by_component(shapes)
-    n_params = sum(counts.values())
 
     lines = describe_architecture(resolved) + [""] + describe_parameters(counts, args, source)
     if resolved.index is not None:
@@ -581,7 +560,7 @@ def report(
     lines += describe_tying(shapes, tied, can_check=resolved.index is not None)
     if resolved.index is not None:
         lines += [""] + describe_disk(resolved.index, args.dim)
-    lines += [""] + describe_memory(args, n_params, run_dtype)
+    lines += [""] + describe_memory(args, run_dtype, quantize)
     if list_tensors and resolved.index is not None:
         lines += [""] + describe_tensors(resolved.index)
     return "\n".join(lines)
@@ -613,6 +592,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="positions the KV cache holds, for the memory estimate")
     parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
                         help="sequences run together, for the memory estimate")
+    parser.add_argument("--quantize", choices=SCHEMES, help="weight-only quantization, for the memory estimate")
     parser.add_argument("--tensors", action="store_true", help="also list every tensor of every shard")
     parser.add_argument("--check-tied", action="store_true",
                         help="read output.weight and tok_embeddings.weight to tell whether they are tied")
@@ -630,7 +610,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(total_parameters(args.path, args.vocab_size))
         else:
             print(report(args.path, args.vocab_size, args.dtype, args.max_seq_len, args.max_batch_size,
-                         list_tensors=args.tensors, compare_tied=args.check_tied))
+                         list_tensors=args.tensors, compare_tied=args.check_tied, quantize=args.quantize))
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -47,13 +47,16 @@ from torch import nn
 from checkpoint import (
     CheckpointError,
     check_checkpoint_dir,
+    check_vocab_matches,
     choose_device,
     choose_dtype,
     load_model_args,
+    load_transformer,
 )
-from inference import DEFAULT_MAX_SEQ_LEN, LLaMa
+from inference import DEFAULT_MAX_SEQ_LEN, LLaMa, decode_step
 from inspect_checkpoint import model_shapes, tensor_index, vocab_size_from_shapes
 from model import Attention, Transformer, TransformerBlock, apply_rotary_emb, causal_mask, repeat_kv
+from quantize import Int4Linear, Int8Linear, PackedLinear
 from sampling import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
@@ -84,6 +87,9 @@ DEFAULT_TEXT = "The capital of France is Paris. The capital of Germany is"
 MATPLOTLIB_HINT = "PNG output needs matplotlib: pip install matplotlib"
 PNG_DPI = 80  # pixels per inch of the saved pictures: readable labels, small files
 LAST_POSITION = -1  # Python's negative indexing: the last token
+
+# The engine's fast stand-ins for nn.Linear (quantize.py): no gradients flow through them.
+FAST_LINEAR_TYPES = (PackedLinear, Int8Linear, Int4Linear)
 
 # Names of the loadable pieces of a Transformer (Meta's module names).
 EMBEDDING = "tok_embeddings"
@@ -499,6 +505,21 @@ class IntegratedGradients:
         return abs(float(self.scores.sum()) - difference) / max(abs(difference), torch.finfo(torch.float32).eps)
 
 
+def check_differentiable(model: Transformer) -> None:
+    """Attribution differentiates through every linear layer: they must be plain nn.Linear.
+
+    `LLaMa.build` in bf16 on a CPU stores them prepacked for oneDNN (quantize.PackedLinear), and
+    `quantize=` stores them as int8/int4: fast for generation, but no gradient flows through them.
+    """
+    fast = [name for name, module in model.named_modules() if isinstance(module, FAST_LINEAR_TYPES)]
+    if fast:
+        raise ValueError(
+            f"attribution needs gradients, but {fast[0]} (and {len(fast) - 1} more) is a "
+            f"{type(model.get_submodule(fast[0])).__name__}, which has none: load the model with "
+            f"interpret.load_for_study(...) (plain nn.Linear), as `python interpret.py` does"
+        )
+
+
 def input_embeddings(model: Transformer, tokens: Sequence[int]) -> torch.Tensor:
     """(1, T, C) embeddings of the text, detached: the leaf we differentiate with respect to."""
     with torch.no_grad():
@@ -514,6 +535,7 @@ def gradient_x_input(
     local: it says how the logit moves for a small step, not how much a token contributed overall.
     """
     check_target(model, target)
+    check_differentiable(model)
     position = check_position(position, len(tokens))
     x = input_embeddings(model, tokens).requires_grad_(True)
     logit = target_logit(model, x, position, target)
@@ -592,6 +614,7 @@ def integrated_gradients(
     forward/backward pass) to as many as fit in IG_ROWS_PER_PASS token rows.
     """
     check_target(model, target)
+    check_differentiable(model)
     position = check_position(position, len(tokens))
     if batch_size is None:
         batch_size = max(1, IG_ROWS_PER_PASS // len(tokens))
@@ -695,7 +718,7 @@ def why(
     if params.repetition_penalty != NO_REPETITION_PENALTY:
         seen = torch.zeros((1, model.args.vocab_size), dtype=torch.bool, device=ids.device)
         seen[0, ids[0]] = True
-    logits = model(ids, start_pos=0)[:, -1]  # (1, V): the prefill, as generate does
+    logits = model(ids, start_pos=0, last_only=True)[:, -1]  # (1, V): the prefill, as generate does
     steps = []
     end = min(model.args.max_seq_len, ids.shape[1] + max_gen_len)
     for cur_pos in range(ids.shape[1], end):
@@ -713,7 +736,7 @@ def why(
             break
         if seen is not None:
             seen[0, chosen] = True
-        logits = model(torch.tensor([[chosen]], device=ids.device), start_pos=cur_pos)[:, -1]
+        logits = decode_step(model, torch.tensor([[chosen]], device=ids.device), cur_pos, None)  # (1, V)
     return steps
 
 
@@ -862,6 +885,21 @@ def save_attribution_png(scores: dict[str, torch.Tensor], labels: list[str], pat
 # --------------------------------------------------------------------------------------------
 # 8. Command line
 # --------------------------------------------------------------------------------------------
+
+
+def load_for_study(
+    ckpt_dir: Union[str, Path],
+    device: Union[str, torch.device, None] = None,
+    dtype: Union[str, torch.dtype, None] = DEFAULT_STUDY_DTYPE,
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+) -> LLaMa:
+    """`LLaMa.build` for one text at a time, with plain nn.Linear layers (see `check_differentiable`)."""
+    llama = LLaMa.build(ckpt_dir, load_model=False, max_seq_len=max_seq_len, max_batch_size=STUDY_BATCH_SIZE,
+                        device=device, dtype=dtype)
+    args = load_model_args(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=STUDY_BATCH_SIZE)
+    model = load_transformer(ckpt_dir, args, llama.device, choose_dtype(dtype, llama.device), progress=False)
+    check_vocab_matches(llama.tokenizer.n_words, llama.tokenizer.model_path, model.args)
+    return LLaMa(model, llama.tokenizer, model.args, llama.device)
 
 
 def encode_text(llama: LLaMa, text: str) -> list[int]:
@@ -1039,8 +1077,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 ckpt_dir = ensure_demo_model()
             except DemoModelError as e:  # its message says how to get the model by hand
                 raise CheckpointError(str(e)) from None
-        llama = LLaMa.build(ckpt_dir, max_seq_len=args.max_seq_len, max_batch_size=STUDY_BATCH_SIZE,
-                            device=args.device, dtype=args.dtype, progress=False)
+        llama = load_for_study(ckpt_dir, args.device, args.dtype, args.max_seq_len)
         print(COMMANDS[args.command](llama, args))
     except (CheckpointError, TokenizerFileError, MissingDependencyError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import inspect_checkpoint
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, plan_memory
 from conftest import LLAMA2_TOKENIZER
 from inference import LLaMa
-from inspect_checkpoint import INDEX_FILE, estimate_memory, main, resolve, tensor_index, total_parameters
+from inspect_checkpoint import INDEX_FILE, main, resolve, tensor_index, total_parameters
 from test_checkpoint import copy_split
 from tiny import LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint
 
@@ -116,20 +116,22 @@ def test_two_shards_count_as_one_and_are_listed(tiny_ckpt, tmp_path, capsys):
     assert re.search(rf"float32\s+{n_values:,} values", out)
 
 
-def test_memory_estimate_equals_what_the_engine_allocates(tiny_ckpt):
+def test_memory_plan_equals_what_the_engine_allocates(tiny_ckpt, capsys):
+    """The weights and KV cache in the report are what LLaMa.build allocates, byte for byte."""
     max_seq_len, max_batch_size = 48, 3
     resolved = resolve(tiny_ckpt, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    # float32: in bf16 on CPU the loader prepacks linear weights (quantize.py), which hides them from parameters()
-    estimate = estimate_memory(resolved.args, total_parameters(tiny_ckpt), torch.float32)
+    plan = plan_memory(resolved.args, torch.bfloat16, None, torch.device("cpu"))
     llama = LLaMa.build(tiny_ckpt, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device="cpu",
-                        dtype="float32", progress=False)
-    weights = sum(p.numel() * p.element_size() for p in llama.model.parameters())
-    caches = sum(b.numel() * b.element_size() for b in llama.model.buffers())
-    assert estimate.weights == weights
-    assert estimate.kv_cache == caches
-    assert estimate.rope_table == llama.model.freqs_cis.numel() * llama.model.freqs_cis.element_size()
-    logits = llama.model(torch.zeros(max_batch_size, max_seq_len, dtype=torch.long), start_pos=0)
-    assert estimate.prompt_logits == logits.numel() * logits.element_size()
+                        dtype="bfloat16", progress=False)
+    state = {**dict(llama.model.named_parameters()), **dict(llama.model.named_buffers())}  # prepacked weights are buffers
+    caches = {name for name in state if ".cache." in name}
+    assert plan.kv_cache == sum(state[n].numel() * state[n].element_size() for n in caches)
+    assert plan.weights == sum(t.numel() * t.element_size() for n, t in state.items() if n not in caches)
+    assert main([str(tiny_ckpt), "--max-seq-len", "48", "--max-batch-size", "3", "--quantize", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert "Memory to run (bfloat16, linear layers int8, max_seq_len 48, batch 3)" in out
+    int8_plan = plan_memory(resolved.args, torch.bfloat16, "int8", torch.device("cpu"))
+    assert re.search(rf"weights\s+{re.escape(inspect_checkpoint.human_bytes(int8_plan.weights))}", out)
 
 
 # --------------------------------------------------------------------------------------------

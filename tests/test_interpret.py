@@ -259,7 +259,7 @@ def test_why_distributions_equal_hugging_face_logits_processors(llama):
     params = SamplingParams(temperature=0.7, top_p=0.8, top_k=6, repetition_penalty=1.2)
     ids = llama.tokenizer.encode(TEXT, bos=True, eos=False)
     (step,) = why(llama.model, ids, set(), max_gen_len=1, params=params, show=12, seed=0)
-    logits = llama.model(torch.tensor([ids]), start_pos=0)[:, -1]
+    logits = llama.model(torch.tensor([ids]), start_pos=0, last_only=True)[:, -1]  # as generate computes them
     prompt = torch.tensor([ids])
     penalized = transformers.RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(prompt, logits.clone())
     tempered = transformers.TemperatureLogitsWarper(params.temperature)(prompt, penalized)
@@ -281,6 +281,17 @@ def test_why_distributions_equal_hugging_face_logits_processors(llama):
 # --------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------
+
+
+def test_attribution_on_a_prepacked_or_quantized_model_is_a_clear_error(tiny, ids):
+    for kwargs in (dict(dtype="bfloat16"), dict(dtype="float32", quantize="int8")):
+        fast = LLaMa.build(tiny[1], max_seq_len=64, max_batch_size=1, device="cpu", progress=False, **kwargs)
+        if not any(isinstance(m, interpret.FAST_LINEAR_TYPES) for m in fast.model.modules()):
+            continue  # no oneDNN bf16 kernels here: LLaMa.build kept nn.Linear
+        with pytest.raises(ValueError, match=r"attribution needs gradients.*load_for_study"):
+            gradient_x_input(fast.model, ids, 5)
+    study = interpret.load_for_study(tiny[1], device="cpu", dtype="bfloat16", max_seq_len=64)
+    assert gradient_x_input(study.model, ids, 5).scores.shape == (len(ids),)
 
 
 def test_bad_input_is_a_clear_error(llama, ids, tiny):
