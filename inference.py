@@ -673,13 +673,21 @@ def decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int, pad_le
     return model(tokens, start_pos, pad_lens, last_only=True)[:, -1]
 
 
+# Inductor's "freezing" treats the weights as constants of the compiled graph, so it can lay bf16
+# weights out for oneDNN once (as quantize.PackedLinear does in eager mode). Compiled bf16 models
+# therefore hold a second, packed copy of their linear weights; quantized ones do not.
+COMPILE_OPTIONS = {"freezing": True}
+
+
 def compile_decode_step(step):
-    """`step` compiled by torch.compile (Inductor): its ops fused into a few generated kernels.
+    """`step` compiled by torch.compile (Inductor): the ops of a whole decode step fused into a few
+    generated kernels, with far less Python per token.
 
     dynamic=True: start_pos grows by one each step and the attended part of the KV cache with it;
-    compiling once for symbolic sizes avoids a recompile per position.
+    compiling once for symbolic sizes avoids a recompile per position. A ragged batch (padding
+    mask) compiles a second graph the first time it is seen.
     """
-    return torch.compile(step, dynamic=True)
+    return torch.compile(step, dynamic=True, options=COMPILE_OPTIONS)
 
 
 def log_prob_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -226,7 +226,10 @@ class KVCache(nn.Module):
     """Keys and values of every position seen so far, preallocated for the longest run.
 
     Laid out (B, K, max_seq_len, D) so that "the first S positions" is one contiguous slice per head,
-    which is what attention reads. Buffers are not persistent: they are not part of a checkpoint.
+    which is what attention reads: it attends to the filled part only, so a token late in a long
+    context costs little more than an early one. Not zeroed: nothing reads a position before it is
+    written, and the untouched pages of a fresh allocation take no memory, so a large max_seq_len
+    costs RAM only as the cache fills. Buffers are not persistent: they are not part of a checkpoint.
     """
 
     def __init__(
@@ -240,8 +243,8 @@ class KVCache(nn.Module):
     ):
         super().__init__()
         shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("cache_k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("cache_v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("cache_k", torch.empty(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("cache_v", torch.empty(shape, device=device, dtype=dtype), persistent=False)
 
     def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values (B, K, T, D) at start_pos; return all filled ones (B, K, S, D)."""
@@ -291,7 +294,7 @@ class Attention(nn.Module):
         self.cache = KVCache(args.max_batch_size, args.max_seq_len, args.n_kv_heads, args.head_dim)
 
     def setup_cache(self, device: torch.device, dtype: torch.dtype) -> None:
-        """A fresh, zeroed KV cache on `device` in `dtype`."""
+        """A fresh (unwritten) KV cache on `device` in `dtype`."""
         args = (self.cache.cache_k.shape[0], self.cache.cache_k.shape[2], self.n_kv_heads, self.head_dim)
         self.cache = KVCache(*args, device=device, dtype=dtype)
 

@@ -1,4 +1,4 @@
-"""Weight-only quantization of the linear layers: int8 per channel, int4 per group.
+"""Faster linear layers: weight-only quantization (int8 per channel, int4 per group), prepacked bf16.
 
 Why it makes decoding faster. Generating one token multiplies one vector by every weight matrix of
 the model: each weight is fetched from memory once and used for a single multiply-add. A CPU can do
@@ -32,6 +32,10 @@ int8 plus ``wq.scales``), so a quantized model still has Meta's names and loads 
 Use it while loading (``checkpoint.load_transformer(..., quantize="int8")``: each weight is
 quantized as it is read, so the model never exists in full precision), or on a model already in
 memory (``quantize_model(model, "int4")``).
+
+Without quantization there is still one thing to gain on a CPU: `PackedLinear` keeps a bf16 weight in
+the blocked layout of the oneDNN kernel that multiplies it, instead of having it rearranged on every
+call (the loader does this by default for bf16 on CPU, unless the model is to be compiled).
 
 Shape legend: N output features (rows of W), K input features, G group size, M rows of x.
 """
@@ -239,7 +243,6 @@ def linear_bytes(out_features: int, in_features: int, scheme: Optional[str], dty
         return out_features * in_features + out_features * itemsize  # 1 byte per weight + scales
     n_groups = in_features // DEFAULT_INT4_GROUP_SIZE
     return out_features * in_features // 2 + n_groups * out_features * 2 * itemsize  # + scales and zeros
-
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
