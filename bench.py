@@ -39,9 +39,11 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -482,7 +484,25 @@ def make_hf_copy(gguf: Path, out_dir: Path) -> None:
         gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16,
         quantization_config=transformers.GgufConfig(dequantize=True),
     )
-    model.save_pretrained(out_dir)
+    # Saved under a temporary name, then renamed: an interrupted run leaves no half-written copy.
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp_dir)
+        os.replace(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write to a temporary name next to `path`, then rename: never a half-written results file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def checkpoint_mb(ckpt_dir: Path) -> float:
@@ -539,6 +559,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return worker_main(args.worker)
     if args.repeats < 1 or args.threads < 1:
         raise SystemExit("error: --repeats and --threads must be >= 1")
+    if args.json and args.json != "-" and not Path(args.json).resolve().parent.is_dir():
+        raise SystemExit(f"error: --json {args.json}: the directory {Path(args.json).resolve().parent} does not exist")
     specs = chosen_specs(args)
     paths = prepare_paths()
     vocab_size = json.loads((Path(paths["ckpt_dir"]) / "params.json").read_text())["vocab_size"]
@@ -563,7 +585,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.json == "-":
             print(text)
         else:
-            Path(args.json).write_text(text + "\n")
+            write_text_atomically(Path(args.json), text + "\n")
     return 0
 
 

@@ -37,7 +37,6 @@ Usage:
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import os
 import tempfile

@@ -8,8 +8,9 @@ References:
 Prompt ids come from HF's tokenizer, so these tests do not depend on our tokenizer.
 """
 
-import os
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,9 +93,9 @@ def meta_reference_model(llama_models_root, demo_ckpt, args):
     except ImportError as e:
         pytest.skip(f"Meta's reference model cannot be imported: {e}")
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29533")
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+        # A file rendezvous rather than a TCP port: two test runs at once cannot collide.
+        store = Path(tempfile.mkdtemp()) / "rendezvous"
+        torch.distributed.init_process_group("gloo", init_method=store.as_uri(), rank=0, world_size=1)
     if not fs_init.model_parallel_is_initialized():
         fs_init.initialize_model_parallel(1)
     meta_args = MetaArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
