@@ -441,6 +441,7 @@ def load_transformer(
             # Quantize (or prepack) on the target device, then put the new layer in place of the
             # (shapes-only) nn.Linear; its tensors join the state dict under the layer's name.
             layer = fast_linear(module_name, tensor.to(device), quantize, dtype)
+            release_scratch_memory()
             model.set_submodule(module_name, layer)
             loaded.update({f"{module_name}.{key}": t for key, t in layer.state_dict().items()})
             kept = None
@@ -475,6 +476,19 @@ def release_file_pages(mapped: list[torch.Tensor]) -> None:
         end_page = (start + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE  # down
         if end_page > first_page:
             _libc.madvise(ctypes.c_void_p(first_page), ctypes.c_size_t(end_page - first_page), mmap.MADV_DONTNEED)
+
+
+def release_scratch_memory() -> None:
+    """Return the heap memory freed after quantizing (or packing) one layer to the OS.
+
+    Quantizing a weight makes float32 working copies of it. Once they are freed, glibc's malloc keeps
+    the memory for reuse in the arena of whichever thread allocated it, and which arenas PyTorch's
+    worker threads pick changes from run to run: without this, the peak RSS of loading the demo
+    model as int4 was 0.5 GB in some runs and 0.9 GB in others. `malloc_trim(0)` hands every free
+    page back. glibc only (elsewhere this does nothing); it costs well under a millisecond a layer.
+    """
+    if _libc is not None and hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)
 
 
 def check_same_tensor_names(shards: list[Path], state_dicts: list[dict], expected_shapes: dict) -> None:
