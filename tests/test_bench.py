@@ -1,0 +1,98 @@
+"""bench.py: what it computes from its timings, and that a whole measurement runs end to end.
+
+No test here asserts on speed (the benchmark itself does the timing); they check the arithmetic that
+turns timings into the table's rates and the issue's target verdicts, and the worker protocol.
+"""
+
+import json
+
+import pytest
+
+import bench
+from bench import EngineResult, Metric, Target, Timing
+from conftest import LLAMA2_TOKENIZER
+from tiny import LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint
+
+
+def result(name: str, **metrics) -> EngineResult:
+    return EngineResult(name, load_s=1.0, load_rss_mb=100.0, first_call_s=0.1, metrics=metrics)
+
+
+def test_prefill_rate_is_prompt_tokens_over_the_time_to_the_first_new_token():
+    metric = Metric("prefill_tok_s", "prefill", Timing(batch=2, prompt_len=512, new_tokens=1), "prefill")
+    assert metric.rate(first_token_s=0.5, total_s=0.5) == pytest.approx(2 * 512 / 0.5)
+
+
+def test_decode_rate_counts_only_the_tokens_after_the_first_over_the_time_after_it():
+    metric = Metric("decode_tok_s", "decode", Timing(batch=8, prompt_len=16, new_tokens=129), "decode")
+    # The prefill (first 0.2 s) is not decoding: 8 rows x 128 further tokens in the remaining 4 s.
+    assert metric.rate(first_token_s=0.2, total_s=4.2) == pytest.approx(8 * 128 / 4.0)
+
+
+def test_a_peer_target_takes_the_best_of_our_configurations_and_compares_it_with_the_peer():
+    target = Target("int4 >= 1.0x peer", ["ours int4", "ours int4 compile"], "decode_tok_s", "peer", at_least=1.0)
+    by_name = {"ours int4": result("ours int4", decode_tok_s=60.0),
+               "ours int4 compile": result("ours int4 compile", decode_tok_s=90.0),
+               "peer": result("peer", decode_tok_s=100.0)}
+    verdict = bench.evaluate_target(target, by_name)
+    assert verdict["ours"] == "ours int4 compile"
+    assert verdict["value"] == pytest.approx(0.9)
+    assert verdict["met"] is False
+    by_name["ours int4"] = result("ours int4", decode_tok_s=120.0)
+    assert bench.evaluate_target(target, by_name)["met"] is True
+
+
+def test_the_late_context_target_is_the_cost_of_a_token_at_2000_relative_to_one_at_16():
+    target = Target("cost <= 1.5x", ["ours bf16"], "late_decode_tok_s", base_metric="decode_tok_s", at_most=1.5)
+    slow_late = {"ours bf16": result("ours bf16", decode_tok_s=30.0, late_decode_tok_s=15.0)}
+    assert bench.evaluate_target(target, slow_late)["value"] == pytest.approx(2.0)
+    assert bench.evaluate_target(target, slow_late)["met"] is False
+    flat = {"ours bf16": result("ours bf16", decode_tok_s=30.0, late_decode_tok_s=25.0)}
+    assert bench.evaluate_target(target, flat)["met"] is True
+
+
+def test_a_target_whose_peer_was_not_run_is_left_out():
+    target = Target("vs llama.cpp", ["ours int4"], "decode_tok_s", "llama.cpp Q4_1", at_least=1.0)
+    assert bench.evaluate_target(target, {"ours int4": result("ours int4", decode_tok_s=60.0)}) is None
+
+
+def test_load_memory_budget_is_1_3_times_the_checkpoint_plus_300_mb():
+    results = [EngineResult("ours int4", 1.0, load_rss_mb=689.0, first_call_s=0.1),
+               EngineResult("ours bf16", 1.0, load_rss_mb=691.0, first_call_s=0.1),
+               EngineResult("HF bf16", 1.0, load_rss_mb=9999.0, first_call_s=0.1)]
+    verdicts = bench.evaluate_load_memory(results, checkpoint_size_mb=300.0)  # budget: 1.3 x 300 + 300 = 690 MB
+    assert [(v["ours"], v["met"]) for v in verdicts] == [("ours int4", True), ("ours bf16", False)]
+
+
+def test_every_engine_gets_the_same_prompts_of_ordinary_tokens():
+    timing = Timing(batch=3, prompt_len=40, new_tokens=1)
+    prompts = bench.prompts_for(timing, vocab_size=1000)
+    assert prompts == bench.prompts_for(timing, vocab_size=1000)
+    assert [len(p) for p in prompts] == [40, 40, 40]
+    assert all(bench.FIRST_ORDINARY_TOKEN <= t < 1000 for p in prompts for t in p)
+
+
+def test_unknown_configuration_and_missing_json_directory_are_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="unknown configuration.*int3"):
+        bench.main(["--ours", "int3", "--peers", ""])
+    with pytest.raises(SystemExit, match="--json .* does not exist"):
+        bench.main(["--peers", "", "--json", str(tmp_path / "no" / "such" / "dir.json")])
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    hf = hf_model(TINY, LLAMA2_VOCAB_SIZE)
+    params = {**TINY, "vocab_size": -1}
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"), meta_state_dict(hf, TINY), params, LLAMA2_TOKENIZER)
+
+
+def test_a_whole_measurement_of_our_engine_runs_in_its_worker_process(tiny_ckpt):
+    """Every metric of the table, through the real worker protocol (a subprocess per engine), on a
+    tiny model: each comes back as a positive rate, and memory as a positive number of MB."""
+    [measured] = bench.measure([bench.OUR_CONFIGS["int8"]], {"ckpt_dir": tiny_ckpt}, threads=1, repeats=1,
+                               vocab_size=LLAMA2_VOCAB_SIZE)
+    assert measured.name == "ours int8"
+    assert set(measured.metrics) == {m.key for m in bench.METRICS}
+    assert all(rate > 0 for rate in measured.metrics.values()), measured.metrics
+    assert measured.load_rss_mb > 0 and measured.peak_rss_mb >= measured.load_rss_mb
+    json.dumps(measured.__dict__)  # what --json writes
