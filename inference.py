@@ -711,6 +711,16 @@ def compile_decode_step(step):
     return torch.compile(step, dynamic=True, options=COMPILE_OPTIONS)
 
 
+def warm_up(llama: LLaMa) -> float:
+    """Generate a few tokens for a single prompt and for a left-padded pair, so that a compiled
+    decode step compiles both of its graphs (with and without a padding mask) now; the seconds taken."""
+    started = time.perf_counter()
+    token = llama.tokenizer.encode("Hello", bos=False, eos=False)[0]
+    for prompts in ([[token, token]], [[token, token], [token]][: llama.args.max_batch_size]):
+        llama.generate(prompts, max_gen_len=3, temperature=0)
+    return time.perf_counter() - started
+
+
 def log_prob_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target], for logits (..., V) and targets (...)."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
@@ -844,7 +854,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.chat:
             return run_chat_cli(llama, args, ckpt_dir)
         prompts = args.prompt or DEMO_PROMPTS
-        started = time.perf_counter()
+        if args.compile and is_main:
+            print("compiling the decode step (once per run; about a minute on a small CPU) ...", file=sys.stderr)
+            print(f"compiled in {warm_up(llama):.1f}s", file=sys.stderr)
+        started = time.perf_counter()  # so that tokens/s is the speed of generating, not of compiling
         out_tokens, out_text, *out_logprobs = llama.text_completion(
             prompts, temperature=args.temperature, top_p=args.top_p,
             max_gen_len=args.max_gen_len or DEFAULT_CLI_MAX_GEN_LEN, seed=args.seed, top_k=args.top_k,

@@ -136,3 +136,34 @@ def test_compiled_decode_gives_the_eager_greedy_tokens_and_logprobs(tiny_ckpt):
     assert compiled_tokens == eager_tokens
     for got, expected in zip(compiled_logprobs, eager_logprobs):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_warm_up_compiles_every_graph_a_generation_needs(tiny_ckpt):
+    """After `warm_up`, a ragged batch and a single prompt run without compiling anything more, so the
+    CLI's tokens/s measures generation, not compilation."""
+    from torch._dynamo.utils import counters
+
+    from inference import warm_up
+
+    torch._dynamo.reset()
+    llama = LLaMa.build(tiny_ckpt, max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32",
+                        progress=False, compile=True)
+    warm_up(llama)
+    graphs_after_warm_up = counters["stats"]["unique_graphs"]
+    assert graphs_after_warm_up > 0
+    llama.text_completion(["Hello, my name is", "1 2 3"], temperature=0, max_gen_len=6)
+    llama.text_completion(["The quick brown fox"], temperature=0, max_gen_len=6)
+    assert counters["stats"]["unique_graphs"] == graphs_after_warm_up
+
+
+def test_cli_compile_reports_compiling_apart_and_prints_what_eager_prints(tiny_ckpt, capsys):
+    from inference import main
+
+    argv = ["--ckpt-dir", str(tiny_ckpt), "--prompt", "Hello", "--prompt", "1 2 3", "--temperature", "0",
+            "--max-gen-len", "5", "--device", "cpu", "--dtype", "float32"]
+    assert main(argv) == 0
+    eager = capsys.readouterr()
+    assert main(argv + ["--compile"]) == 0
+    compiled = capsys.readouterr()
+    assert compiled.out == eager.out
+    assert "compiled in" in compiled.err and "compiled in" not in eager.err
