@@ -711,13 +711,15 @@ def compile_decode_step(step):
     return torch.compile(step, dynamic=True, options=COMPILE_OPTIONS)
 
 
-def warm_up(llama: LLaMa) -> float:
-    """Generate a few tokens for a single prompt and for a left-padded pair, so that a compiled
-    decode step compiles both of its graphs (with and without a padding mask) now; the seconds taken."""
+# Enough new tokens for a compiled decode step to settle: its first two calls may compile.
+WARM_UP_TOKENS = 3
+
+
+def warm_up(llama: LLaMa, prompts: list[str]) -> float:
+    """Complete `prompts` by a few tokens, so that a compiled decode step compiles now the graphs
+    their generation needs (a ragged batch needs a second one, with a padding mask); the seconds taken."""
     started = time.perf_counter()
-    token = llama.tokenizer.encode("Hello", bos=False, eos=False)[0]
-    for prompts in ([[token, token]], [[token, token], [token]][: llama.args.max_batch_size]):
-        llama.generate(prompts, max_gen_len=3, temperature=0)
+    llama.text_completion(prompts, max_gen_len=WARM_UP_TOKENS, temperature=0)
     return time.perf_counter() - started
 
 
@@ -856,7 +858,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         prompts = args.prompt or DEMO_PROMPTS
         if args.compile and is_main:
             print("compiling the decode step (once per run; about a minute on a small CPU) ...", file=sys.stderr)
-            print(f"compiled in {warm_up(llama):.1f}s", file=sys.stderr)
+            print(f"compiled in {warm_up(llama, prompts):.1f}s", file=sys.stderr)
         started = time.perf_counter()  # so that tokens/s is the speed of generating, not of compiling
         out_tokens, out_text, *out_logprobs = llama.text_completion(
             prompts, temperature=args.temperature, top_p=args.top_p,
