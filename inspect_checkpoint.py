@@ -493,7 +493,7 @@ def describe_memory(args: ModelArgs, dtype: torch.dtype, quantize: Optional[str]
         ("weights", weights, plan.weights),
         ("KV cache", f"keys and values x {args.n_layers} layers x batch {b} x {s} positions x {args.n_kv_heads} "
                      f"KV heads x head dim {args.head_dim} x {dtype.itemsize} bytes", plan.kv_cache),
-        ("activations", f"the largest temporaries of a full-length prefill (an estimate)", plan.activations),
+        ("activations", "the largest temporaries of a full-length prefill (an estimate)", plan.activations),
     ]
     lines = [f"Memory to run ({weights}, max_seq_len {s}, batch {b})"]
     for name, how, nbytes in rows:

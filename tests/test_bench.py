@@ -11,7 +11,7 @@ import pytest
 import bench
 from bench import EngineResult, Metric, Target, Timing
 from conftest import LLAMA2_TOKENIZER
-from tiny import LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint
+from tiny import LLAMA2_VOCAB_SIZE, write_tiny_llama2_checkpoint
 
 
 def result(name: str, **metrics) -> EngineResult:
@@ -81,9 +81,7 @@ def test_unknown_configuration_and_missing_json_directory_are_clear_errors(tmp_p
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    hf = hf_model(TINY, LLAMA2_VOCAB_SIZE)
-    params = {**TINY, "vocab_size": -1}
-    return write_checkpoint(tmp_path_factory.mktemp("tiny"), meta_state_dict(hf, TINY), params, LLAMA2_TOKENIZER)
+    return write_tiny_llama2_checkpoint(tmp_path_factory.mktemp("tiny"), LLAMA2_TOKENIZER)
 
 
 def test_a_whole_measurement_of_our_engine_runs_in_its_worker_process(tiny_ckpt):

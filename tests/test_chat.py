@@ -20,7 +20,7 @@ from chat_format import DialogError, chatml_default_system_prompt, check_dialog
 from conftest import LLAMA2_TOKENIZER
 from inference import LLaMa
 from test_tokenizer import tiny_spec, write_tiny
-from tiny import LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint
+from tiny import write_tiny_llama2_checkpoint
 from tokenizer import Tokenizer
 
 SYSTEM = {"role": "system", "content": "You are a terse pirate."}
@@ -258,9 +258,7 @@ def test_bad_dialogs_are_errors_naming_the_message(llama2, llama3, dialog, messa
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    hf = hf_model(TINY, LLAMA2_VOCAB_SIZE)
-    ckpt = write_checkpoint(tmp_path_factory.mktemp("tiny"), meta_state_dict(hf, TINY), {**TINY, "vocab_size": -1},
-                            LLAMA2_TOKENIZER)
+    ckpt = write_tiny_llama2_checkpoint(tmp_path_factory.mktemp("tiny"), LLAMA2_TOKENIZER)
     return LLaMa.build(ckpt, max_seq_len=128, max_batch_size=2, device="cpu", dtype="float32", progress=False)
 
 

@@ -21,7 +21,7 @@ from conftest import LLAMA2_TOKENIZER
 from inference import LLaMa
 from model import ModelArgs, Transformer
 from quantize import PackedLinear, prepacking_helps
-from tiny import LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint
+from tiny import write_tiny_llama2_checkpoint
 
 VOCAB_SIZE = 256
 SMALL = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, vocab_size=VOCAB_SIZE)
@@ -109,9 +109,7 @@ def test_prepacked_linear_is_bit_exact_with_f_linear(shape):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    hf = hf_model(TINY, LLAMA2_VOCAB_SIZE)
-    params = {**TINY, "vocab_size": -1}
-    return write_checkpoint(tmp_path_factory.mktemp("tiny"), meta_state_dict(hf, TINY), params, LLAMA2_TOKENIZER)
+    return write_tiny_llama2_checkpoint(tmp_path_factory.mktemp("tiny"), LLAMA2_TOKENIZER)
 
 
 @pytest.mark.skipif(not prepacking_helps(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bf16 here")

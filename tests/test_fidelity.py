@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import load_transformer
 from inference import LLaMa
 
 PROMPTS = [

@@ -16,7 +16,7 @@ from conftest import LLAMA2_TOKENIZER
 from inference import LLaMa
 from inspect_checkpoint import INDEX_FILE, main, resolve, tensor_index, total_parameters
 from test_checkpoint import copy_split
-from tiny import LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint
+from tiny import LLAMA2_VOCAB_SIZE, write_tiny_llama2_checkpoint
 
 # Meta's params.json files (the repository's presets) and the parameter counts Meta publishes.
 PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
@@ -30,9 +30,7 @@ LLAMA32_1B_PARAMS = 1_235_814_400  # published with the head tied to the embeddi
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    hf = hf_model(TINY, LLAMA2_VOCAB_SIZE)
-    return write_checkpoint(tmp_path_factory.mktemp("tiny"), meta_state_dict(hf, TINY), {**TINY, "vocab_size": -1},
-                            LLAMA2_TOKENIZER)
+    return write_tiny_llama2_checkpoint(tmp_path_factory.mktemp("tiny"), LLAMA2_TOKENIZER)
 
 
 def write_params(tmp_path, params: dict, name: str = "params.json"):

@@ -21,7 +21,8 @@ from checkpoint import MemoryPlanError, load_model_args, load_transformer, plan_
 from conftest import LLAMA2_TOKENIZER
 from inference import LLaMa, main
 from quantize import INT4_MIDPOINT, Int4Linear, Int8Linear, QuantizationError, quantize_int4, quantize_model
-from tiny import LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint
+from tiny import (LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint,
+                  write_tiny_llama2_checkpoint)
 
 CPU = torch.device("cpu")
 PERPLEXITY_TOLERANCE = 0.03  # quantized perplexity <= bf16's * (1 + this)
@@ -86,9 +87,7 @@ def test_int4_rejects_shapes_its_kernel_cannot_take_and_says_to_use_int8():
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    hf = hf_model(TINY, LLAMA2_VOCAB_SIZE)
-    params = {**TINY, "vocab_size": -1}
-    return write_checkpoint(tmp_path_factory.mktemp("tiny"), meta_state_dict(hf, TINY), params, LLAMA2_TOKENIZER)
+    return write_tiny_llama2_checkpoint(tmp_path_factory.mktemp("tiny"), LLAMA2_TOKENIZER)
 
 
 def tiny_args(ckpt, max_seq_len=32, max_batch_size=2):

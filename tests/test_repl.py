@@ -18,7 +18,7 @@ from chat import ChatSession, run_chat
 from chat_format import DialogError
 from conftest import LLAMA2_TOKENIZER
 from inference import LLaMa
-from tiny import LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint
+from tiny import write_tiny_llama2_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 STATS = r"\[\d+ tokens in [\d.]+s"  # the line after each answer
@@ -79,9 +79,7 @@ def test_chat_repl_in_a_terminal(demo_ckpt):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    hf = hf_model(TINY, LLAMA2_VOCAB_SIZE)
-    ckpt = write_checkpoint(tmp_path_factory.mktemp("tiny"), meta_state_dict(hf, TINY), {**TINY, "vocab_size": -1},
-                            LLAMA2_TOKENIZER)
+    ckpt = write_tiny_llama2_checkpoint(tmp_path_factory.mktemp("tiny"), LLAMA2_TOKENIZER)
     return LLaMa.build(ckpt, max_seq_len=128, max_batch_size=1, device="cpu", dtype="float32", progress=False)
 
 

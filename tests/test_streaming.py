@@ -17,7 +17,7 @@ import torch
 from conftest import LLAMA2_TOKENIZER
 from inference import FINISH_LENGTH, FINISH_STOP, LLaMa
 from model import ModelArgs
-from tiny import LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint
+from tiny import write_tiny_llama2_checkpoint
 from tokenizer import REPLACEMENT_CHARACTER, Tokenizer
 
 MULTIBYTE_TEXTS = [
@@ -144,9 +144,7 @@ def test_stream_bad_input_is_a_clear_error(prompt, message):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    hf = hf_model(TINY, LLAMA2_VOCAB_SIZE)
-    ckpt = write_checkpoint(tmp_path_factory.mktemp("tiny"), meta_state_dict(hf, TINY), {**TINY, "vocab_size": -1},
-                            LLAMA2_TOKENIZER)
+    ckpt = write_tiny_llama2_checkpoint(tmp_path_factory.mktemp("tiny"), LLAMA2_TOKENIZER)
     return LLaMa.build(ckpt, max_seq_len=128, max_batch_size=2, device="cpu", dtype="float32", progress=False)
 
 

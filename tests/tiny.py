@@ -70,3 +70,10 @@ def write_checkpoint(out_dir: Path, state_dict: dict, params: dict, tokenizer_pa
     (out_dir / "params.json").write_text(json.dumps(params))
     (out_dir / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
     return out_dir
+
+
+def write_tiny_llama2_checkpoint(out_dir: Path, tokenizer_path: Path) -> Path:
+    """The TINY model with seed-0 random weights as a Meta checkpoint for the Llama 2 tokenizer at
+    `tokenizer_path`; params.json says vocab_size -1, as Meta's Llama 2 ones do."""
+    hf = hf_model(TINY, LLAMA2_VOCAB_SIZE)
+    return write_checkpoint(out_dir, meta_state_dict(hf, TINY), {**TINY, "vocab_size": -1}, tokenizer_path)
