@@ -484,11 +484,13 @@ def make_hf_copy(gguf: Path, out_dir: Path) -> None:
         gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16,
         quantization_config=transformers.GgufConfig(dequantize=True),
     )
+    from convert import publish
+
     # Saved under a temporary name, then renamed: an interrupted run leaves no half-written copy.
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp_dir)
-        os.replace(tmp_dir, out_dir)
+        publish(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
