@@ -26,8 +26,9 @@ Three formats, with the text they make for [system "S", user "Q", assistant "A",
 In Llama 3 and ChatML the markers are special tokens, and message text is encoded with special
 tokens *disallowed*, so "<|eot_id|>" typed by a user is just text and can never end a turn.
 
-Which format a tokenizer speaks is decided from its content, in `tokenizer.py`
-(`Tokenizer.chat_format`), never from a file or model name.
+Which format a tokenizer speaks is decided from its content by `chat_format_for(tokenizer)` at the
+end of this file, never from a file or model name. `LLaMa` holds the chosen format
+(`LLaMa.chat_format`), as Meta's Llama 3 generator holds its formatter.
 
 A dialog is a list of `{"role": "system" | "user" | "assistant", "content": str}`: an optional
 system message first, then user and assistant alternating, ending with the user (whose message the
@@ -37,10 +38,9 @@ model answers). Anything else is a `DialogError` naming the message at fault.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Literal, Optional, Sequence, TypedDict
+from typing import Literal, Optional, Sequence, TypedDict
 
-if TYPE_CHECKING:  # only for type hints: tokenizer.py imports this module
-    from tokenizer import Tokenizer
+from tokenizer import KIND_SENTENCEPIECE, NO_TOKEN_ID, Tokenizer
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -277,3 +277,36 @@ class ChatMLFormat(ChatFormat):
         for message in dialog:
             ids += self.encode_message(message["role"], message["content"])
         return ids + [self.special_id(CHATML_START), *self.text("assistant\n")]
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing the format from the vocabulary
+# --------------------------------------------------------------------------------------------
+
+
+class NoChatFormatError(ValueError):
+    """A vocabulary without chat markers was asked to encode a dialog."""
+
+
+def chat_format_for(tokenizer: Tokenizer, required: bool = False) -> Optional[ChatFormat]:
+    """The chat format a vocabulary was made for, read from its content.
+
+    SentencePiece is Llama 2's tokenizer; Llama 3's header tokens mean Llama 3's format (also when
+    a converted Hugging Face Llama 3 vocabulary comes with a sidecar); <|im_start|>/<|im_end|> mean
+    ChatML, with the default system prompt of the model's own template. Otherwise None, or with
+    required=True an error saying why this vocabulary cannot encode a dialog.
+    """
+    if tokenizer.kind == KIND_SENTENCEPIECE:
+        return Llama2ChatFormat(tokenizer)
+    special = tokenizer.special_tokens
+    llama3_markers = (LLAMA3_HEADER_START, LLAMA3_HEADER_END, LLAMA3_END_OF_TURN)
+    if all(t in special for t in llama3_markers) and tokenizer.bos_id != NO_TOKEN_ID:
+        return Llama3ChatFormat(tokenizer)
+    if CHATML_START in special and CHATML_END in special:
+        return ChatMLFormat(tokenizer, chatml_default_system_prompt(tokenizer.chat_template))
+    if required:
+        raise NoChatFormatError(
+            f"{tokenizer.model_path}: this vocabulary has no chat format (neither Llama 3's header tokens nor "
+            f"ChatML's {CHATML_START}/{CHATML_END}): it cannot encode a dialog; use text completion"
+        )
+    return None

@@ -45,7 +45,8 @@ import numpy as np
 import torch
 
 from model import RopeScaling, feed_forward_hidden_dim
-from tokenizer import LLAMA3_PAT_STR, write_tiktoken_model, write_tokenizer_spec  # the formats tokenizer.py reads
+from tokenizer import LLAMA3_PAT_STR
+from tokenizer_files import write_tiktoken_model, write_tokenizer_spec  # the formats tokenizer.py reads
 
 # --------------------------------------------------------------------------------------------
 # Names of things in the output directory

@@ -30,16 +30,16 @@ Usage:
     tok = Tokenizer("tokenizer.model")
     ids = tok.encode("Hello", bos=True, eos=False)
     text = tok.decode(ids)
-    ids = tok.encode_dialog_prompt([{"role": "user", "content": "Hi!"}])  # see chat_format.py
-    decoder = tok.stream_decoder()  # ids -> text pieces, one token at a time (for streaming)
+
+This file is the tokenizer only. Around it: chat_format.py writes dialogs with these ids (and
+chooses the format from the vocabulary), streaming.py decodes ids one token at a time while they
+are generated, and tokenizer_files.py writes the files read here (for convert.py).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import AbstractSet, Iterator, Literal, Optional, Sequence, TypedDict, Union
 
@@ -47,19 +47,6 @@ import regex  # tiktoken's own dependency, with the same \p{L}-style regex diale
 import sentencepiece
 import tiktoken
 
-from chat_format import (
-    CHATML_END,
-    CHATML_START,
-    LLAMA3_END_OF_TURN,
-    LLAMA3_HEADER_END,
-    LLAMA3_HEADER_START,
-    ChatFormat,
-    ChatMLFormat,
-    Llama2ChatFormat,
-    Llama3ChatFormat,
-    Message,
-    chatml_default_system_prompt,
-)
 
 # -----------------------------------------------------------------------------
 # Constants (Llama 3 values are copied from Meta's llama_models/llama3/tokenizer.py, v0.3.0)
@@ -201,39 +188,6 @@ def load_tiktoken_bpe(path: Path) -> dict[bytes, int]:
     return mergeable_ranks
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, then rename it over `path`.
-
-    A reader (or a crash) never sees a half-written tokenizer: `os.replace` is atomic.
-    """
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-def write_tiktoken_model(path: str | Path, mergeable_ranks: dict[bytes, int]) -> None:
-    """Write `mergeable_ranks` as a tiktoken `tokenizer.model`, sorted by rank, atomically."""
-    path = Path(path)
-    for token, rank in mergeable_ranks.items():
-        if not isinstance(token, bytes) or not token or not _is_token_id(rank):
-            raise ValueError(
-                f"cannot write {path}: ranks must map non-empty bytes to non-negative ints, "
-                f"got {token!r}: {rank!r}"
-            )
-    if len(set(mergeable_ranks.values())) != len(mergeable_ranks):
-        raise ValueError(f"cannot write {path}: two tokens share a rank")
-    lines = (
-        f"{base64.b64encode(token).decode('ascii')} {rank}\n"
-        for token, rank in sorted(mergeable_ranks.items(), key=lambda item: item[1])
-    )
-    _atomic_write_text(path, "".join(lines))
-
-
 # -----------------------------------------------------------------------------
 # The sidecar `tokenizer_spec.json`
 
@@ -261,16 +215,6 @@ def validate_tokenizer_spec(spec: object, source: str | Path) -> TokenizerSpec:
     if len(set(ids)) != len(ids):
         raise TokenizerFileError(f"{source}: key 'special_tokens' gives two tokens the same id")
     return spec  # type: ignore[return-value]
-
-
-def write_tokenizer_spec(path: str | Path, spec: dict) -> None:
-    """Validate `spec` and write it as `tokenizer_spec.json` at `path`, atomically.
-
-    The loader looks for a file named `TOKENIZER_SPEC_FILENAME` next to `tokenizer.model`.
-    """
-    path = Path(path)
-    validate_tokenizer_spec(spec, path)
-    _atomic_write_text(path, json.dumps(spec, indent=2, ensure_ascii=False) + "\n")
 
 
 def load_tokenizer_spec(path: Path) -> TokenizerSpec:
@@ -398,8 +342,6 @@ class Tokenizer:
         add_bos: whether a plain completion prompt starts with BOS.
         special_tokens: special token text -> id (empty for SentencePiece).
         chat_template: the sidecar's jinja chat template, else None.
-        chat_format: how dialogs are written (chat_format.py), or None for a vocabulary without
-            chat markers; chosen from the vocabulary's content by `choose_chat_format`.
     """
 
     def __init__(self, model_path: str | Path):
@@ -440,7 +382,6 @@ class Tokenizer:
         self.add_bos = True
         self.special_tokens: dict[str, int] = {}
         self.chat_template: Optional[str] = None
-        self.chat_format: Optional[ChatFormat] = choose_chat_format(self)
 
     def _init_tiktoken(self, model_path: Path, spec_path: Optional[Path]) -> None:
         mergeable_ranks = load_tiktoken_bpe(model_path)
@@ -493,7 +434,6 @@ class Tokenizer:
         self.stop_tokens = {token_id("stop_tokens", t) for t in spec["stop_tokens"]}
         self.add_bos = spec["add_bos"]
         self.chat_template = spec["chat_template"]
-        self.chat_format = choose_chat_format(self)
 
     # -- text -> ids ----------------------------------------------------------------------------
 
@@ -559,20 +499,6 @@ class Tokenizer:
                     t.extend(self.model._encode_single_piece(kept))
         return t
 
-    def encode_dialog_prompt(self, dialog: Sequence[Message]) -> list[int]:
-        """A dialog (list of {"role", "content"}) as ids in this model's chat format, ending with
-        the cue for the assistant's turn. Bad dialogs raise `chat_format.DialogError`."""
-        return self.require_chat_format().encode_dialog_prompt(dialog)
-
-    def require_chat_format(self) -> ChatFormat:
-        """`chat_format`, or an error saying why this vocabulary has none."""
-        if self.chat_format is None:
-            raise ValueError(
-                f"{self.model_path}: this vocabulary has no chat format (neither Llama 3's header tokens nor "
-                f"ChatML's {CHATML_START}/{CHATML_END}): it cannot encode a dialog; use text completion"
-            )
-        return self.chat_format
-
     # -- ids -> text ----------------------------------------------------------------------------
 
     def _check_ids(self, t: Sequence[int]) -> None:
@@ -608,88 +534,18 @@ class Tokenizer:
         """Whether SentencePiece's decode skips id `i` (<s>, </s>); tiktoken decodes every id to text."""
         return self.sp_model is not None and self.sp_model.IsControl(i)
 
-    def stream_decoder(self) -> "StreamDecoder":
-        """A fresh `StreamDecoder` for one sequence of generated ids."""
-        return StreamDecoder(self)
+    def __getattr__(self, name: str):
+        """A clear error for the chat and streaming names that moved out of the tokenizer."""
+        if name in MOVED_NAMES:
+            raise AttributeError(f"Tokenizer.{name} moved: use {MOVED_NAMES[name]}")
+        raise AttributeError(f"'Tokenizer' object has no attribute {name!r}")
 
 
-# -----------------------------------------------------------------------------
-# Choosing the chat format from the vocabulary
-
-
-def choose_chat_format(tokenizer: Tokenizer) -> Optional[ChatFormat]:
-    """The chat format a vocabulary was made for, read from its content.
-
-    SentencePiece is Llama 2's tokenizer; Llama 3's header tokens mean Llama 3's format (also when
-    a converted Hugging Face Llama 3 vocabulary comes with a sidecar); <|im_start|>/<|im_end|> mean
-    ChatML, with the default system prompt of the model's own template. Otherwise None.
-    """
-    if tokenizer.kind == KIND_SENTENCEPIECE:
-        return Llama2ChatFormat(tokenizer)
-    special = tokenizer.special_tokens
-    llama3_markers = (LLAMA3_HEADER_START, LLAMA3_HEADER_END, LLAMA3_END_OF_TURN)
-    if all(t in special for t in llama3_markers) and tokenizer.bos_id != NO_TOKEN_ID:
-        return Llama3ChatFormat(tokenizer)
-    if CHATML_START in special and CHATML_END in special:
-        return ChatMLFormat(tokenizer, chatml_default_system_prompt(tokenizer.chat_template))
-    return None
-
-
-# -----------------------------------------------------------------------------
-# Decoding while generating
-
-
-class StreamDecoder:
-    """Turns generated ids into text one token at a time, never splitting a character.
-
-    Decoding token by token does not work: one character may be spelled by several tokens (an
-    emoji is four byte tokens "<0xF0><0x9F><0xA6><0x99>" in Llama 2, and byte-level BPE tokens can
-    end mid-character), and SentencePiece drops the space of a sequence's first "▁word" but keeps
-    it mid-sentence. So we decode a short *window* of recent ids and emit what it adds to the
-    window's already-emitted head (the method of vLLM's `detokenize_incrementally` and Hugging
-    Face's `TextStreamer`):
-
-        head   = ids[head_start:emitted_end]   already shown; decoded again for context
-        window = ids[head_start:]              head plus the ids not yet shown
-        new    = decode(window)[len(decode(head)):]
-
-    While `decode(window)` ends in U+FFFD the last character is still incomplete: nothing is
-    emitted and the window grows. Otherwise `new` is emitted and the window slides forward: the
-    ids just emitted become the next head. The head is always whole characters, so its text is a
-    prefix of the window's. `flush()` emits what is held back when generation ends (a dangling
-    partial character becomes U+FFFD, as in `decode`). Joined, the pieces equal
-    `tokenizer.decode(all ids)`.
-
-    One SentencePiece subtlety: decode skips control tokens (<s>, </s>) and drops the space of the
-    first *other* piece. A head of control tokens only would let that drop hit a new "▁word" that
-    is mid-sentence in the full text, so such a head is not taken: the window keeps its old head.
-    """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.head_start = 0  # first id of the window
-        self.emitted_end = 0  # ids before this one have been emitted
-
-    def feed(self, token: int) -> str:
-        """Add one id; return the text it completes (often "", while a character is incomplete)."""
-        self.ids.append(token)
-        return self._advance(final=False)
-
-    def flush(self) -> str:
-        """The text still held back (an incomplete character shows as U+FFFD)."""
-        return self._advance(final=True)
-
-    def _advance(self, final: bool) -> str:
-        if self.emitted_end == len(self.ids):
-            return ""
-        head = self.tokenizer.decode(self.ids[self.head_start : self.emitted_end])
-        window = self.tokenizer.decode(self.ids[self.head_start :])
-        if window.endswith(REPLACEMENT_CHARACTER) and not final:
-            return ""  # the last character is not complete yet
-        assert window.startswith(head), (head, window)  # the head is whole characters
-        new_head = self.ids[self.emitted_end :]
-        if not all(self.tokenizer.is_control(i) for i in new_head):
-            self.head_start = self.emitted_end
-        self.emitted_end = len(self.ids)
-        return window[len(head) :]
+# Names the Tokenizer had before the chat format and the stream decoder got files of their own.
+MOVED_NAMES = {
+    "chat_format": "chat_format.chat_format_for(tokenizer), or LLaMa.chat_format",
+    "require_chat_format": "chat_format.chat_format_for(tokenizer, required=True)",
+    "encode_dialog_prompt": "LLaMa.chat_format.encode_dialog_prompt(dialog), "
+    "or chat_format.chat_format_for(tokenizer, required=True).encode_dialog_prompt(dialog)",
+    "stream_decoder": "streaming.StreamDecoder(tokenizer)",
+}

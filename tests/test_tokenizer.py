@@ -21,9 +21,8 @@ from tokenizer import (
     TokenizerFileError,
     _split_whitespaces_or_nonwhitespaces,
     load_tiktoken_bpe,
-    write_tiktoken_model,
-    write_tokenizer_spec,
 )
+from tokenizer_files import write_tiktoken_model, write_tokenizer_spec
 
 # Texts that exercise the corners of both algorithms: pre-split regex classes, byte fallback,
 # whitespace handling, digits (Llama 3 groups at most three), and special-token look-alikes.
