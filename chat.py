@@ -1,4 +1,4 @@
-"""Chatting in the terminal: `python inference.py --chat`.
+"""Chatting in the terminal: `python inference.py --chat` (cli.py starts it).
 
 Two layers:
 
@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence, TextIO
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator, Optional, TextIO
 
 from chat_format import DialogError, Message
-from inference import DEFAULT_CHAT_MAX_GEN_LEN, FINISH_LENGTH, LLaMa, TextStream, check_stop_strings
-from sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, NO_REPETITION_PENALTY, SamplingParams
+from inference import LLaMa
+from sampling import SamplingParams, refuse_loose_sampling_keywords, sampling_or_default
+from streaming import FINISH_LENGTH, TextStream
+
+# Per answer, unless told otherwise; also the room kept free for an answer when the history is
+# trimmed to fit max_seq_len. Long enough for a few paragraphs.
+DEFAULT_CHAT_MAX_GEN_LEN = 512
 
 USER_PROMPT = "you> "
 ASSISTANT_PREFIX = "assistant> "
@@ -85,24 +90,17 @@ class ChatSession:
         llama: LLaMa,
         system_prompt: Optional[str] = None,
         max_gen_len: int = DEFAULT_CHAT_MAX_GEN_LEN,
-        temperature: float = DEFAULT_TEMPERATURE,
-        top_p: float = DEFAULT_TOP_P,
-        top_k: Optional[int] = None,
-        repetition_penalty: float = NO_REPETITION_PENALTY,
-        stop: Optional[Sequence[str]] = None,
-        seed: Optional[int] = None,
+        sampling: Optional[SamplingParams] = None,
+        **loose_sampling_keywords,
     ):
+        refuse_loose_sampling_keywords("ChatSession", loose_sampling_keywords)
         self.llama = llama
-        self.chat_format = llama.tokenizer.require_chat_format()
+        self.chat_format = llama.required_chat_format()
         if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 1:
             raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
         self.max_gen_len = max_gen_len
-        SamplingParams(temperature, top_p, top_k, repetition_penalty)  # bad values fail now, not at the first answer
-        check_stop_strings(stop)
-        self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k,
-                             repetition_penalty=repetition_penalty, stop=stop)
-        # Answer n is sampled with seed + n: a whole session replays exactly with the same seed.
-        self.seed = seed
+        # Answer n is sampled with sampling.seed + n: a whole session replays exactly with the same seed.
+        self.sampling = sampling_or_default(sampling, "ChatSession")
         self.system_prompt: Optional[str] = None
         self.messages: list[Message] = []  # user, assistant, user, assistant, ...
         self.n_answers = 0
@@ -141,29 +139,29 @@ class ChatSession:
         before anything is generated; the history is then unchanged.
         """
         max_seq_len = self.llama.args.max_seq_len
-        alone = self.llama.tokenizer.encode_dialog_prompt(self.dialog(user_message, with_history=False))
+        alone = self.chat_format.encode_dialog_prompt(self.dialog(user_message, with_history=False))
         if len(alone) >= max_seq_len:
             raise ValueError(
                 f"this message is {len(alone)} tokens with the system prompt, and max_seq_len={max_seq_len} "
                 f"leaves no room for an answer: shorten it (or start with a larger --max-seq-len)"
             )
         notices = []
-        prompt = self.llama.tokenizer.encode_dialog_prompt(self.dialog(user_message))
+        prompt = self.chat_format.encode_dialog_prompt(self.dialog(user_message))
         dropped = 0
         while len(prompt) + self.max_gen_len > max_seq_len and self.messages:
             del self.messages[:2]  # the oldest user message and its answer
             dropped += 1
-            prompt = self.llama.tokenizer.encode_dialog_prompt(self.dialog(user_message))
+            prompt = self.chat_format.encode_dialog_prompt(self.dialog(user_message))
         if dropped:
             notices.append(
                 f"the conversation no longer fits in max_seq_len={max_seq_len} with room for an answer: "
                 f"dropped the oldest {dropped} exchange{'s' if dropped > 1 else ''}"
             )
         max_gen_len = min(self.max_gen_len, max_seq_len - len(prompt))
-        seed = None if self.seed is None else self.seed + self.n_answers
+        seed = None if self.sampling.seed is None else self.sampling.seed + self.n_answers
         self.n_answers += 1
-        stream = self.llama.stream(prompt, max_gen_len, seed=seed, stop_tokens=self.chat_format.stop_tokens,
-                                   reuse_cache=True, **self.sampling)
+        stream = self.llama.stream(prompt, max_gen_len, replace(self.sampling, seed=seed),
+                                   stop_tokens=self.chat_format.stop_tokens, reuse_cache=True)
         return Answer(self, user_message, stream, notices)
 
 

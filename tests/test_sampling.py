@@ -16,7 +16,8 @@ from transformers.generation.logits_process import (
 )
 
 from conftest import LLAMA2_TOKENIZER
-from inference import FINISH_LENGTH, FINISH_STOP, LLaMa, main
+from cli import main
+from inference import FINISH_LENGTH, FINISH_STOP, LLaMa
 from sampling import (
     SamplingParams,
     apply_repetition_penalty,
@@ -144,10 +145,9 @@ def test_stop_strings_cut_the_text_before_the_first_one(tiny):
     assert text == free_text[: free_text.index(stop)]
     assert tokens == free_tokens[: len(tokens)]  # the output stops at the token that completed the stop string
     assert stop in llama.tokenizer.decode(tokens) and stop not in llama.tokenizer.decode(tokens[:-1])
-    (generation,) = llama.generate([llama.tokenizer.encode(prompt[0], bos=True, eos=False)], 20, temperature=0,
-                                   stop=[stop])
+    (generation,) = llama.generate([llama.tokenizer.encode(prompt[0], bos=True, eos=False)], 20, sampling=SamplingParams(temperature=0, stop=[stop]))
     assert generation.finish_reason == FINISH_STOP and generation.text == text
-    (generation,) = llama.generate([llama.tokenizer.encode(prompt[0], bos=True, eos=False)], 3, temperature=0)
+    (generation,) = llama.generate([llama.tokenizer.encode(prompt[0], bos=True, eos=False)], 3, sampling=SamplingParams(temperature=0))
     assert generation.finish_reason == FINISH_LENGTH
 
 

@@ -17,6 +17,8 @@ import torch
 from conftest import LLAMA2_TOKENIZER
 from inference import FINISH_LENGTH, FINISH_STOP, LLaMa
 from model import ModelArgs
+from sampling import SamplingParams
+from streaming import StreamDecoder
 from tiny import write_tiny_llama2_checkpoint
 from tokenizer import REPLACEMENT_CHARACTER, Tokenizer
 
@@ -34,7 +36,7 @@ def tokenizer(request, llama3_tokenizer_path):
 
 
 def stream_decode(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
-    decoder = tokenizer.stream_decoder()
+    decoder = StreamDecoder(tokenizer)
     return [decoder.feed(i) for i in ids] + [decoder.flush()]
 
 
@@ -96,7 +98,7 @@ def scripted_llama(text: str, then_eos: bool = True) -> LLaMa:
 @pytest.mark.parametrize("text", MULTIBYTE_TEXTS)
 def test_stream_yields_whole_characters_that_join_to_the_final_text(text):
     llama = scripted_llama(text)
-    stream = llama.stream("Say something:", temperature=0)
+    stream = llama.stream("Say something:", sampling=SamplingParams(temperature=0))
     pieces = list(stream)
     assert "".join(pieces) == stream.text == llama.tokenizer.decode(stream.tokens)
     assert stream.text == text
@@ -107,19 +109,19 @@ def test_stream_yields_whole_characters_that_join_to_the_final_text(text):
 
 
 def test_stream_never_shows_a_stop_string_or_its_beginning():
-    stream = scripted_llama("Sure.\nUser: hi").stream("x", temperature=0, stop=["\nUser:"])
+    stream = scripted_llama("Sure.\nUser: hi").stream("x", sampling=SamplingParams(temperature=0, stop=["\nUser:"]))
     pieces = list(stream)
     assert "".join(pieces) == "Sure." and stream.finish_reason == FINISH_STOP
     assert not any("\n" in piece for piece in pieces)
 
 
 def test_stream_releases_a_held_back_near_miss():
-    stream = scripted_llama("a\nUse it\nUs").stream("x", temperature=0, stop=["\nUser:"])
+    stream = scripted_llama("a\nUse it\nUs").stream("x", sampling=SamplingParams(temperature=0, stop=["\nUser:"]))
     assert "".join(stream) == "a\nUse it\nUs"  # "\nUs" at the very end is released when the text ends
 
 
 def test_stream_ends_at_max_gen_len():
-    stream = scripted_llama("one two three four five six").stream("x", max_gen_len=3, temperature=0)
+    stream = scripted_llama("one two three four five six").stream("x", max_gen_len=3, sampling=SamplingParams(temperature=0))
     assert len(list(stream)) > 0 and len(stream.tokens) == 3 and stream.finish_reason == FINISH_LENGTH
 
 
@@ -150,40 +152,40 @@ def tiny_llama(tmp_path_factory):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_stream_equals_text_completion_when_sampling(tiny_llama, seed):
-    kwargs = dict(temperature=1.0, top_p=0.95, max_gen_len=40, seed=seed)
-    (_,), (expected,) = tiny_llama.text_completion(["Once upon a time"], **kwargs)
-    stream = tiny_llama.stream("Once upon a time", **kwargs)
+    kwargs = dict(temperature=1.0, top_p=0.95, seed=seed)
+    (_,), (expected,) = tiny_llama.text_completion(["Once upon a time"], max_gen_len=40, **kwargs)
+    stream = tiny_llama.stream("Once upon a time", max_gen_len=40, sampling=SamplingParams(**kwargs))
     assert "".join(stream) == expected == stream.text
 
 
 def test_stream_reuses_the_cache_and_gives_the_same_tokens(tiny_llama):
     tokenizer = tiny_llama.tokenizer
-    first = tiny_llama.stream("The cat sat on the", max_gen_len=6, temperature=0, reuse_cache=True)
+    first = tiny_llama.stream("The cat sat on the", max_gen_len=6, reuse_cache=True, sampling=SamplingParams(temperature=0))
     list(first)
     held = list(tiny_llama.kv_cache_tokens)
     assert held == first.prompt_tokens + first.tokens[:-1]  # the last token was sampled, never fed
     longer = first.prompt_tokens + first.tokens + tokenizer.encode(" and then", bos=False, eos=False)
-    reused = tiny_llama.stream(longer, max_gen_len=8, temperature=0, reuse_cache=True)
+    reused = tiny_llama.stream(longer, max_gen_len=8, reuse_cache=True, sampling=SamplingParams(temperature=0))
     reused_text = "".join(reused)
     assert reused.reused_tokens == len(held)
-    fresh = tiny_llama.stream(longer, max_gen_len=8, temperature=0)  # reuse_cache=False: prefill all
+    fresh = tiny_llama.stream(longer, max_gen_len=8, sampling=SamplingParams(temperature=0))  # reuse_cache=False: prefill all
     assert "".join(fresh) == reused_text and fresh.tokens == reused.tokens and fresh.reused_tokens == 0
 
 
 def test_an_interrupted_stream_leaves_a_truthful_cache(tiny_llama):
-    stream = tiny_llama.stream("The cat sat on the", max_gen_len=20, temperature=0)
+    stream = tiny_llama.stream("The cat sat on the", max_gen_len=20, sampling=SamplingParams(temperature=0))
     pieces = iter(stream)
     next(pieces), next(pieces)
     pieces.close()  # what Ctrl-C in the consumer amounts to
     assert tiny_llama.kv_cache_tokens == stream.prompt_tokens + stream.tokens[:-1]
     assert stream.finish_reason is None
-    again = tiny_llama.stream(stream.prompt_tokens, max_gen_len=20, temperature=0, reuse_cache=True)
-    fresh = tiny_llama.stream(stream.prompt_tokens, max_gen_len=20, temperature=0)
+    again = tiny_llama.stream(stream.prompt_tokens, max_gen_len=20, reuse_cache=True, sampling=SamplingParams(temperature=0))
+    fresh = tiny_llama.stream(stream.prompt_tokens, max_gen_len=20, sampling=SamplingParams(temperature=0))
     assert "".join(again) == "".join(fresh)
 
 
 def test_a_paused_stream_refuses_to_continue_on_a_cache_another_run_overwrote(tiny_llama):
-    paused = iter(tiny_llama.stream("The cat sat on the", max_gen_len=20, temperature=0))
+    paused = iter(tiny_llama.stream("The cat sat on the", max_gen_len=20, sampling=SamplingParams(temperature=0)))
     next(paused)
     tiny_llama.text_completion(["Hello"], temperature=0, max_gen_len=2)
     with pytest.raises(RuntimeError, match="overwrote the KV cache"):

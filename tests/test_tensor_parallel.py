@@ -21,7 +21,8 @@ import torch
 
 from conftest import LLAMA2_TOKENIZER
 import tensor_parallel
-from inference import LLaMa, main
+from cli import main
+from inference import LLaMa
 from model import ModelArgs
 from reshard import reshard
 from tensor_parallel import (
