@@ -39,15 +39,15 @@ import json
 import os
 import platform
 import random
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from atomic import atomic_dir, write_text_atomically
 
 # --------------------------------------------------------------------------------------------
 # What to run
@@ -171,6 +171,7 @@ class OurEngine:
         import torch
 
         from inference import LLaMa
+        from sampling import SamplingParams
 
         torch.set_num_threads(threads)
         started = time.perf_counter()
@@ -178,17 +179,15 @@ class OurEngine:
                                  device="cpu", dtype="bfloat16", quantize=spec.quantize, compile=spec.compile,
                                  progress=False)
         self.load_s = time.perf_counter() - started
-        self.llama.tokenizer.stop_tokens = set()  # generate exactly the number of tokens asked for
-        step = self.llama.decode_step  # first called once the first new token has been sampled
-
-        def timed_step(*args):
-            first_token.mark()
-            return step(*args)
-
-        self.llama.decode_step = timed_step
+        self.greedy = SamplingParams(temperature=0)
+        self.first_token = first_token
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
-        self.llama.generate(prompts, max_gen_len=new_tokens, temperature=0)
+        # The engine's own decode loop: it ends rows only when told to, so exactly `new_tokens` are
+        # made (no stop token cuts a run short). Its first step comes once the prefill is done and
+        # the first new token sampled.
+        for _ in self.llama.decode(prompts, new_tokens, self.greedy):
+            self.first_token.mark()
 
 
 class HFEngine:
@@ -484,27 +483,9 @@ def make_hf_copy(gguf: Path, out_dir: Path) -> None:
         gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16,
         quantization_config=transformers.GgufConfig(dequantize=True),
     )
-    from convert import publish
-
     # Saved under a temporary name, then renamed: an interrupted run leaves no half-written copy.
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, replace=True) as tmp_dir:
         model.save_pretrained(tmp_dir)
-        publish(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write to a temporary name next to `path`, then rename: never a half-written results file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def checkpoint_mb(ckpt_dir: Path) -> float:

@@ -44,7 +44,7 @@ from typing import AbstractSet, Iterator, Optional, Sequence, Union
 import torch
 
 from chat_format import ChatFormat, Dialog, DialogError, Message, chat_format_for
-from checkpoint import check_checkpoint_dir, check_vocab_matches, choose_device, choose_dtype, load_model_args, load_transformer
+from checkpoint import check_vocab_matches, read_params, choose_device, choose_dtype, load_model_args, load_transformer
 from model import ModelArgs, Transformer
 from sampling import (
     DEFAULT_TEMPERATURE,
@@ -114,7 +114,8 @@ class LLaMa:
             device = tensor_parallel.device
         device = choose_device(device)
         dtype = choose_dtype(dtype, device)
-        checkpoints_dir = check_checkpoint_dir(checkpoints_dir)
+        checkpoints_dir = Path(checkpoints_dir)
+        read_params(checkpoints_dir)  # TEMP-MERGE: params.json's errors come before the tokenizer's
         tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else checkpoints_dir / "tokenizer.model"
         tokenizer = Tokenizer(tokenizer_path)
         args = load_model_args(checkpoints_dir, max_seq_len, max_batch_size, vocab_size=tokenizer.n_words)

@@ -228,7 +228,11 @@ class TextStream:
     """
 
     def __init__(
-        self, decoding: "Decoding", tokenizer: Tokenizer, stop: Sequence[str], stop_tokens: AbstractSet[int]
+        self,
+        decoding: "Decoding",  # noqa: F821 (inference.Decoding: the decode loop stands above this file)
+        tokenizer: Tokenizer,
+        stop: Sequence[str],
+        stop_tokens: AbstractSet[int],
     ):
         self.decoding = decoding
         self.prompt_tokens: list[int] = decoding.prompt_tokens[0]

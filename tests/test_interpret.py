@@ -243,7 +243,7 @@ def test_why_draws_the_same_tokens_as_text_completion(llama, params, seed):
     (expected,), _ = llama.text_completion([TEXT], temperature=params.temperature, top_p=params.top_p,
                                            top_k=params.top_k, repetition_penalty=params.repetition_penalty,
                                            max_gen_len=6, seed=seed)
-    steps = why(llama.model, llama.tokenizer.encode(TEXT, bos=True, eos=False), llama.tokenizer.stop_tokens,
+    steps = why(llama, llama.tokenizer.encode(TEXT, bos=True, eos=False), llama.tokenizer.stop_tokens,
                 max_gen_len=6, params=params, show=4, seed=seed)
     assert [s.chosen for s in steps][: len(expected)] == expected
     for step in steps:
@@ -258,7 +258,7 @@ def test_why_distributions_equal_hugging_face_logits_processors(llama):
     generate's order: RepetitionPenalty, Temperature, TopK, TopP (an independent implementation)."""
     params = SamplingParams(temperature=0.7, top_p=0.8, top_k=6, repetition_penalty=1.2)
     ids = llama.tokenizer.encode(TEXT, bos=True, eos=False)
-    (step,) = why(llama.model, ids, set(), max_gen_len=1, params=params, show=12, seed=0)
+    (step,) = why(llama, ids, set(), max_gen_len=1, params=params, show=12, seed=0)
     logits = llama.model(torch.tensor([ids]), start_pos=0, last_only=True)[:, -1]  # as generate computes them
     prompt = torch.tensor([ids])
     penalized = transformers.RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(prompt, logits.clone())
