@@ -1,0 +1,234 @@
+"""The decode loop: a batch of prompts in, one column of new tokens per step out.
+
+How it works (Meta's `generation.py`, restructured):
+
+1. **A grid of ids.** Prompts in one batch have different lengths, so they are *left*-padded to
+   the longest: every row's last prompt token sits in the same column P - 1, and every row's next
+   token goes into the same next column. Padding positions are masked out of attention, and each
+   row counts its RoPE positions from its own first real token (see `model.causal_mask`), so a
+   padded prompt is computed exactly as if it were alone.
+2. **Prefill**: the prompt columns go through the model in one pass, filling the KV cache; the last
+   column's logits give the first new token of every row.
+3. **Decode**: one token per step. Each step feeds only the newest column (B, 1) at its position,
+   and the model attends to the cache for the rest.
+
+`Decoding` is that loop, and the only one in the project: `LLaMa.decode` makes one, and
+generation (`LLaMa.generate`), streaming (`TextStream`), the chat REPL, `interpret.py why` and
+bench.py iterate it. It yields a `DecodeStep` per column *before* that column goes through the
+model: a caller that has what it needs (every row at a stop token, enough text) just stops
+iterating, and no forward pass is wasted. Why a row ends is the caller's business (streaming.py).
+
+The KV cache outlives one run: `KVCacheRecord` remembers which ids row 0 of the cache holds, so a
+chat's next turn can skip the prefix it already computed (`reuse_cache=True`).
+
+Shapes: B batch, P longest prompt, V vocabulary.
+"""
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+
+from model import Transformer
+from sampling import SamplingParams, sample
+
+# Padding positions are masked out, so any valid id will do as filler.
+FILLER_TOKEN_ID = 0
+
+
+@dataclass
+class KVCacheRecord:
+    """What the KV cache holds between runs of the decode loop.
+
+    tokens: the ids whose keys/values row 0 holds, at positions 0, 1, ...; kept only for
+    single-prompt runs ([] after a batch). writes: counts prefills, so that a paused run notices
+    that another one has overwritten the cache since.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    writes: int = 0
+
+    def prefix_len(self, prompt_tokens: list[int]) -> int:
+        """How many leading ids of `prompt_tokens` row 0 already holds.
+
+        At most len(prompt_tokens) - 1: the last prompt token must go through the model to give
+        the logits of the first new token.
+        """
+        n = 0
+        limit = min(len(self.tokens), len(prompt_tokens) - 1)
+        while n < limit and self.tokens[n] == prompt_tokens[n]:
+            n += 1
+        return n
+
+
+@dataclass
+class DecodeStep:
+    """One column of new tokens, as the decode loop samples it."""
+
+    position: int  # the column (sequence position) the tokens go into
+    tokens: torch.Tensor  # (B,) the token sampled for every row
+    logprobs: Optional[torch.Tensor]  # (B,) their log-probabilities under the model, if asked for
+    logits: torch.Tensor  # (B, V) the model's logits they were sampled from
+    seen: Optional[torch.Tensor]  # (B, V) bool: the ids each row held before this step (repetition penalty on)
+
+
+class Decoding:
+    """One run of the decode loop over a batch: iterate it once for its DecodeSteps.
+
+    `llama` is the engine (`inference.LLaMa`): its model, decode step (eager or compiled), device,
+    KV cache record and, under tensor parallelism, the hook that keeps every rank's tokens equal.
+    Readable once iteration has begun: `reused_tokens` (leading prompt ids taken from the KV
+    cache) and, after the prefill, `prompt_logprobs`.
+    """
+
+    def __init__(
+        self, llama, prompt_tokens: list[list[int]], max_gen_len: int, sampling: SamplingParams,
+        generator: Optional[torch.Generator], logprobs: bool, prompt_logprobs: bool, reuse_cache: bool,
+    ):
+        self.llama = llama
+        self.prompt_tokens = [list(p) for p in prompt_tokens]
+        self.sampling = sampling
+        self.generator = generator
+        self.logprobs = logprobs
+        self.want_prompt_logprobs = prompt_logprobs
+        self.reuse_cache = reuse_cache
+        self.prompt_len = max(len(p) for p in prompt_tokens)  # P: every row's prompt ends in column P - 1
+        self.total_len = min(llama.args.max_seq_len, self.prompt_len + max_gen_len)
+        self.reused_tokens = 0
+        self.prompt_logprobs: Optional[list[list[float]]] = None  # (B, P - 1) once the prefill ran
+        self._started = False
+
+    def __iter__(self) -> Iterator[DecodeStep]:
+        if self._started:
+            raise RuntimeError("a Decoding runs once: call LLaMa.decode again for another run")
+        self._started = True
+        return self._steps()
+
+    def _token_grid(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Left-pad the prompts into one (B, total_len) grid of ids; also return each row's padding (B,),
+        or None when no row is padded."""
+        device = self.llama.device
+        tokens = torch.full((len(self.prompt_tokens), self.total_len), FILLER_TOKEN_ID, dtype=torch.long, device=device)
+        for row, prompt in enumerate(self.prompt_tokens):
+            tokens[row, self.prompt_len - len(prompt) : self.prompt_len] = torch.tensor(prompt, device=device)
+        pad_lens = torch.tensor([self.prompt_len - len(p) for p in self.prompt_tokens], device=device)
+        return tokens, (pad_lens if pad_lens.any() else None)
+
+    def _seen_tokens(self) -> Optional[torch.Tensor]:
+        """(B, V) bool: which ids each prompt holds, for the repetition penalty (None when it is off)."""
+        if not self.sampling.penalizes_repeats:
+            return None
+        device = self.llama.device
+        seen = torch.zeros((len(self.prompt_tokens), self.llama.args.vocab_size), dtype=torch.bool, device=device)
+        for row, prompt in enumerate(self.prompt_tokens):
+            seen[row, torch.tensor(prompt, device=device)] = True
+        return seen
+
+    # Generation runs under inference mode: like no_grad, and PyTorch also skips the version counters
+    # and view tracking that autograd would need (measured: about 5-8% more tokens per second here).
+    @torch.inference_mode()
+    def _prefill(self, tokens: torch.Tensor, start_pos: int, pad_lens: Optional[torch.Tensor]) -> torch.Tensor:
+        """Run the prompt columns start_pos ... P-1 through the model in one pass, filling the KV
+        cache; the logits (B, 1, V) of the last column, or of every column (B, P - start_pos, V)
+        when the prompt's own logprobs are wanted. Positions before start_pos must be cached."""
+        record = self.llama.kv_cache
+        single_row = tokens.shape[0] == 1 and pad_lens is None
+        # Keep the record true at every moment, even if this pass is interrupted (Ctrl-C).
+        record.tokens = tokens[0, :start_pos].tolist() if single_row else []
+        record.writes += 1
+        logits = self.llama.model(tokens[:, start_pos : self.prompt_len], start_pos=start_pos, pad_lens=pad_lens,
+                                  last_only=not self.want_prompt_logprobs)
+        if single_row:
+            record.tokens = tokens[0, : self.prompt_len].tolist()
+        return logits
+
+    @torch.inference_mode()
+    def _forward_column(self, tokens: torch.Tensor, cur_pos: int, pad_lens: Optional[torch.Tensor],
+                        cache_owner: int) -> torch.Tensor:
+        """The logits (B, V) after column `cur_pos` (just sampled) goes through the model."""
+        record = self.llama.kv_cache
+        if record.writes != cache_owner:
+            raise RuntimeError(
+                "another generation ran while this one was paused and overwrote the KV cache: "
+                "finish (or drop) one stream before starting the next"
+            )
+        logits = self.llama.decode_step(self.llama.model, tokens[:, cur_pos : cur_pos + 1], cur_pos, pad_lens)
+        if tokens.shape[0] == 1 and pad_lens is None:
+            record.tokens.append(int(tokens[0, cur_pos]))
+        return logits
+
+    def _steps(self) -> Iterator[DecodeStep]:
+        llama = self.llama
+        if self.reuse_cache:
+            self.reused_tokens = llama.kv_cache.prefix_len(self.prompt_tokens[0])
+        tokens, pad_lens = self._token_grid()
+        seen = self._seen_tokens()
+        logits = self._prefill(tokens, self.reused_tokens, pad_lens)  # (B, P or 1, V)
+        if self.want_prompt_logprobs:
+            # log p(token t | tokens before t) for the prompt: logits at t - 1 score token t.
+            self.prompt_logprobs = log_prob_of(logits[:, :-1], tokens[:, 1 : self.prompt_len]).tolist()  # (B, P - 1)
+        logits = logits[:, -1]  # (B, V)
+        batch_rows = torch.arange(tokens.shape[0], device=llama.device)
+        cache_owner = llama.kv_cache.writes  # the prefill that filled the cache for these tokens
+        for cur_pos in range(self.prompt_len, self.total_len):
+            next_token = sample(logits, self.sampling, seen, self.generator)  # (B,)
+            if llama.tensor_parallel is not None:
+                next_token = llama.tensor_parallel.broadcast_from_main(next_token)  # ranks stay in lockstep
+            tokens[:, cur_pos] = next_token
+            yield DecodeStep(cur_pos, next_token, log_prob_of(logits, next_token) if self.logprobs else None,
+                             logits, seen)
+            if seen is not None:
+                seen[batch_rows, next_token] = True
+            if cur_pos + 1 == self.total_len:
+                return  # no room for another token: its logits are not needed
+            logits = self._forward_column(tokens, cur_pos, pad_lens, cache_owner)
+
+
+def log_prob_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target], for logits (..., V) and targets (...)."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# The decode step, and its compiled version
+# --------------------------------------------------------------------------------------------
+
+
+def decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int, pad_lens: Optional[torch.Tensor]) -> torch.Tensor:
+    """One decoding step: the logits (B, V) that follow `tokens` (B, 1) placed at `start_pos`."""
+    return model(tokens, start_pos, pad_lens, last_only=True)[:, -1]
+
+
+# How the decode step is compiled. Each option removes work that would otherwise be repeated on
+# every token:
+# - freezing: the weights become constants of the compiled graph, so Inductor lays bf16 weights out
+#   for oneDNN once (as quantize.PackedLinear does in eager mode). Compiled bf16 models therefore
+#   hold a second, packed copy of their linear weights; quantized ones do not.
+# - guard_filter_fn: before each call, TorchDynamo checks ("guards") that whatever the graph was
+#   compiled for is unchanged, including every attribute of every module of the model: ~1.5 ms a
+#   token for this 30-layer model. The model is never changed after it is built (LLaMa.build
+#   loads it once), so those module guards are skipped; the guards on the inputs stay.
+# - size_asserts, alignment_asserts: the generated code re-checks the shape and alignment of every
+#   buffer passed to an external kernel (the matmuls, attention) on every call.
+COMPILE_OPTIONS = {
+    "freezing": True,
+    "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+    "size_asserts": False,
+    "alignment_asserts": False,
+}
+
+
+def compile_decode_step(step):
+    """`step` compiled by torch.compile (Inductor): the ops of a whole decode step fused into a few
+    generated kernels, with far less Python per token.
+
+    dynamic=True: start_pos grows by one each step and the attended part of the KV cache with it;
+    compiling once for symbolic sizes avoids a recompile per position. A ragged batch (padding
+    mask) compiles a second graph the first time it is seen.
+    """
+    # RoPE multiplies complex numbers, for which Inductor generates no code: those few ops run as
+    # ordinary PyTorch calls inside the compiled step. That is expected, so its warning is not shown.
+    warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
+    return torch.compile(step, dynamic=True, options=COMPILE_OPTIONS)
