@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import convert  # noqa: E402
+import convert_hf  # noqa: E402
+import convert_source  # noqa: E402
+import convert_vocab  # noqa: E402
 from convert import ConversionError  # noqa: E402
 from model import feed_forward_hidden_dim  # noqa: E402
 from conftest import LLAMA2_TOKENIZER  # noqa: E402
@@ -244,7 +247,7 @@ def test_hf_round_trip_and_logits(tmp_path, variant):
     transformers = pytest.importorskip("transformers")
     src = save_tiny_hf(tmp_path / "hf", **variant)
     if "max_shard_size" in variant:
-        assert (src / convert.HF_INDEX).is_file()
+        assert (src / convert_hf.HF_INDEX).is_file()
     with pytest.warns(UserWarning, match="no tokenizer"):
         out = convert.convert(src, tmp_path / "meta", dtype=torch.float32)
 
@@ -276,7 +279,7 @@ def test_hf_tokenizer_json_converts_like_hf(tmp_path, hf_smollm2_tokenizer):
     hf_smollm2_tokenizer.save_pretrained(src)
     out = convert.convert(src, tmp_path / "meta", dtype=torch.float32)
     spec = json.loads((out / convert.TOKENIZER_SPEC_NAME).read_text())
-    assert spec["pattern"] == convert.SMOLLM_PATTERN
+    assert spec["pattern"] == convert_vocab.SMOLLM_PATTERN
     assert spec["special_tokens"]["<|im_start|>"] == 1
     ours = tokenizer_from_dir(out)
     for text in TEXTS:
@@ -386,7 +389,7 @@ def test_sentencepiece_gguf_round_trip(tmp_path):
     [(4096, 11008), (4096, 14336), (8192, 28672), (576, 1536), (2048, 8192), (64, 160), (64, 161), (3072, 8192)],
 )
 def test_find_ffn_params_reproduces_width(dim, hidden):
-    multiple_of, multiplier = convert.find_ffn_params(dim, hidden)
+    multiple_of, multiplier = convert_source.find_ffn_params(dim, hidden)
     assert feed_forward_hidden_dim(dim, multiple_of, multiplier) == hidden
 
 
@@ -518,7 +521,7 @@ def test_cli_error_is_one_line(tmp_path):
 
 
 def test_no_unsafe_torch_load():
-    for path in [ROOT / "convert.py", ROOT / "demo_model.py"]:
+    for path in sorted(ROOT.glob("convert*.py")) + [ROOT / "demo_model.py"]:
         for line in path.read_text().splitlines():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{path.name}: {line.strip()}"
