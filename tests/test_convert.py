@@ -10,6 +10,8 @@
 """
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import convert  # noqa: E402
+import convert_gguf  # noqa: E402
+import convert_hf  # noqa: E402
+import convert_source  # noqa: E402
+import convert_vocab  # noqa: E402
 from convert import ConversionError  # noqa: E402
 from model import feed_forward_hidden_dim  # noqa: E402
 from conftest import LLAMA2_TOKENIZER  # noqa: E402
@@ -244,7 +250,7 @@ def test_hf_round_trip_and_logits(tmp_path, variant):
     transformers = pytest.importorskip("transformers")
     src = save_tiny_hf(tmp_path / "hf", **variant)
     if "max_shard_size" in variant:
-        assert (src / convert.HF_INDEX).is_file()
+        assert (src / convert_hf.HF_INDEX).is_file()
     with pytest.warns(UserWarning, match="no tokenizer"):
         out = convert.convert(src, tmp_path / "meta", dtype=torch.float32)
 
@@ -276,7 +282,7 @@ def test_hf_tokenizer_json_converts_like_hf(tmp_path, hf_smollm2_tokenizer):
     hf_smollm2_tokenizer.save_pretrained(src)
     out = convert.convert(src, tmp_path / "meta", dtype=torch.float32)
     spec = json.loads((out / convert.TOKENIZER_SPEC_NAME).read_text())
-    assert spec["pattern"] == convert.SMOLLM_PATTERN
+    assert spec["pattern"] == convert_vocab.SMOLLM_PATTERN
     assert spec["special_tokens"]["<|im_start|>"] == 1
     ours = tokenizer_from_dir(out)
     for text in TEXTS:
@@ -386,7 +392,7 @@ def test_sentencepiece_gguf_round_trip(tmp_path):
     [(4096, 11008), (4096, 14336), (8192, 28672), (576, 1536), (2048, 8192), (64, 160), (64, 161), (3072, 8192)],
 )
 def test_find_ffn_params_reproduces_width(dim, hidden):
-    multiple_of, multiplier = convert.find_ffn_params(dim, hidden)
+    multiple_of, multiplier = convert_source.find_ffn_params(dim, hidden)
     assert feed_forward_hidden_dim(dim, multiple_of, multiplier) == hidden
 
 
@@ -505,6 +511,69 @@ def test_failed_force_keeps_old_out_dir(tmp_path):
     assert no_leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("where", ["tensors", "tokenizer"])
+@pytest.mark.parametrize("force", [False, True])
+def test_interrupted_conversion_leaves_no_trace(tmp_path, monkeypatch, where, force):
+    """Ctrl-C part-way through the tensors, or after the checkpoint is on disk (while the tokenizer
+    is written): the output's parent holds exactly what it held before; an old OUT_DIR survives."""
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "out"
+    if force:
+        out.mkdir()
+        (out / "keep.txt").write_text("precious")
+    open_source = convert.open_source
+
+    def interrupted_source(src, tokenizer_path):
+        source = open_source(src, tokenizer_path)
+        read_all, write_tokenizer = source.tensors, source.write_tokenizer
+
+        def tensors():
+            for i, item in enumerate(read_all()):
+                if where == "tensors" and i == 3:
+                    raise KeyboardInterrupt
+                yield item
+
+        def interrupted_tokenizer(tmp_dir):
+            assert (tmp_dir / convert.CHECKPOINT_NAME).is_file()  # interrupted mid-write, not before
+            write_tokenizer(tmp_dir)
+            raise KeyboardInterrupt
+
+        source.tensors = tensors
+        if where == "tokenizer":
+            source.write_tokenizer = interrupted_tokenizer
+        return source
+
+    monkeypatch.setattr(convert, "open_source", interrupted_source)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(KeyboardInterrupt):
+        convert.convert(tmp_path / "tiny.gguf", out, force=force)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    if force:
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_converted_files_have_the_usual_permissions(tmp_path):
+    """0o666 & ~umask for files and 0o777 & ~umask for the directory, as open() and mkdir() give,
+    not the private 0600/0700 of the temporary names they were written under."""
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    umask = os.umask(0o002)  # neither the usual 022 nor mkstemp's 077: the modes must follow it
+    try:
+        out = convert.convert(tmp_path / "tiny.gguf", tmp_path / "out")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~0o002
+    for path in out.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~0o002, path.name
+
+
+def test_moved_names_say_where_they_live_now():
+    assert convert.read_gguf is convert_gguf.read_gguf and convert.ConversionError is convert_source.ConversionError
+    with pytest.raises(AttributeError, match=r"convert.unpermute_rotary moved: use convert_hf.unpermute_rotary"):
+        convert.unpermute_rotary
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        convert.no_such_name
+
+
 def test_cli_error_is_one_line(tmp_path):
     (tmp_path / "junk").write_text("junk")
     result = subprocess.run(
@@ -518,7 +587,7 @@ def test_cli_error_is_one_line(tmp_path):
 
 
 def test_no_unsafe_torch_load():
-    for path in [ROOT / "convert.py", ROOT / "demo_model.py"]:
+    for path in sorted(ROOT.glob("convert*.py")) + [ROOT / "demo_model.py"]:
         for line in path.read_text().splitlines():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{path.name}: {line.strip()}"
