@@ -76,7 +76,7 @@ class LLaMa:
 
     @staticmethod
     def build(
-        checkpoints_dir: Union[str, Path],
+        ckpt_dir: Union[str, Path],
         tokenizer_path: Union[str, Path, None] = None,
         load_model: bool = True,
         max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
@@ -104,20 +104,20 @@ class LLaMa:
             device = tensor_parallel.device
         device = choose_device(device)
         dtype = choose_dtype(dtype, device)
-        checkpoints_dir = Path(checkpoints_dir)
-        read_params(checkpoints_dir)  # TEMP-MERGE: params.json's errors come before the tokenizer's
-        tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else checkpoints_dir / "tokenizer.model"
+        ckpt_dir = Path(ckpt_dir)
+        read_params(ckpt_dir)  # TEMP-MERGE: params.json's errors come before the tokenizer's
+        tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else ckpt_dir / "tokenizer.model"
         tokenizer = Tokenizer(tokenizer_path)
-        args = load_model_args(checkpoints_dir, max_seq_len, max_batch_size, vocab_size=tokenizer.n_words)
+        args = load_model_args(ckpt_dir, max_seq_len, max_batch_size, vocab_size=tokenizer.n_words)
         check_vocab_matches(tokenizer.n_words, tokenizer_path, args)
         model = None
         if load_model and tensor_parallel is None:
             from quantize import prepacking_helps  # TEMP-MERGE
-            model = load_transformer(checkpoints_dir, args, device, dtype, progress=progress,
+            model = load_transformer(ckpt_dir, args, device, dtype, progress=progress,
                                      quantize=quantize, prepack=quantize is None and not compile and prepacking_helps(device, dtype))
         elif load_model:
             from tensor_parallel import load_tensor_parallel_transformer  # TEMP-MERGE
-            model = load_tensor_parallel_transformer(checkpoints_dir, args, tensor_parallel, dtype, progress)
+            model = load_tensor_parallel_transformer(ckpt_dir, args, tensor_parallel, dtype, progress)
         llama = LLaMa(model, tokenizer, args, device, tensor_parallel)
         if compile and model is not None:
             llama.decode_step = compile_decode_step(decode_step)

@@ -37,6 +37,7 @@ from typing import AbstractSet, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from atomic import atomic_path
 from attribution import (  # noqa: F401 (re-exported: interpret.<name> as before the split)
     COMPLETENESS_TOLERANCE,
     DEFAULT_IG_STEPS,
@@ -345,9 +346,7 @@ def save_attention_png(weights: torch.Tensor, labels: list[str], path: Union[str
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
     if n_heads > 1:
         fig.suptitle(title)
-    fig.savefig(path, dpi=PNG_DPI)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(plt, fig, path)
 
 
 def save_attribution_png(scores: dict[str, torch.Tensor], labels: list[str], path: Union[str, Path], title: str) -> Path:
@@ -363,9 +362,16 @@ def save_attribution_png(scores: dict[str, torch.Tensor], labels: list[str], pat
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=PNG_DPI)
+    return save_figure(plt, fig, path)
+
+
+def save_figure(plt, fig, path: Union[str, Path]) -> Path:
+    """Write the figure atomically (atomic.py), in the format its file name ends in (PNG if none)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=PNG_DPI, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
-    return Path(path)
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,7 +427,8 @@ def cmd_hidden(llama: LLaMa, args: argparse.Namespace) -> str:
     labels = [token_label(llama.tokenizer, t) for t in tokens]
     text = format_hidden(hidden, labels)
     if args.out:
-        torch.save({"tokens": tokens, "hidden": hidden.cpu()}, args.out)
+        with atomic_path(args.out) as tmp:
+            torch.save({"tokens": tokens, "hidden": hidden.cpu()}, tmp)
         text += f"\nsaved the residual stream {tuple(hidden.shape)} (layers+1, tokens, dim) to {args.out}"
     return text
 

@@ -13,6 +13,7 @@
 
 import itertools
 import struct
+import os
 import sys
 
 import pytest
@@ -387,6 +388,23 @@ def test_cli_bad_input_is_one_clear_line(tiny, capsys, argv, message):
     assert code == 2
     assert err.startswith("error: ") and "Traceback" not in err
     assert __import__("re").search(message, err), err
+
+
+@pytest.mark.parametrize("command", [["hidden"], ["attention", "--layer", "0"]])
+def test_cli_out_into_a_missing_directory_is_one_line_and_leaves_nothing(tiny, tmp_path, capsys, command):
+    out = tmp_path / "no" / "such" / "file.png"
+    code, _, err = cli(capsys, *command, "--ckpt-dir", str(tiny[1]), "--device", "cpu", "--out", str(out))
+    assert code == 2 and err.count("\n") == 1 and f"its directory {out.parent} does not exist" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_out_is_written_atomically_with_the_usual_mode(tiny, tmp_path, capsys):
+    out = tmp_path / "hidden.pt"
+    code, _, _ = cli(capsys, "hidden", "--ckpt-dir", str(tiny[1]), "--device", "cpu", "--out", str(out))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert code == 0 and [p.name for p in tmp_path.iterdir()] == ["hidden.pt"]
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_cli_not_a_checkpoint_dir(tmp_path, capsys):
