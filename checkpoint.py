@@ -1,4 +1,4 @@
-"""Loading a Meta checkpoint directory into one `Transformer`, on one device.
+"""Loading a Meta checkpoint directory: params.json, the sharded weights, one `Transformer`.
 
 A Meta checkpoint directory holds:
 
@@ -7,9 +7,22 @@ A Meta checkpoint directory holds:
     consolidated.01.pth      ... split into N "model-parallel" shards for the larger models
     tokenizer.model          the tokenizer (see tokenizer.py)
 
-Meta trained and served with N GPUs, each holding a slice of every big matrix (Megatron-style
-tensor parallelism, Shoeybi et al. 2019). The slices are cut so that each GPU can work alone
-until one sum at the end of the layer:
+This file is the one place that reads them, in three steps:
+
+1. **params.json -> ModelArgs** (`load_model_args`): every value's type is checked, and Llama 2's
+   ``"vocab_size": -1`` ("take it from the tokenizer") is resolved here, once: from the weights'
+   shapes when the shards are there, else from the tokenizer's size the caller passes. Past this
+   point a vocabulary size is an int, or None while it is not known yet.
+2. **The sharded-checkpoint reader** (`ShardedCheckpoint`): every shard memory-mapped, every
+   tensor's layout checked against `expected_shapes(args)`, and `read(name, dim, start, length)`
+   for any slice of any tensor, touching only the shards that hold it. The loader below, reshard.py,
+   tensor_parallel.py and inspect_checkpoint.py all read through it.
+3. **The loader** (`load_transformer`): a short loop over the reader that puts each tensor, cast
+   and stored as quantize.py decides, into a model built on the "meta" device.
+
+How Meta cuts a tensor into shards. Meta trained and served with N GPUs, each holding a slice of
+every big matrix (Megatron-style tensor parallelism, Shoeybi et al. 2019). The slices are cut so
+that each GPU can work alone until one sum at the end of the layer:
 
 * column-parallel (split the *output* rows, dim 0): ``wq wk wv`` (each GPU owns some heads),
   ``w1 w3`` (some FFN units), and ``output`` (some of the vocabulary);
@@ -23,39 +36,45 @@ To run on one device we concatenate each tensor's slices along that dim. Shards 
 ``mmap=True`` (the OS pages weights in on demand, nothing is read twice) and ``weights_only=True``
 (a checkpoint is data: it must not be able to run code). Tensors are merged and cast one at a time
 into a model built on the "meta" device (shapes without memory), so the peak stays near one copy
-of the weights.
+of the weights (memory.py checks beforehand that it fits, and hands file pages back as it goes).
 
 Device and dtype are decided here, once: CUDA if present (fp16), else Apple's MPS (fp16), else CPU
 (bf16).
 """
 
-import ctypes
 import json
-import mmap
-import sys
-from dataclasses import dataclass, replace
+import re
+import typing
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from tqdm import tqdm
 
-from model import ModelArgs, Transformer
-from quantize import (
-    INT4,
-    INT8,
-    check_scheme,
-    fast_linear,
-    layer_scheme,
-    linear_bytes,
-    linear_layer_names,
-    prepacking_helps,
+from memory import (  # noqa: F401  (re-exported: the memory plan's names have always been importable from here)
+    MemoryPlan,
+    MemoryPlanError,
+    available_memory,
+    check_memory,
+    linear_shapes,
+    longest_fitting_seq_len,
+    plan_memory,
+    release_file_pages,
+    release_scratch_memory,
 )
+from model import EMBEDDING_KEY, OUTPUT_KEY, ModelArgs, Transformer, expected_shapes
+from quantize import PLAIN, linear_layer_names, linear_storage, make_linear
 
 PARAMS_FILE = "params.json"
 SHARD_GLOB = "consolidated.*.pth"
+SHARD_NAME = "consolidated.{:02d}.pth"
+SHARD_NUMBER = re.compile(r"consolidated\.(\d+)\.pth")
 # Meta's Llama 2 checkpoints carry a precomputed RoPE table that the model recomputes itself.
 KNOWN_EXTRA_KEYS = ("rope.freqs",)
+# Meta's Llama 2 params.json writes `"vocab_size": -1`: "take it from the tokenizer". Only
+# `model_args_from_params` looks for it; inside the engine an unknown size is None.
+PARAMS_VOCAB_FROM_TOKENIZER = -1
 
 # Which dim each weight's model-parallel slices are concatenated on (fairscale's Column- and
 # RowParallelLinear in Meta's model.py). Norms are absent: they are replicated. The embedding is
@@ -72,12 +91,6 @@ SPLIT_DIMS = {
     "wo": ROW_PARALLEL_DIM,
     "w2": ROW_PARALLEL_DIM,
 }
-EMBEDDING_KEY = "tok_embeddings.weight"
-OUTPUT_KEY = "output.weight"
-
-
-# The C library, for madvise (see `release_file_pages`); only used on Linux.
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 class CheckpointError(ValueError):
@@ -130,7 +143,7 @@ def choose_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> 
 
 
 # --------------------------------------------------------------------------------------------
-# params.json and the shard files
+# params.json -> ModelArgs
 # --------------------------------------------------------------------------------------------
 
 
@@ -143,11 +156,8 @@ def check_checkpoint_dir(ckpt_dir: Union[str, Path]) -> Path:
     return ckpt_dir
 
 
-def read_params(ckpt_dir: Union[str, Path]) -> dict:
-    """params.json as a dict, with a clear error if it is missing or not a JSON object."""
-    path = check_checkpoint_dir(ckpt_dir) / PARAMS_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: a Meta checkpoint dir needs params.json")
+def read_params_file(path: Path) -> dict:
+    """A params.json (any file name) as a dict, with a clear error if it is not a JSON object."""
     try:
         params = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -157,23 +167,103 @@ def read_params(ckpt_dir: Union[str, Path]) -> dict:
     return params
 
 
-def model_args_from_params(params: dict, params_path: Path, **run_sizes) -> ModelArgs:
-    """ModelArgs from params.json plus run-time sizes (max_seq_len, max_batch_size)."""
-    known = set(ModelArgs.__dataclass_fields__) - {"head_dim", "n_rep", "ffn_hidden_dim", "rope_scaling_args"}
-    unknown = sorted(set(params) - known)
+def read_params(ckpt_dir: Union[str, Path]) -> dict:
+    """params.json of a checkpoint dir as a dict, with a clear error if it is missing or not a JSON object."""
+    path = check_checkpoint_dir(ckpt_dir) / PARAMS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: a Meta checkpoint dir needs params.json")
+    return read_params_file(path)
+
+
+def params_types() -> dict[str, tuple[type, ...]]:
+    """Every key params.json may hold, with the types ModelArgs declares for it (Optional: + NoneType)."""
+    hints = typing.get_type_hints(ModelArgs)
+    return {f.name: typing.get_args(hints[f.name]) or (hints[f.name],) for f in fields(ModelArgs) if f.init}
+
+
+def has_type(value: object, allowed: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):  # JSON's true is no number, though Python's True is an int
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:  # JSON may write 10000.0 as 10000
+        return True
+    return isinstance(value, allowed)
+
+
+def check_params_types(params: dict, params_path: Path) -> None:
+    """Every key known and every value of the type ModelArgs expects, or an error naming the key."""
+    known = params_types()
+    unknown = sorted(set(params) - set(known))
     if unknown:
         raise CheckpointError(f"{params_path}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    for key, value in params.items():
+        if not has_type(value, known[key]):
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in known[key])
+            raise CheckpointError(f"{params_path}: {key} is {value!r}, expected {expected}")
+
+
+def leaves_vocab_to_tokenizer(params: dict) -> bool:
+    """Whether params.json leaves the vocabulary size to the tokenizer (Llama 2 writes -1)."""
+    return params.get("vocab_size", PARAMS_VOCAB_FROM_TOKENIZER) == PARAMS_VOCAB_FROM_TOKENIZER
+
+
+def model_args_from_params(params: dict, params_path: Path, max_seq_len: int, max_batch_size: int) -> ModelArgs:
+    """ModelArgs from params.json plus the run-time sizes; Llama 2's -1 becomes vocab_size None."""
+    check_params_types(params, params_path)
+    if leaves_vocab_to_tokenizer(params):
+        params = {**params, "vocab_size": None}
     try:
-        return ModelArgs(**{**params, **run_sizes})
+        return ModelArgs(**{**params, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{params_path}: {e}") from None
 
 
+def load_model_args(
+    ckpt_dir: Union[str, Path], max_seq_len: int, max_batch_size: int, vocab_size: Optional[int] = None
+) -> ModelArgs:
+    """ModelArgs of a checkpoint dir, with a vocabulary size that is an int.
+
+    Where params.json says -1 the size comes from the weights' shapes if the shards are there, else
+    from `vocab_size` (the tokenizer's size), else it is an error.
+    """
+    ckpt_dir = check_checkpoint_dir(ckpt_dir)
+    args = model_args_from_params(read_params(ckpt_dir), ckpt_dir / PARAMS_FILE, max_seq_len, max_batch_size)
+    if args.vocab_size is not None:
+        return args
+    if any(ckpt_dir.glob(SHARD_GLOB)):
+        shards = list_shards(ckpt_dir)
+        first = {name: t.shape for name, t in open_shard(shards[0]).items()}
+        vocab_size = vocab_size_from_shard_shapes(first, len(shards), args.dim, shards[0])
+    if vocab_size is None:
+        raise CheckpointError(
+            f"{ckpt_dir / PARAMS_FILE} says vocab_size -1 (\"take it from the tokenizer\") and there are no "
+            f"{SHARD_GLOB} files in {ckpt_dir} to read it from: pass --vocab-size N (vocab_size=, the tokenizer's size)"
+        )
+    return replace(args, vocab_size=vocab_size)
+
+
+# --------------------------------------------------------------------------------------------
+# The shard files, and how Meta cut each tensor across them
+# --------------------------------------------------------------------------------------------
+
+
 def list_shards(ckpt_dir: Union[str, Path]) -> list[Path]:
+    """consolidated.00.pth ... consolidated.NN.pth, in order and without a gap (a missing one is named)."""
     ckpt_dir = check_checkpoint_dir(ckpt_dir)
     shards = sorted(ckpt_dir.glob(SHARD_GLOB))
     if not shards:
         raise CheckpointError(f"no {SHARD_GLOB} files in {ckpt_dir}: not a Meta checkpoint dir")
+    numbers = []
+    for path in shards:
+        match = SHARD_NUMBER.fullmatch(path.name)
+        if match is None:
+            raise CheckpointError(f"{path}: unexpected file name; shards are named like {SHARD_NAME.format(0)}")
+        numbers.append(int(match.group(1)))
+    for expected, number in enumerate(numbers):
+        if number != expected:
+            raise CheckpointError(
+                f"{ckpt_dir}: found shards {numbers}, so {SHARD_NAME.format(expected)} is missing "
+                f"(shards must be numbered 00, 01, ... without a gap)"
+            )
     return shards
 
 
@@ -190,9 +280,12 @@ def open_shard(path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-# --------------------------------------------------------------------------------------------
-# Merging model-parallel slices
-# --------------------------------------------------------------------------------------------
+@dataclass
+class TensorLayout:
+    """How one tensor is stored: its full shape, and the dim its shards cut (None: not cut)."""
+
+    shape: torch.Size
+    split_dim: Optional[int]
 
 
 def embedding_split_dim(shard_shape: torch.Size, n_shards: int, dim: int) -> int:
@@ -200,196 +293,143 @@ def embedding_split_dim(shard_shape: torch.Size, n_shards: int, dim: int) -> int
     return ROW_PARALLEL_DIM if shard_shape[1] * n_shards == dim else COLUMN_PARALLEL_DIM
 
 
-def split_dim(name: str, shard_shape: torch.Size, n_shards: int, dim: int) -> Optional[int]:
-    """The dim along which `name` was sliced across shards, or None if it is replicated."""
-    if n_shards == 1:
-        return None
+def meta_split_dim(name: str, embedding_dim: Optional[int]) -> Optional[int]:
+    """The dim Meta cuts `name` on in a multi-shard checkpoint, given the embedding's; None: replicated."""
     if name == EMBEDDING_KEY:
-        return embedding_split_dim(shard_shape, n_shards, dim)
-    weight_kind = name.split(".")[-2]  # "layers.3.attention.wq.weight" -> "wq"
-    return SPLIT_DIMS.get(weight_kind)
+        return embedding_dim
+    return SPLIT_DIMS.get(name.split(".")[-2])  # "layers.3.attention.wq.weight" -> "wq"
 
 
-def merge_slices(name: str, slices: list[torch.Tensor], shards: list[Path], dim: int) -> torch.Tensor:
-    """One full tensor from its slices in every shard."""
-    first = slices[0]
-    for path, piece in zip(shards[1:], slices[1:]):
-        if piece.shape != first.shape or piece.dtype != first.dtype:
-            raise CheckpointError(
-                f"shards disagree on {name}: {shards[0].name} has {tuple(first.shape)} {first.dtype}, "
-                f"{path.name} has {tuple(piece.shape)} {piece.dtype}"
-            )
-    concat_dim = split_dim(name, first.shape, len(slices), dim)
-    if concat_dim is None:
-        return first  # replicated: every shard holds the same tensor
-    return torch.cat(slices, dim=concat_dim)
+def stored_layout(name: str, shard_shape: torch.Size, n_shards: int, dim: int) -> TensorLayout:
+    """The full shape of `name` and the dim Meta cut it on, from the shape of one of its n_shards slices."""
+    if n_shards == 1:
+        return TensorLayout(torch.Size(shard_shape), None)
+    embedding_dim = embedding_split_dim(shard_shape, n_shards, dim) if name == EMBEDDING_KEY else None
+    split = meta_split_dim(name, embedding_dim)
+    if split is None:  # replicated: every shard holds the whole tensor
+        return TensorLayout(torch.Size(shard_shape), None)
+    full = list(shard_shape)
+    full[split] *= n_shards
+    return TensorLayout(torch.Size(full), split)
 
 
-def infer_vocab_size(state_dicts: list[dict], n_shards: int, dim: int) -> int:
-    """Vocabulary size from the output head's rows (column-parallel: split on the vocabulary)."""
-    if OUTPUT_KEY in state_dicts[0]:
-        return sum(sd[OUTPUT_KEY].shape[0] for sd in state_dicts)
-    shape = state_dicts[0][EMBEDDING_KEY].shape
-    return shape[0] * (n_shards if embedding_split_dim(shape, n_shards, dim) == COLUMN_PARALLEL_DIM else 1)
+def vocab_size_from_shard_shapes(
+    shapes: dict[str, torch.Size], n_shards: int, dim: int, where: Union[str, Path]
+) -> int:
+    """The vocabulary size from one shard's tensor shapes: the rows of the (merged) output head,
+    or of the embedding if there is no head."""
+    for name in (OUTPUT_KEY, EMBEDDING_KEY):
+        if name in shapes:
+            return stored_layout(name, shapes[name], n_shards, dim).shape[0]
+    raise CheckpointError(f"{where}: neither {OUTPUT_KEY} nor {EMBEDDING_KEY} is there to tell the vocabulary size")
 
 
 # --------------------------------------------------------------------------------------------
-# Memory planning: will the model fit?
+# The reader: any slice of any tensor, whatever the shard count
 # --------------------------------------------------------------------------------------------
 
-GIB = 1024**3
-MEMINFO = Path("/proc/meminfo")  # Linux: MemAvailable counts free memory plus reclaimable caches
-LOGITS_DTYPE = torch.float32  # the model returns float32 logits
 
+class ShardedCheckpoint:
+    """A Meta checkpoint dir opened for reading: every shard memory-mapped, every layout checked.
 
-class MemoryPlanError(CheckpointError):
-    """The model will not fit in the memory available; the message suggests what to change."""
+    args: the model's (any run-time sizes will do); None reads params.json. A vocab_size of None
+    is read from the weights. Nothing is read from disk until `read` touches it. Every tensor's
+    layout is checked against `expected_shapes(args)` first, so a missing shard or a params.json
+    of another model is reported by name before anything is loaded.
+    """
 
-
-@dataclass
-class MemoryPlan:
-    """Bytes a model will take on its device, computed from ModelArgs before anything is loaded."""
-
-    weights: int  # every parameter (quantized or not), as it will sit in memory
-    kv_cache: int  # keys and values for max_batch_size x max_seq_len positions, every layer
-    activations: int  # an estimate of the largest temporaries of one forward pass
-    available: Optional[int]  # free memory on the device now (None: unknown, nothing is checked)
-    device: torch.device
+    def __init__(self, ckpt_dir: Union[str, Path], args: Optional[ModelArgs] = None):
+        self.dir = check_checkpoint_dir(ckpt_dir)
+        self.paths = list_shards(self.dir)
+        if args is None:
+            args = model_args_from_params(read_params(self.dir), self.dir / PARAMS_FILE, 1, 1)
+        self.shards = [open_shard(path) for path in self.paths]
+        if args.vocab_size is None:  # Llama 2's params.json says -1: the weights know
+            shapes = {name: t.shape for name, t in self.shards[0].items()}
+            args = replace(args, vocab_size=vocab_size_from_shard_shapes(shapes, self.n_shards, args.dim, self.paths[0]))
+        self.args = args
+        self.layouts = self._check_layouts()
 
     @property
-    def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations
+    def n_shards(self) -> int:
+        return len(self.paths)
 
-    def fits(self) -> bool:
-        return self.available is None or self.total <= self.available
+    def names(self) -> list[str]:
+        """Every tensor's name, in the order of the first shard."""
+        return list(self.layouts)
 
+    def pieces(self, name: str) -> list[torch.Tensor]:
+        """The slices of `name` as stored, one per shard (memory-mapped)."""
+        return [shard[name] for shard in self.shards]
 
-def linear_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
-    """(N, K) of every linear layer, by its name in the model: the matrices quantization applies to."""
-    query_size, kv_size = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    shapes = {}
-    for i in range(args.n_layers):
-        attention, feed_forward = f"layers.{i}.attention", f"layers.{i}.feed_forward"
-        shapes.update({
-            f"{attention}.wq": (query_size, args.dim), f"{attention}.wk": (kv_size, args.dim),
-            f"{attention}.wv": (kv_size, args.dim), f"{attention}.wo": (args.dim, query_size),
-            f"{feed_forward}.w1": (args.ffn_hidden_dim, args.dim), f"{feed_forward}.w3": (args.ffn_hidden_dim, args.dim),
-            f"{feed_forward}.w2": (args.dim, args.ffn_hidden_dim),
-        })
-    shapes["output"] = (args.vocab_size, args.dim)
-    return shapes
+    def read(self, name: str, dim: Optional[int] = None, start: int = 0, length: Optional[int] = None) -> torch.Tensor:
+        """The slice [start, start + length) along `dim` of the full tensor `name` (dim None: all of it).
 
+        Only the shards that hold part of the slice are touched. The result may be a view into a
+        memory-mapped shard (no copy, nothing read yet); `torch.save` of a view writes its whole
+        underlying tensor, so clone a slice before saving it.
+        """
+        layout = self.layouts[name]
+        pieces = self.pieces(name)
+        if dim is None:
+            dim, start, length = 0, 0, layout.shape[0]
+        if length is None:
+            length = layout.shape[dim] - start
+        if not (0 <= start and 0 < length and start + length <= layout.shape[dim]):
+            raise ValueError(f"{name}: slice [{start}, {start + length}) is outside dim {dim} of {tuple(layout.shape)}")
+        if layout.split_dim is None:  # every shard holds the whole tensor
+            return pieces[0].narrow(dim, start, length)
+        if layout.split_dim != dim:  # cut across the shards' own cut: a slab of each, glued back
+            return torch.cat([piece.narrow(dim, start, length) for piece in pieces], dim=layout.split_dim)
+        # Same dim: shard i holds [i * size, (i + 1) * size); keep the overlap of each with the slice.
+        size = pieces[0].shape[dim]
+        overlaps = []
+        for i, piece in enumerate(pieces):
+            lo, hi = max(start, i * size), min(start + length, (i + 1) * size)
+            if lo < hi:
+                overlaps.append(piece.narrow(dim, lo - i * size, hi - lo))
+        return overlaps[0] if len(overlaps) == 1 else torch.cat(overlaps, dim=dim)
 
-def weights_bytes(args: ModelArgs, dtype: torch.dtype, quantize: Optional[str]) -> int:
-    embedding_and_norms = args.vocab_size * args.dim + (2 * args.n_layers + 1) * args.dim
-    total = embedding_and_norms * dtype.itemsize
-    for name, (out_features, in_features) in linear_shapes(args).items():
-        scheme = layer_scheme(name, quantize) if quantize else None
-        total += linear_bytes(out_features, in_features, scheme, dtype)
-    return total
+    def _check_layouts(self) -> dict[str, TensorLayout]:
+        """Every shard holds the same tensors with the same shapes, and together they make params.json's."""
+        expected = expected_shapes(self.args)
+        first_path, first_shard = self.paths[0], self.shards[0]
+        for path, shard in zip(self.paths[1:], self.shards[1:]):
+            if set(shard) != set(first_shard):
+                diff = sorted(set(first_shard).symmetric_difference(shard))[:5]
+                raise CheckpointError(f"shards disagree: {path.name} and {first_path.name} differ in tensors {diff}")
+        missing, unexpected = sorted(set(expected) - set(first_shard)), sorted(set(first_shard) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{first_path}: tensors do not match params.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        layouts = {}
+        for name, first in first_shard.items():
+            for path, shard in zip(self.paths[1:], self.shards[1:]):
+                if shard[name].shape != first.shape or shard[name].dtype != first.dtype:
+                    raise CheckpointError(
+                        f"shards disagree on {name}: {first_path.name} has {tuple(first.shape)} {first.dtype}, "
+                        f"{path.name} has {tuple(shard[name].shape)} {shard[name].dtype}"
+                    )
+            layout = stored_layout(name, first.shape, self.n_shards, self.args.dim)
+            if tuple(layout.shape) != expected[name]:
+                raise CheckpointError(self._shape_error(name, first.shape, layout.shape, expected[name]))
+            layouts[name] = layout
+        return layouts
 
-
-def kv_cache_bytes(args: ModelArgs, dtype: torch.dtype, max_seq_len: int) -> int:
-    positions = args.max_batch_size * max_seq_len
-    return 2 * args.n_layers * positions * args.n_kv_heads * args.head_dim * dtype.itemsize  # 2: keys, values
-
-
-def activations_bytes(args: ModelArgs, dtype: torch.dtype, max_seq_len: int) -> int:
-    """The largest temporaries of a prefill over a full-length batch: the residual stream, a norm's and
-    attention's outputs (3 x C per token), the two FFN hidden vectors (2 x F per token), and the last
-    position's float32 logits. (Asking for every position's logits, as logprobs with echo does,
-    needs B x T x V x 4 bytes more.)"""
-    tokens = args.max_batch_size * max_seq_len
-    per_token = (3 * args.dim + 2 * args.ffn_hidden_dim) * dtype.itemsize
-    return tokens * per_token + args.max_batch_size * args.vocab_size * LOGITS_DTYPE.itemsize
-
-
-def available_memory(device: torch.device) -> Optional[int]:
-    """Bytes free on `device` now, or None where we cannot tell."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu" and MEMINFO.is_file():
-        for line in MEMINFO.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024  # the value is in kB
-    return None
-
-
-def plan_memory(
-    args: ModelArgs, dtype: torch.dtype, quantize: Optional[str], device: torch.device,
-    available: Optional[int] = None,
-) -> MemoryPlan:
-    """The memory plan for loading `args` in `dtype` (and `quantize`) on `device`.
-
-    available: bytes to plan against; None asks the device (see `available_memory`).
-    """
-    return MemoryPlan(
-        weights=weights_bytes(args, dtype, quantize),
-        kv_cache=kv_cache_bytes(args, dtype, args.max_seq_len),
-        activations=activations_bytes(args, dtype, args.max_seq_len),
-        available=available if available is not None else available_memory(device),
-        device=device,
-    )
-
-
-def longest_fitting_seq_len(args: ModelArgs, dtype: torch.dtype, quantize: Optional[str], available: int) -> int:
-    """The largest max_seq_len whose plan fits in `available` bytes (0 if even the weights do not fit)."""
-    fixed = weights_bytes(args, dtype, quantize) + activations_bytes(args, dtype, max_seq_len=0)
-    per_position = kv_cache_bytes(args, dtype, 1) + activations_bytes(args, dtype, 1) - activations_bytes(args, dtype, 0)
-    return max(0, (available - fixed) // per_position)
-
-
-def check_memory(plan: MemoryPlan, args: ModelArgs, dtype: torch.dtype, quantize: Optional[str]) -> None:
-    """Refuse a plan that does not fit, saying what it needs and which single change would fit."""
-    if plan.fits():
-        return
-
-    def gib(n: int) -> str:
-        return f"{n / GIB:.2f} GiB"
-
-    def needs(new_args: ModelArgs, new_dtype: torch.dtype, new_quantize: Optional[str]) -> MemoryPlan:
-        return plan_memory(new_args, new_dtype, new_quantize, plan.device, plan.available)
-
-    candidates = []  # (what to change, its plan)
-    seq_len = longest_fitting_seq_len(args, dtype, quantize, plan.available)
-    if seq_len >= 1:
-        candidates.append((f"max_seq_len={seq_len} (--max-seq-len {seq_len})", needs(replace(args, max_seq_len=seq_len), dtype, quantize)))
-    if args.max_batch_size > 1:
-        candidates.append(("max_batch_size=1 (--max-batch-size 1)", needs(replace(args, max_batch_size=1), dtype, quantize)))
-    for scheme in (INT8, INT4):
-        if quantize is None or (quantize, scheme) == (INT8, INT4):
-            candidates.append((f"quantize={scheme!r} (--quantize {scheme})", needs(args, dtype, scheme)))
-    if dtype == torch.float32:
-        candidates.append(("dtype='bfloat16' (--dtype bfloat16)", needs(args, torch.bfloat16, quantize)))
-    fitting = [f"{change}: needs {gib(p.total)}" for change, p in candidates if p.fits()]
-    advice = "Try " + "; or ".join(fitting) if fitting else (
-        "No single change (shorter max_seq_len, batch of 1, int8/int4, bfloat16) makes it fit: combine them, "
-        "or use a smaller model or a machine with more memory")
-    quantized = f", quantized to {quantize}" if quantize else ""
-    raise MemoryPlanError(
-        f"the model will not fit in memory: it needs about {gib(plan.total)} on {plan.device} "
-        f"(weights {gib(plan.weights)} in {str(dtype).removeprefix('torch.')}{quantized}, KV cache {gib(plan.kv_cache)} "
-        f"for max_batch_size {args.max_batch_size} x max_seq_len {args.max_seq_len}, activations about "
-        f"{gib(plan.activations)}), but only {gib(plan.available)} is available. {advice}"
-    )
+    def _shape_error(self, name: str, stored: torch.Size, full: torch.Size, expected: tuple[int, ...]) -> str:
+        if self.n_shards == 1:
+            return f"{name} in {self.paths[0]} has shape {tuple(full)}, but params.json implies {expected}"
+        return (
+            f"{name}: {self.n_shards} shard(s) of {tuple(stored)} in {self.dir} make {tuple(full)}, but params.json "
+            f"implies {expected}: the shard count ({self.n_shards}) or params.json does not belong to this model "
+            f"(is a shard missing?)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
-# Loading
+# Loading: the reader's tensors into one Transformer on one device
 # --------------------------------------------------------------------------------------------
-
-
-def load_model_args(
-    ckpt_dir: Union[str, Path], max_seq_len: int, max_batch_size: int, vocab_size: Optional[int] = None
-) -> ModelArgs:
-    """ModelArgs of a checkpoint dir; `vocab_size` fills in Llama 2's "-1" (the tokenizer's size)."""
-    params = read_params(ckpt_dir)
-    args = model_args_from_params(
-        params, Path(ckpt_dir) / PARAMS_FILE, max_seq_len=max_seq_len, max_batch_size=max_batch_size
-    )
-    if not args.has_vocab_size and vocab_size is not None:
-        args = replace(args, vocab_size=vocab_size)
-    return args
 
 
 def load_transformer(
@@ -399,111 +439,55 @@ def load_transformer(
     dtype: torch.dtype,
     progress: bool = True,
     quantize: Optional[str] = None,
-    prepack: bool = False,
+    compile: bool = False,
+    needs_gradients: bool = False,
     available_bytes: Optional[int] = None,
 ) -> Transformer:
     """Build a Transformer from every consolidated.NN.pth shard of `ckpt_dir`, on `device` in `dtype`.
 
-    quantize: None, "int8" or "int4" (see quantize.py): each linear weight is quantized as soon as it
-    is read, so the full-precision model never exists in memory. prepack (bf16 on CPU, no quantize):
-    store the linear weights in oneDNN's layout instead (`quantize.PackedLinear`). Before anything
-    is loaded, the memory plan (weights + KV cache) is checked against `available_bytes` (None:
-    what the device has free now), and a model that will not fit is refused with suggestions.
+    How the linear layers are stored is `quantize.linear_storage`'s decision: quantize (None,
+    "int8" or "int4") quantizes each weight as soon as it is read, so the full-precision model
+    never exists in memory; bf16 on a CPU is prepacked for oneDNN unless the model is to be
+    compiled (`compile=True`) or differentiated (`needs_gradients=True`: plain nn.Linear). Before
+    anything is loaded, the memory plan (weights + KV cache) is checked against `available_bytes`
+    (None: what the device has free now), and a model that will not fit is refused with suggestions.
     """
-    check_scheme(quantize)
-    if prepack and (quantize is not None or not prepacking_helps(device, dtype)):
-        raise ValueError(f"prepack is for unquantized bfloat16 on a CPU with oneDNN, not {quantize or dtype} on {device}")
-    shards = list_shards(ckpt_dir)
-    state_dicts = [open_shard(path) for path in shards]
-    if not args.has_vocab_size:
-        args = replace(args, vocab_size=infer_vocab_size(state_dicts, len(shards), args.dim))
+    storage = linear_storage(device, dtype, quantize, compile, needs_gradients)
+    checkpoint = ShardedCheckpoint(ckpt_dir, args)
+    args = checkpoint.args
     check_memory(plan_memory(args, dtype, quantize, device, available_bytes), args, dtype, quantize)
 
     with torch.device("meta"):
         model = Transformer(args)
-    expected_shapes = {name: t.shape for name, t in model.state_dict().items()}
-    linear_layers = set(linear_layer_names(model)) if quantize or prepack else set()
-
-    names = list(state_dicts[0])
-    check_same_tensor_names(shards, state_dicts, expected_shapes)
+    linear_layers = set(linear_layer_names(model))
     loaded = {}
-    for name in tqdm(names, desc=f"loading {Path(ckpt_dir).name}", unit="tensor", disable=not progress):
-        slices = [sd[name] for sd in state_dicts]
-        tensor = merge_slices(name, slices, shards, args.dim)
-        if tensor.shape != expected_shapes[name]:
-            where = shards[0] if len(shards) == 1 else f"{shards[0]} .. {shards[-1].name} (merged)"
-            raise CheckpointError(
-                f"{name} in {where} has shape {tuple(tensor.shape)}, "
-                f"but params.json implies {tuple(expected_shapes[name])}"
-            )
-        module_name, _, _ = name.rpartition(".")
+    for name in tqdm(checkpoint.names(), desc=f"loading {checkpoint.dir.name}", unit="tensor", disable=not progress):
+        tensor = checkpoint.read(name)
+        module_name = name.removesuffix(".weight")
         if module_name in linear_layers:
-            # Quantize (or prepack) on the target device, then put the new layer in place of the
-            # (shapes-only) nn.Linear; its tensors join the state dict under the layer's name.
-            layer = fast_linear(module_name, tensor.to(device), quantize, dtype)
-            release_scratch_memory()
+            # The layer as `storage` says, on the target device, in place of the (shapes-only)
+            # nn.Linear; its tensors join the state dict under the layer's name.
+            layer = make_linear(module_name, tensor, storage, dtype, device)
+            if storage != PLAIN:
+                release_scratch_memory()
             model.set_submodule(module_name, layer)
-            loaded.update({f"{module_name}.{key}": t for key, t in layer.state_dict().items()})
-            kept = None
+            kept = {f"{module_name}.{key}": t for key, t in layer.state_dict().items()}
         else:
-            kept = loaded[name] = tensor.to(device=device, dtype=dtype)  # no copy if nothing changes
-        if kept is None or all(kept.data_ptr() != piece.data_ptr() for piece in slices):
-            release_file_pages(slices)  # copied out: the file's pages need not stay in our memory
+            kept = {name: tensor.to(device=device, dtype=dtype)}  # no copy if nothing changes
+        loaded.update(kept)
+        pieces = checkpoint.pieces(name)
+        if not any(shares_memory(t, pieces) for t in kept.values()):
+            release_file_pages(pieces)  # copied out: the file's pages need not stay in our memory
     model.load_state_dict(loaded, strict=True, assign=True)
     model.setup_caches(device, dtype)
     return model.eval()
 
 
-def release_file_pages(mapped: list[torch.Tensor]) -> None:
-    """Let the OS take back the file pages behind tensors memory-mapped by `open_shard`.
-
-    Reading a memory-mapped tensor pulls its pages into our resident memory (RSS), where they stay
-    while the mapping lives, even after the values were copied out (cast to another dtype, moved to a
-    GPU, quantized). Without this, converting a checkpoint would hold the whole file *and* the
-    converted model in RSS at once. `madvise(MADV_DONTNEED)` drops our claim on the pages; the file
-    is unchanged (the mapping is private and never written), so touching them again just reads them
-    back. Only whole pages inside each tensor are released: a neighbour that stays in use keeps its
-    pages. Linux only (elsewhere this does nothing); it must only ever see tensors from `open_shard`,
-    since on ordinary memory MADV_DONTNEED would zero the values.
-    """
-    if _libc is None:
-        return
-    for tensor in mapped:
-        if tensor.device.type != "cpu":
-            continue
-        start = tensor.data_ptr()
-        first_page = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # round up
-        end_page = (start + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE  # down
-        if end_page > first_page:
-            _libc.madvise(ctypes.c_void_p(first_page), ctypes.c_size_t(end_page - first_page), mmap.MADV_DONTNEED)
-
-
-def release_scratch_memory() -> None:
-    """Return the heap memory freed after quantizing (or packing) one layer to the OS.
-
-    Quantizing a weight makes float32 working copies of it. Once they are freed, glibc's malloc keeps
-    the memory for reuse in the arena of whichever thread allocated it, and which arenas PyTorch's
-    worker threads pick changes from run to run: without this, the peak RSS of loading the demo
-    model as int4 was 0.5 GB in some runs and 0.9 GB in others. `malloc_trim(0)` hands every free
-    page back. glibc only (elsewhere this does nothing); it costs well under a millisecond a layer.
-    """
-    if _libc is not None and hasattr(_libc, "malloc_trim"):
-        _libc.malloc_trim(0)
-
-
-def check_same_tensor_names(shards: list[Path], state_dicts: list[dict], expected_shapes: dict) -> None:
-    """Every shard holds the same tensors, and they are exactly the model's."""
-    names = set(state_dicts[0])
-    for path, sd in zip(shards[1:], state_dicts[1:]):
-        if set(sd) != names:
-            diff = sorted(names.symmetric_difference(sd))[:5]
-            raise CheckpointError(f"shards disagree: {path.name} and {shards[0].name} differ in tensors {diff}")
-    missing = sorted(set(expected_shapes) - names)
-    unexpected = sorted(names - set(expected_shapes))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{shards[0]}: tensors do not match params.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+def shares_memory(tensor: torch.Tensor, mapped: list[torch.Tensor]) -> bool:
+    """Whether `tensor` still points into one of the memory-mapped `mapped` (nothing was copied)."""
+    if tensor.layout != torch.strided:  # e.g. a prepacked oneDNN weight: always a new buffer
+        return False
+    return any(tensor.data_ptr() == piece.data_ptr() for piece in mapped)
 
 
 def check_vocab_matches(tokenizer_n_words: int, tokenizer_path: Path, args: ModelArgs) -> None:

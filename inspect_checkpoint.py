@@ -10,12 +10,12 @@ What it prints, and where each number comes from:
    that sizes the real model, so they cannot drift from it.
 2. **Parameters** per component (embedding, attention, feed-forward, norms, head) and the total.
    For a directory they are counted from the tensors' shapes in the shards; for a bare
-   params.json, from the shapes a `Transformer` built on the "meta" device would have (shapes
-   without memory: nothing is allocated, even for 405B).
+   params.json, from `checkpoint.expected_shapes`, the shapes a `Transformer` of those args has
+   (computed, not built: nothing is allocated, even for 405B).
 3. **On disk**: bytes per dtype, and each shard file with what it holds.
 4. **Memory to run** at a dtype (and `--quantize`) / max_seq_len / batch size: the weights, the
    KV cache (two tensors per layer, (batch, n_kv_heads, max_seq_len, head_dim) each, as
-   `model.KVCache` allocates them) and the activations, from `checkpoint.plan_memory`: the same
+   `model.KVCache` allocates them) and the activations, from `memory.plan_memory`: the same
    plan `LLaMa.build` checks before it loads anything.
 
 ## The tensor index (which tensor is in which shard)
@@ -23,10 +23,10 @@ Meta's shards are pickled state dicts. Learning their tensors' names, shapes and
 unpickling each shard's header (cheap with `mmap=True`: no tensor data is read, but still one
 file open per shard). We do that once and cache the answer next to the checkpoint as
 `tensor_index.json`; a shard whose size or modification time changed makes the cache stale, and
-it is rebuilt. The file is written atomically (a temporary name, then `os.replace`), and in a
-read-only directory it is simply not written. `interpret.py` uses the same index to load only a
-range of layers. (This is a checkpoint helper that could move to checkpoint.py; it lives here so
-that checkpoint.py stays as it is.)
+it is rebuilt. The file is written atomically (atomic.py: a temporary name, then a rename), and in
+a read-only directory it is simply not written. The index only describes the shards: merged
+shapes follow checkpoint.py's one rule (`stored_layout`), and tensors are read through its reader
+(`ShardedCheckpoint`). `interpret.py` uses the same index to load only a range of layers.
 
 ## Llama 2's "vocab_size": -1
 Meta's Llama 2 params.json leaves the vocabulary to the tokenizer. We resolve it, in order, from
@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,30 +47,33 @@ from typing import Optional, Union
 
 import torch
 
+from atomic import write_text_atomically
 from checkpoint import (
     EMBEDDING_KEY,
     OUTPUT_KEY,
     PARAMS_FILE,
     CheckpointError,
+    ShardedCheckpoint,
     check_checkpoint_dir,
     choose_dtype,
+    expected_shapes,
     list_shards,
-    merge_slices,
     model_args_from_params,
     open_shard,
     read_params,
-    plan_memory,
-    split_dim,
+    read_params_file,
+    stored_layout,
+    vocab_size_from_shard_shapes,
 )
 from inference import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN
-from model import ModelArgs, Transformer
+from memory import plan_memory
+from model import ModelArgs
 from quantize import SCHEMES
 
 INDEX_FILE = "tensor_index.json"
 INDEX_FORMAT = "llama-from-scratch tensor index"
 INDEX_VERSION = 1
 TOKENIZER_FILE = "tokenizer.model"
-FILE_MODE = 0o666  # before the umask, as open() would create the file
 
 
 # Parameter components, in the order a token meets them.
@@ -137,26 +138,12 @@ class TensorIndex:
         return [i for i, shard in enumerate(self.shards) if name in shard.tensors]
 
     def merged_shape(self, name: str, dim: int) -> tuple[int, ...]:
-        """The shape of `name` once its slices are concatenated (see checkpoint.merge_slices)."""
+        """The shape of `name` once its slices are put together (checkpoint.stored_layout's rule)."""
         holders = self.shards_holding(name)
         if not holders:
             raise KeyError(name)
-        shape = list(self.shards[holders[0]].tensors[name].shape)
-        concat_dim = split_dim(name, torch.Size(shape), len(holders), dim)
-        if concat_dim is not None:
-            shape[concat_dim] = sum(self.shards[i].tensors[name].shape[concat_dim] for i in holders)
-        return tuple(shape)
-
-    def load_tensor(self, name: str, dim: int, state_dicts: dict[int, dict]) -> torch.Tensor:
-        """`name` merged from its slices; `state_dicts` maps shard index -> opened shard (mmap)."""
-        holders = self.shards_holding(name)
-        if not holders:
-            raise CheckpointError(f"{self.ckpt_dir}: no shard holds {name}")
-        for i in holders:
-            if i not in state_dicts:
-                state_dicts[i] = open_shard(self.shard_paths[i])
-        slices = [state_dicts[i][name] for i in holders]
-        return merge_slices(name, slices, [self.shard_paths[i] for i in holders], dim)
+        shard_shape = torch.Size(self.shards[holders[0]].tensors[name].shape)
+        return tuple(stored_layout(name, shard_shape, len(holders), dim).shape)
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -237,27 +224,13 @@ def read_cached_index(ckpt_dir: Path, shard_paths: list[Path]) -> Optional[Tenso
 
 
 def write_index_atomically(index: TensorIndex) -> bool:
-    """Write tensor_index.json via a temporary file and a rename; False if the dir is not writable."""
-    target = index.ckpt_dir / INDEX_FILE
+    """Write tensor_index.json atomically; False if the directory is not writable (a cache we cannot
+    keep is no error)."""
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=index.ckpt_dir, prefix=f".{INDEX_FILE}.", suffix=".tmp")
-    except OSError:  # read-only directory or file system: a cache we cannot keep is no error
-        return False
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(index_to_json(index), f)
-        os.chmod(tmp_name, FILE_MODE & ~current_umask())  # mkstemp makes it private (0600)
-        os.replace(tmp_name, target)
+        write_text_atomically(index.ckpt_dir / INDEX_FILE, json.dumps(index_to_json(index)))
     except OSError:
-        Path(tmp_name).unlink(missing_ok=True)
         return False
     return True
-
-
-def current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def tensor_index(ckpt_dir: Union[str, Path], cache: bool = True) -> TensorIndex:
@@ -297,11 +270,7 @@ def component_of(name: str) -> str:
     return "other"
 
 
-def model_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every weight's shape, from a Transformer built on the "meta" device (no memory used)."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+model_shapes = expected_shapes  # the name interpret.py imports
 
 
 def count_by_component(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
@@ -315,24 +284,10 @@ def checkpoint_shapes(index: TensorIndex, dim: int) -> dict[str, tuple[int, ...]
     return {name: index.merged_shape(name, dim) for name in index.names()}
 
 
-def vocab_size_from_shapes(index: TensorIndex, dim: int) -> Optional[int]:
+def vocab_size_from_shapes(index: TensorIndex, dim: int) -> int:
     """Rows of the head (or of the embedding if there is no head): the vocabulary size."""
-    names = index.names()
-    for name in (OUTPUT_KEY, EMBEDDING_KEY):
-        if name in names:
-            return index.merged_shape(name, dim)[0]
-    return None
-
-
-def read_params_file(path: Path) -> dict:
-    """A params.json given on its own (any file name), with the same errors as checkpoint.read_params."""
-    try:
-        params = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(params, dict):
-        raise CheckpointError(f"{path} must hold a JSON object of model hyperparameters")
-    return params
+    first = {name: torch.Size(t.shape) for name, t in index.shards[0].tensors.items()}
+    return vocab_size_from_shard_shapes(first, len(index.shards), dim, index.shard_paths[0])
 
 
 @dataclass
@@ -362,7 +317,7 @@ def resolve(
         params, params_path, index = read_params_file(path), path, None
     args = model_args_from_params(params, params_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
 
-    if args.has_vocab_size:
+    if args.vocab_size is not None:
         if vocab_size is not None and vocab_size != args.vocab_size:
             raise CheckpointError(
                 f"--vocab-size {vocab_size} disagrees with vocab_size {args.vocab_size} in {params_path}"
@@ -373,9 +328,8 @@ def resolve(
             raise CheckpointError(f"--vocab-size must be >= 1, got {vocab_size}")
         return Resolved(replace(args, vocab_size=vocab_size), params_path, "--vocab-size", index)
     if index is not None:
-        from_shapes = vocab_size_from_shapes(index, args.dim)
-        if from_shapes is not None:
-            return Resolved(replace(args, vocab_size=from_shapes), params_path, "the weights' shapes", index)
+        return Resolved(replace(args, vocab_size=vocab_size_from_shapes(index, args.dim)), params_path,
+                        "the weights' shapes", index)
     tokenizer_path = params_path.with_name(TOKENIZER_FILE)
     if tokenizer_path.is_file():
         from tokenizer import Tokenizer  # only needed for this fallback
@@ -474,7 +428,7 @@ def describe_disk(index: TensorIndex, dim: int) -> list[str]:
     lines.append(f"  {len(index.shards)} shard(s):")
     n_shards = len(index.shards)
     for shard in index.shards:
-        split = [n for n in shard.tensors if split_dim(n, torch.Size(shard.tensors[n].shape), n_shards, dim) is not None]
+        split = [n for n, t in shard.tensors.items() if stored_layout(n, torch.Size(t.shape), n_shards, dim).split_dim is not None]
         if n_shards == 1:
             held = f"{len(shard.tensors)} tensors, whole"
         else:
@@ -485,7 +439,7 @@ def describe_disk(index: TensorIndex, dim: int) -> list[str]:
 
 
 def describe_memory(args: ModelArgs, dtype: torch.dtype, quantize: Optional[str]) -> list[str]:
-    """checkpoint.plan_memory's plan (the one `LLaMa.build` checks before loading), explained."""
+    """memory.plan_memory's plan (the one `LLaMa.build` checks before loading), explained."""
     plan = plan_memory(args, dtype, quantize, torch.device("cpu"))
     b, s = args.max_batch_size, args.max_seq_len
     weights = f"{dtype_name(dtype)}" + (f", linear layers {quantize}" if quantize else "")
@@ -514,10 +468,10 @@ def describe_tensors(index: TensorIndex) -> list[str]:
     return lines
 
 
-def check_tied(index: TensorIndex, dim: int) -> bool:
+def check_tied(ckpt_dir: Path, args: ModelArgs) -> bool:
     """Compare the head with the embedding, streaming both from the memory-mapped shards."""
-    opened: dict[int, dict] = {}
-    return torch.equal(index.load_tensor(OUTPUT_KEY, dim, opened), index.load_tensor(EMBEDDING_KEY, dim, opened))
+    checkpoint = ShardedCheckpoint(ckpt_dir, args)
+    return torch.equal(checkpoint.read(OUTPUT_KEY), checkpoint.read(EMBEDDING_KEY))
 
 
 def parameter_counts(resolved: Resolved) -> tuple[dict[str, tuple[int, ...]], str]:
@@ -556,7 +510,7 @@ def report(
         problems = shape_mismatches(shapes, model_shapes(args))
         if problems:
             lines.append(f"  warning: the tensors disagree with params.json: {'; '.join(problems[:5])}")
-    tied = check_tied(resolved.index, args.dim) if compare_tied and resolved.index is not None else None
+    tied = check_tied(resolved.index.ckpt_dir, args) if compare_tied and resolved.index is not None else None
     lines += describe_tying(shapes, tied, can_check=resolved.index is not None)
     if resolved.index is not None:
         lines += [""] + describe_disk(resolved.index, args.dim)

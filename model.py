@@ -52,9 +52,6 @@ ROPE_LOW_FREQ_FACTOR = 1.0
 ROPE_HIGH_FREQ_FACTOR = 4.0
 ROPE_ORIGINAL_CONTEXT = 8192  # original Llama 3 context length
 
-# Meta's Llama 2 `params.json` writes `"vocab_size": -1`: "take it from the tokenizer".
-VOCAB_SIZE_FROM_TOKENIZER = -1
-
 
 @dataclass
 class RopeScaling:
@@ -78,7 +75,7 @@ class ModelArgs:
     n_layers: int = 32
     n_heads: int = 32
     n_kv_heads: Optional[int] = None  # None: as many K/V heads as query heads (plain multi-head)
-    vocab_size: int = VOCAB_SIZE_FROM_TOKENIZER
+    vocab_size: Optional[int] = None  # None: not known yet (Llama 2 leaves it to the tokenizer)
     multiple_of: int = 256  # FFN hidden size is rounded up to a multiple of this (fast matmuls)
     ffn_dim_multiplier: Optional[float] = None  # Llama 2 70B and Llama 3 scale the FFN up
     norm_eps: float = 1e-5
@@ -105,6 +102,11 @@ class ModelArgs:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len", "max_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelArgs.{name} must be >= 1, got {getattr(self, name)}")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(
+                f"ModelArgs.vocab_size must be >= 1 or None (not known yet), got {self.vocab_size} "
+                f"(params.json's -1 is resolved by checkpoint.load_model_args)"
+            )
         if self.dim % self.n_heads != 0:
             raise ValueError(f"ModelArgs: dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads != 0:
@@ -129,7 +131,7 @@ class ModelArgs:
 
     @property
     def has_vocab_size(self) -> bool:
-        return self.vocab_size != VOCAB_SIZE_FROM_TOKENIZER
+        return self.vocab_size is not None
 
 
 def feed_forward_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
@@ -335,11 +337,19 @@ def scaled_dot_product_attention(
     q: (B, H, T, D); k, v: (B, H, S, D); mask: additive, broadcastable to (B, H, T, S), 0 where
     attention is allowed and -inf where not. The softmax runs in float32, as Meta's code does.
     """
+    return torch.matmul(attention_weights(q, k, mask), v)  # (B, H, T, D)
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask): how much each query takes from each key, (B, H, T, S).
+
+    q: (B, H, T, D); k: (B, H, S, D); mask as in `scaled_dot_product_attention`. Row (b, h, i) sums
+    to 1 over S. Computed in float32, then cast back to q's dtype, as Meta's code does.
+    """
     scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
     if mask is not None:
         scores = scores + mask
-    weights = F.softmax(scores.float(), dim=-1).type_as(q)  # each row sums to 1 over S
-    return torch.matmul(weights, v)  # (B, H, T, D)
+    return F.softmax(scores.float(), dim=-1).type_as(q)  # each row sums to 1 over S
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,7 +423,7 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         if not args.has_vocab_size:
-            raise ValueError("ModelArgs.vocab_size is -1: set it (from the tokenizer or the weights) first")
+            raise ValueError("ModelArgs.vocab_size is None: set it (from the tokenizer or the weights) first")
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(layer_id, args) for layer_id in range(args.n_layers))
@@ -474,3 +484,41 @@ class Transformer(nn.Module):
             h = h[:, -1:]  # (B, 1, C)
         h = self.norm(h)
         return self.output(h).float()  # (B, T or 1, V)
+
+
+# --------------------------------------------------------------------------------------------
+# The state dict's shapes, from ModelArgs alone
+# --------------------------------------------------------------------------------------------
+
+EMBEDDING_KEY = "tok_embeddings.weight"
+OUTPUT_KEY = "output.weight"
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor of `Transformer(args).state_dict()`, in its order, with its shape.
+
+    Computed from the args without building anything, so it costs nothing even for 405B. It is the
+    one statement of the shapes: loaders check a checkpoint against it, the memory plan counts its
+    bytes, convert.py writes tensors of these shapes (and a test holds it equal to a real model's).
+    The KV caches are buffers, not part of a checkpoint, so they are not here.
+    """
+    if args.vocab_size is None:
+        raise ValueError("ModelArgs.vocab_size is None: set it (from the tokenizer or the weights) first")
+    dim, hidden, vocab = args.dim, args.ffn_hidden_dim, args.vocab_size
+    query_size, kv_size = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim  # H * D, K * D
+    shapes = {EMBEDDING_KEY: (vocab, dim)}
+    for i in range(args.n_layers):
+        shapes.update({
+            f"layers.{i}.attention.wq.weight": (query_size, dim),
+            f"layers.{i}.attention.wk.weight": (kv_size, dim),
+            f"layers.{i}.attention.wv.weight": (kv_size, dim),
+            f"layers.{i}.attention.wo.weight": (dim, query_size),
+            f"layers.{i}.feed_forward.w1.weight": (hidden, dim),
+            f"layers.{i}.feed_forward.w2.weight": (dim, hidden),
+            f"layers.{i}.feed_forward.w3.weight": (hidden, dim),
+            f"layers.{i}.attention_norm.weight": (dim,),
+            f"layers.{i}.ffn_norm.weight": (dim,),
+        })
+    shapes["norm.weight"] = (dim,)
+    shapes[OUTPUT_KEY] = (vocab, dim)
+    return shapes

@@ -1,6 +1,18 @@
-"""Faster linear layers: weight-only quantization (int8 per channel, int4 per group), prepacked bf16.
+"""How a linear layer is stored: plain, prepacked bf16, int8 or int4. The one place that decides.
 
-Why it makes decoding faster. Generating one token multiplies one vector by every weight matrix of
+Every loader asks `linear_storage(device, dtype, quantize, compile, needs_gradients)` which of the
+four storages the model's linear layers get, and builds each layer with `make_linear`:
+
+    storage      layer            when
+    PLAIN        nn.Linear        float32/float16, GPUs, compiled models, and whenever gradients are needed
+    PREPACKED    PackedLinear     bf16 on a CPU with oneDNN, not compiled (the default there)
+    INT8         Int8Linear       quantize="int8"
+    INT4         Int4Linear       quantize="int4" (the output head stays Int8Linear: `layer_storage`)
+
+A new way to store weights (say, one chosen per CPU) is one more constant here, one more branch
+in `linear_storage` and in `make_linear`; no loader changes.
+
+Why quantized layers make decoding faster. Generating one token multiplies one vector by every weight matrix of
 the model: each weight is fetched from memory once and used for a single multiply-add. A CPU can do
 many multiply-adds per byte it fetches, so this step waits on memory, and its time is about
 (bytes of weights) / (memory bandwidth). Fewer bits per weight means fewer bytes: int8 halves
@@ -35,19 +47,24 @@ memory (``quantize_model(model, "int4")``).
 
 Without quantization there is still one thing to gain on a CPU: `PackedLinear` keeps a bf16 weight in
 the blocked layout of the oneDNN kernel that multiplies it, instead of having it rearranged on every
-call (the loader does this by default for bf16 on CPU, unless the model is to be compiled).
+call (storage PREPACKED: the default for bf16 on CPU, unless the model is to be compiled).
 
 Shape legend: N output features (rows of W), K input features, G group size, M rows of x.
 """
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
+# The four storages of a linear layer (see the table above). A quantization scheme's name is also
+# the name of its storage.
+PLAIN = "plain"  # nn.Linear, its weight in the model's dtype: the reference, and differentiable
+PREPACKED = "prepacked"  # PackedLinear: bf16 in oneDNN's blocked layout (CPU)
 INT8 = "int8"
 INT4 = "int4"
 SCHEMES = (INT8, INT4)
+STORAGES = (PLAIN, PREPACKED, *SCHEMES)
 
 INT8_MAX = 127  # symmetric: -127 ... 127, so that +x and -x round to opposite values
 INT4_LEVELS = 16  # q in 0 ... 15
@@ -76,9 +93,9 @@ def check_scheme(scheme: Optional[str]) -> Optional[str]:
     return scheme
 
 
-def layer_scheme(module_name: str, scheme: str) -> str:
-    """What one linear layer becomes under `scheme`: int4 keeps the output head in int8."""
-    return INT8 if module_name == OUTPUT_HEAD else scheme
+def layer_storage(module_name: str, storage: str) -> str:
+    """The storage of one linear layer when the model's is `storage`: int4 keeps the output head in int8."""
+    return INT8 if storage == INT4 and module_name == OUTPUT_HEAD else storage
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,12 +251,14 @@ class PackedLinear(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def linear_bytes(out_features: int, in_features: int, scheme: Optional[str], dtype: torch.dtype) -> int:
-    """Bytes of one (N, K) linear layer's tensors: as float in `dtype`, or quantized by `scheme`."""
+def linear_bytes(out_features: int, in_features: int, storage: Optional[str], dtype: torch.dtype) -> int:
+    """Bytes of one (N, K) linear layer's tensors, stored as `storage` (None: PLAIN) in `dtype`.
+
+    A prepacked weight takes the bytes of the plain one: oneDNN's blocked layout only reorders it."""
     itemsize = dtype.itemsize
-    if scheme is None:
+    if storage in (None, PLAIN, PREPACKED):
         return out_features * in_features * itemsize
-    if scheme == INT8:
+    if storage == INT8:
         return out_features * in_features + out_features * itemsize  # 1 byte per weight + scales
     n_groups = in_features // DEFAULT_INT4_GROUP_SIZE
     return out_features * in_features // 2 + n_groups * out_features * 2 * itemsize  # + scales and zeros
@@ -250,14 +269,59 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
-def fast_linear(name: str, weight: torch.Tensor, scheme: Optional[str], dtype: torch.dtype) -> nn.Module:
-    """The stand-in for the linear layer `name` whose float weight is `weight` (N, K): quantized by
-    `scheme`, or with no scheme the weight in `dtype`, prepacked (`PackedLinear`)."""
-    if scheme is None:
-        return PackedLinear(weight.to(dtype))
-    if layer_scheme(name, scheme) == INT8:
+# --------------------------------------------------------------------------------------------
+# The decision, and building a layer by it
+# --------------------------------------------------------------------------------------------
+
+
+def linear_storage(
+    device: Union[str, torch.device],
+    dtype: torch.dtype,
+    quantize: Optional[str] = None,
+    compile: bool = False,
+    needs_gradients: bool = False,
+) -> str:
+    """How the linear layers of a model on `device` in `dtype` are stored: one of STORAGES.
+
+    quantize: None, "int8" or "int4" (asked for by the user: always honoured). compile: the model
+    will be `torch.compile`d, which cannot trace the opaque prepacked weight (it packs its own
+    copy). needs_gradients: attribution (interpret.py) differentiates through every layer, which
+    only nn.Linear allows. This only decides: nothing is allocated, so a CUDA device can be asked
+    about on a machine without one.
+    """
+    check_scheme(quantize)
+    if quantize is not None:
+        if needs_gradients:
+            raise QuantizationError(
+                f"quantize={quantize!r} with needs_gradients: quantized layers have no gradients; "
+                f"load without quantize to compute attributions"
+            )
+        return quantize
+    if needs_gradients or compile:
+        return PLAIN
+    return PREPACKED if prepacking_helps(torch.device(device), dtype) else PLAIN
+
+
+def make_linear(
+    name: str, weight: torch.Tensor, storage: str, dtype: torch.dtype, device: Optional[torch.device] = None
+) -> nn.Module:
+    """The linear layer `name` (e.g. "layers.0.attention.wq") for the float weight (N, K), stored as
+    `storage` (see `linear_storage`) with activations in `dtype`, on `device` (None: the weight's).
+    Quantizing starts from the weight's values as given, not first rounded to `dtype`."""
+    storage = layer_storage(name, storage)
+    if storage == PLAIN:
+        with torch.device("meta"):  # shapes only: no random init of a weight about to be replaced
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        layer.weight = nn.Parameter(weight.to(device=device, dtype=dtype))  # no copy if nothing changes
+        return layer
+    if storage == PREPACKED:
+        return PackedLinear(weight.to(device=device, dtype=dtype))
+    weight = weight.to(device)  # quantized on the target device
+    if storage == INT8:
         return Int8Linear.from_float(weight, dtype)
-    return Int4Linear.from_float(weight, dtype, name=name)
+    if storage == INT4:
+        return Int4Linear.from_float(weight, dtype, name=name)
+    raise ValueError(f"unknown linear storage {storage!r}: use one of {', '.join(STORAGES)}")
 
 
 @torch.no_grad()
@@ -266,10 +330,13 @@ def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
 
     The activation dtype is the one each layer's weight has now (quantize a bf16 model for bf16 math).
     """
-    check_scheme(scheme)
+    if scheme is None:
+        raise QuantizationError(f"quantize_model needs a scheme: one of {', '.join(SCHEMES)}")
+    some_weight = next(model.parameters())
+    storage = linear_storage(some_weight.device, some_weight.dtype, quantize=scheme)
     for name in linear_layer_names(model):
         linear = model.get_submodule(name)
         if linear.bias is not None:
             raise QuantizationError(f"{name} has a bias; these quantized layers have none (Llama's linears have no bias)")
-        model.set_submodule(name, fast_linear(name, linear.weight, scheme, linear.weight.dtype))
+        model.set_submodule(name, make_linear(name, linear.weight, storage, linear.weight.dtype))
     return model

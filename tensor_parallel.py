@@ -21,7 +21,7 @@ So a forward pass costs two all-reduces of (B, T, C) per layer, plus one for the
 all-gather of (B, T, V) logits. N must divide n_kv_heads (a K/V head is not cut); the FFN and
 vocabulary may split unevenly (rank sizes then differ by one), which is why this works with any
 such N whatever shard count the checkpoint has: each rank reads only its own slice of every tensor
-straight from the shard files (`reshard.ShardedCheckpoint.read`, memory-mapped).
+straight from the shard files (`checkpoint.ShardedCheckpoint.read`, memory-mapped).
 
 torchrun starts the N processes and sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address;
 `init_from_torchrun` joins them into a process group: NCCL between CUDA GPUs, gloo on CPU. Without
@@ -33,11 +33,10 @@ tp.py. Weight names stay Meta's, so loading stays `strict=True`.
 """
 
 import argparse
-import json
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -47,9 +46,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from checkpoint import PARAMS_FILE, CheckpointError, choose_device, model_args_from_params
-from model import ModelArgs, Transformer
-from reshard import ShardedCheckpoint
+from checkpoint import (
+    EMBEDDING_KEY,
+    OUTPUT_KEY,
+    PARAMS_FILE,
+    CheckpointError,
+    ShardedCheckpoint,
+    choose_device,
+    model_args_from_params,
+    read_params_file,
+)
+from model import ModelArgs, Transformer, expected_shapes
 
 # Where torchrun tells each process who it is.
 WORLD_SIZE_ENV, RANK_ENV, LOCAL_RANK_ENV = "WORLD_SIZE", "RANK", "LOCAL_RANK"
@@ -229,7 +236,7 @@ def parallelize(model: Transformer, plan: RankPlan) -> None:
 
 def weight_slice(name: str, plan: RankPlan, head_dim: int) -> Optional[tuple[int, int, int]]:
     """(dim, start, size) of the full weight `name` that this rank holds; None for a whole copy."""
-    if name == "tok_embeddings.weight" or name == "output.weight":
+    if name == EMBEDDING_KEY or name == OUTPUT_KEY:
         return (COLUMN_DIM, *plan.vocab)
     kind = name.split(".")[-2]  # "layers.3.attention.wq.weight" -> "wq"
     heads = (plan.heads[0] * head_dim, plan.heads[1] * head_dim)
@@ -242,6 +249,18 @@ def weight_slice(name: str, plan: RankPlan, head_dim: int) -> Optional[tuple[int
     return slices.get(kind)  # norms: every rank holds the whole (small) vector
 
 
+def rank_shapes(args: ModelArgs, plan: RankPlan) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor this rank holds: `expected_shapes` with each cut dim made its share."""
+    shapes = {}
+    for name, shape in expected_shapes(args).items():
+        where = weight_slice(name, plan, args.head_dim)
+        if where is not None:
+            dim, _, size = where
+            shape = shape[:dim] + (size,) + shape[dim + 1:]
+        shapes[name] = shape
+    return shapes
+
+
 def load_tensor_parallel_transformer(
     ckpt_dir: Union[str, Path],
     args: ModelArgs,
@@ -249,25 +268,26 @@ def load_tensor_parallel_transformer(
     dtype: torch.dtype,
     progress: bool = True,
 ) -> Transformer:
-    """This rank's part of the model in `ckpt_dir`, on tp.device in `dtype`, whatever the shard count."""
-    checkpoint = ShardedCheckpoint(ckpt_dir)
-    if not args.has_vocab_size:  # Llama 2's params.json says -1: the weights know
-        args = replace(args, vocab_size=checkpoint.args.vocab_size)
+    """This rank's part of the model in `ckpt_dir`, on tp.device in `dtype`, whatever the shard count.
+
+    The layers are plain nn.Linear subclasses with a collective after them (quantize.py's PLAIN
+    storage): quantizing or prepacking them is not supported with tensor parallel yet.
+    """
+    checkpoint = ShardedCheckpoint(ckpt_dir, args)  # checks every tensor's full shape
+    args = checkpoint.args
     plan = rank_plan(args, tp.world_size, tp.rank)
     with torch.device("meta"):
         model = Transformer(args)
         parallelize(model, plan)
 
-    expected_shapes = {name: t.shape for name, t in model.state_dict().items()}
     state_dict = {}
-    names = tqdm(checkpoint.names(), desc=f"loading {Path(ckpt_dir).name} (rank {tp.rank} of {tp.world_size})",
+    names = tqdm(checkpoint.names(), desc=f"loading {checkpoint.dir.name} (rank {tp.rank} of {tp.world_size})",
                  unit="tensor", disable=not progress)
     for name in names:
         where = weight_slice(name, plan, args.head_dim)
         tensor = checkpoint.read(name) if where is None else checkpoint.read(name, *where)
-        assert tensor.shape == expected_shapes[name], (name, tensor.shape)  # ShardedCheckpoint checked the shapes
         state_dict[name] = tensor.to(device=tp.device, dtype=dtype).contiguous()
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    model.load_state_dict(state_dict, strict=True, assign=True)  # strict: also every slice's shape
     model.setup_caches(tp.device, dtype)
     return model.eval()
 
@@ -302,13 +322,10 @@ class RankCost:
 
 
 def rank_cost(args: ModelArgs, world_size: int) -> RankCost:
-    with torch.device("meta"):
-        model = Transformer(args)
-        parallelize(model, rank_plan(args, world_size, MAIN_RANK))
-    kv_heads = model.layers[0].attention.n_kv_heads
+    plan = rank_plan(args, world_size, MAIN_RANK)
     return RankCost(
-        weights=sum(p.numel() for p in model.parameters()),
-        kv_cache_per_position=2 * args.n_layers * kv_heads * args.head_dim,
+        weights=sum(torch.Size(shape).numel() for shape in rank_shapes(args, plan).values()),
+        kv_cache_per_position=2 * args.n_layers * plan.kv_heads[1] * args.head_dim,
         collectives_per_step=2 * args.n_layers + 2,  # wo and w2 per layer, the embedding, the logits
         all_reduce_elements=args.dim,
         all_gather_elements=args.vocab_size,
@@ -344,19 +361,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     options = parser.parse_args(argv)
     params_path = options.params / PARAMS_FILE if options.params.is_dir() else options.params
     try:
-        params = json.loads(params_path.read_text())
+        params = read_params_file(params_path)
         if options.vocab_size is not None:
             params = {**params, "vocab_size": options.vocab_size}
         args = model_args_from_params(params, params_path, max_seq_len=options.max_seq_len,
                                       max_batch_size=options.max_batch_size)
-        if not args.has_vocab_size:
+        if args.vocab_size is None:
             raise ValueError(f"{params_path} says vocab_size -1 (the tokenizer's size): pass --vocab-size")
         if options.nproc < 1:
             raise ValueError(f"--nproc must be >= 1, got {options.nproc}")
         print(describe_plan(params_path.name, args, options.nproc))
-    except json.JSONDecodeError as e:
-        print(f"error: {params_path} is not valid JSON: {e}", file=sys.stderr)
-        return 2
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,22 +1,36 @@
-"""checkpoint.py: multi-shard Meta checkpoints load into one model; bad checkpoints are clear errors.
+"""checkpoint.py: multi-shard Meta checkpoints load into one model; bad checkpoints are clear errors;
+params.json -> ModelArgs (with Llama 2's -1), `expected_shapes` and the sharded-checkpoint reader.
 
 The multi-shard checkpoints are made here by splitting a one-shard checkpoint the way Meta's
 fairscale layers split it: column-parallel weights (wq wk wv w1 w3 output) on dim 0, row-parallel
 (wo w2) on dim 1, norms replicated, the embedding on dim 1 (Llama 2) or dim 0 (Llama 3).
 """
 
+import ast
+import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from checkpoint import CheckpointError, load_transformer
+from checkpoint import (
+    CheckpointError,
+    ShardedCheckpoint,
+    expected_shapes,
+    load_model_args,
+    load_transformer,
+    model_args_from_params,
+    read_params_file,
+)
 from conftest import LLAMA2_TOKENIZER
 from inference import LLaMa
+from model import ModelArgs, Transformer
 from tiny import LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint
 from tokenizer import TokenizerFileError
 
+PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
 COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output")
 ROW_PARALLEL = ("wo", "w2")
 
@@ -69,7 +83,6 @@ def test_two_shard_checkpoint_gives_the_same_logits_as_one_shard(one_shard, tmp_
 
 
 def test_load_keeps_one_copy_per_tensor_memory_mapped_when_dtype_matches(one_shard):
-    from model import ModelArgs
     args = ModelArgs(**TINY, vocab_size=LLAMA2_VOCAB_SIZE, max_seq_len=16, max_batch_size=1)
     model = load_transformer(one_shard, args, torch.device("cpu"), torch.float32, progress=False)
     # Nothing was left on the meta device: every weight and cache is real memory.
@@ -113,6 +126,11 @@ def drop_tensor(d, name):
     (lambda d: (d / "params.json").write_text("[1, 2]"), CheckpointError, r"params\.json must hold a JSON object"),
     (lambda d: write_params(d, rope_thetta=1.0), CheckpointError, r"params\.json: unknown key\(s\) \['rope_thetta'\]"),
     (lambda d: write_params(d, n_kv_heads=3), CheckpointError, r"params\.json: .*n_kv_heads"),
+    (lambda d: write_params(d, dim="64"), CheckpointError, r"params\.json: dim is '64', expected int$"),
+    (lambda d: write_params(d, n_heads=4.0), CheckpointError, r"params\.json: n_heads is 4\.0, expected int$"),
+    (lambda d: write_params(d, use_scaled_rope="yes"), CheckpointError,
+     r"params\.json: use_scaled_rope is 'yes', expected bool$"),
+    (lambda d: write_params(d, vocab_size=0), CheckpointError, r"params\.json: ModelArgs\.vocab_size must be >= 1"),
     (lambda d: write_params(d, dim=128, n_heads=8), CheckpointError, r"tok_embeddings\.weight in .*consolidated\.00\.pth has shape"),
     (lambda d: edit_tensor(d, "layers.1.feed_forward.w2.weight", lambda t: t[:, :-1]), CheckpointError,
      r"layers\.1\.feed_forward\.w2\.weight in .* has shape \(64, 191\), but params\.json implies \(64, 192\)"),
@@ -143,3 +161,137 @@ def test_shards_that_disagree_are_an_error(one_shard, tmp_path):
     torch.save(sd, d / "consolidated.01.pth")
     with pytest.raises(CheckpointError, match=r"shards disagree on layers\.0\.attention\.wq\.weight"):
         LLaMa.build(d, max_seq_len=16, device="cpu", dtype="float32", progress=False)
+
+
+# ---- params.json -> ModelArgs: Llama 2's -1 resolved once ------------------------------------
+
+
+def params_only_copy(one_shard, tmp_path):
+    """The checkpoint's params.json (vocab_size -1) and tokenizer, without the weights."""
+    d = tmp_path / "params-only"
+    d.mkdir()
+    shutil.copy(one_shard / "params.json", d / "params.json")
+    return d
+
+
+def test_vocab_size_minus_one_is_read_from_the_shards_first(one_shard, tmp_path):
+    assert json.loads((one_shard / "params.json").read_text())["vocab_size"] == -1
+    assert load_model_args(one_shard, 16, 1).vocab_size == LLAMA2_VOCAB_SIZE
+    assert load_model_args(one_shard, 16, 1, vocab_size=7).vocab_size == LLAMA2_VOCAB_SIZE  # the weights win
+    for embedding_dim in (1, 0):  # Llama 2's and Llama 3's embedding layouts, 2 shards
+        two = copy_split(one_shard, tmp_path / f"two-{embedding_dim}", 2, embedding_dim)
+        assert load_model_args(two, 16, 1).vocab_size == LLAMA2_VOCAB_SIZE
+        headless = tmp_path / f"headless-{embedding_dim}"  # no output.weight: the embedding tells
+        shutil.copytree(two, headless)
+        for shard in headless.glob("consolidated.*.pth"):
+            state = torch.load(shard, weights_only=True)
+            state.pop("output.weight", None)
+            torch.save(state, shard)
+        assert load_model_args(headless, 16, 1).vocab_size == LLAMA2_VOCAB_SIZE
+
+
+def test_vocab_size_minus_one_without_shards_comes_from_the_caller_or_is_an_error(one_shard, tmp_path):
+    d = params_only_copy(one_shard, tmp_path)
+    assert load_model_args(d, 16, 1, vocab_size=LLAMA2_VOCAB_SIZE).vocab_size == LLAMA2_VOCAB_SIZE
+    with pytest.raises(CheckpointError, match=r"params\.json says vocab_size -1 .* no consolidated\.\*\.pth files "
+                                              r"in .*: pass --vocab-size"):
+        load_model_args(d, 16, 1)
+
+
+def test_inside_the_engine_an_unknown_vocab_size_is_none():
+    params = read_params_file(PARAMS_DIR / "llama-2-7b.json")
+    assert params["vocab_size"] == -1
+    assert model_args_from_params(params, Path("llama-2-7b.json"), 16, 1).vocab_size is None
+    with pytest.raises(ValueError, match=r"ModelArgs\.vocab_size is None"):
+        Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4))
+
+
+# ---- expected_shapes: the one statement of every tensor's shape -------------------------------
+
+
+def real_shapes(args: ModelArgs) -> list[tuple[str, tuple[int, ...]]]:
+    with torch.device("meta"):
+        return [(name, tuple(t.shape)) for name, t in Transformer(args).state_dict().items()]
+
+
+@pytest.mark.parametrize("params", [
+    dict(dim=64, n_layers=2, n_heads=4, vocab_size=100, multiple_of=32),  # multi-head
+    dict(dim=96, n_layers=3, n_heads=12, n_kv_heads=6, vocab_size=384, multiple_of=96),  # grouped-query
+    dict(dim=64, n_layers=1, n_heads=4, n_kv_heads=1, vocab_size=50, ffn_dim_multiplier=1.3),  # multi-query
+], ids=["mha", "gqa", "mqa"])
+def test_expected_shapes_are_a_real_transformers_state_dict_shapes(params):
+    args = ModelArgs(**params, max_seq_len=16, max_batch_size=1)
+    assert list(expected_shapes(args).items()) == real_shapes(args)  # the same names, order and shapes
+
+
+def test_expected_shapes_of_llama2_with_the_vocab_size_from_the_shards_or_the_tokenizer(one_shard, tmp_path):
+    from_shards = load_model_args(one_shard, 16, 1)
+    from_tokenizer = load_model_args(params_only_copy(one_shard, tmp_path), 16, 1, vocab_size=LLAMA2_VOCAB_SIZE)
+    assert from_shards == from_tokenizer
+    assert list(expected_shapes(from_shards).items()) == real_shapes(from_shards)
+    state = torch.load(one_shard / "consolidated.00.pth", weights_only=True)
+    state.pop("rope.freqs")
+    assert expected_shapes(from_shards) == {name: tuple(t.shape) for name, t in state.items()}
+
+
+@pytest.mark.parametrize("name", ["llama-2-7b", "llama-3-8b", "llama-3.1-405b"])
+def test_expected_shapes_of_meta_presets(name):
+    params = read_params_file(PARAMS_DIR / f"{name}.json")
+    args = model_args_from_params(params, PARAMS_DIR / f"{name}.json", max_seq_len=16, max_batch_size=1)
+    if args.vocab_size is None:
+        args = dataclasses.replace(args, vocab_size=LLAMA2_VOCAB_SIZE)
+    assert list(expected_shapes(args).items()) == real_shapes(args)
+
+
+# ---- the reader: the same tensors, whatever the shard count ----------------------------------
+
+
+@pytest.mark.parametrize("n_shards, embedding_dim", [(1, None), (2, 1), (2, 0)],
+                         ids=["one-shard", "two-shards-llama2-embedding", "two-shards-llama3-embedding"])
+def test_reader_reads_the_tensors_of_the_original_checkpoint(one_shard, tmp_path, n_shards, embedding_dim):
+    original = torch.load(one_shard / "consolidated.00.pth", weights_only=True)
+    original.pop("rope.freqs")  # Meta's extra key: dropped by name
+    ckpt = one_shard if n_shards == 1 else copy_split(one_shard, tmp_path / "split", n_shards, embedding_dim)
+    reader = ShardedCheckpoint(ckpt)
+    assert reader.n_shards == n_shards and reader.args.vocab_size == LLAMA2_VOCAB_SIZE
+    assert reader.names() == list(original)
+    for name, tensor in original.items():
+        assert torch.equal(reader.read(name), tensor), name
+        rows = tensor.shape[0]
+        assert torch.equal(reader.read(name, 0, rows // 2 - 3, 5), tensor[rows // 2 - 3: rows // 2 + 2]), name
+
+
+def test_reader_of_one_shard_reads_without_copying(one_shard):
+    reader = ShardedCheckpoint(one_shard)
+    name = "layers.0.attention.wq.weight"
+    assert reader.read(name).data_ptr() == reader.pieces(name)[0].data_ptr()  # a view into the memory map
+
+
+# ---- the import rule: the loading files stand on the model, never on a tool -----------------
+
+REPO = Path(__file__).resolve().parent.parent
+ALLOWED_LOCAL_IMPORTS = {  # ours only; reading order: model, quantize, memory, checkpoint, then the tools
+    "model": set(),
+    "quantize": set(),
+    "memory": {"model", "quantize"},
+    "checkpoint": {"model", "quantize", "memory"},
+    "tensor_parallel": {"checkpoint", "model"},
+    "reshard": {"atomic", "checkpoint", "model"},
+}
+
+
+def local_imports(module: str) -> set[str]:
+    ours = {path.stem for path in REPO.glob("*.py")}
+    tree = ast.parse((REPO / f"{module}.py").read_text())
+    names = set()
+    for node in ast.walk(tree):  # every import, lazy ones inside functions included
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names & ours
+
+
+@pytest.mark.parametrize("module", ALLOWED_LOCAL_IMPORTS)
+def test_loading_files_import_only_what_stands_before_them(module):
+    assert local_imports(module) <= ALLOWED_LOCAL_IMPORTS[module]

@@ -117,7 +117,8 @@ def test_bf16_on_cpu_is_prepacked_by_default_and_gives_the_same_logits_as_nn_lin
     llama = LLaMa.build(tiny_ckpt, max_seq_len=64, device="cpu", dtype="bfloat16", progress=False)
     assert isinstance(llama.model.layers[0].attention.wq, PackedLinear)
     assert isinstance(llama.model.output, PackedLinear)
-    plain = load_transformer(tiny_ckpt, llama.args, torch.device("cpu"), torch.bfloat16, progress=False)
+    plain = load_transformer(tiny_ckpt, llama.args, torch.device("cpu"), torch.bfloat16, progress=False,
+                             needs_gradients=True)  # gradients need nn.Linear: never prepacked
     assert isinstance(plain.layers[0].attention.wq, torch.nn.Linear)
     tokens = torch.tensor([llama.tokenizer.encode("Prepacked weights, same numbers", bos=True, eos=False)])
     torch.testing.assert_close(llama.model(tokens, 0), plain(tokens, 0), rtol=0, atol=0)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import atomic
 import inspect_checkpoint
 from checkpoint import CheckpointError, plan_memory
 from conftest import LLAMA2_TOKENIZER
@@ -172,7 +173,7 @@ def test_read_only_directory_gets_no_index_but_works(tiny_ckpt, tmp_path, monkey
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Read-only file system")
 
-    monkeypatch.setattr(inspect_checkpoint.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only)  # where the index's temporary file is made
     assert total_parameters(ckpt) == total_parameters(tiny_ckpt)
     assert not (ckpt / INDEX_FILE).exists()
 

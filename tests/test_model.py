@@ -13,7 +13,8 @@ import pytest
 import torch
 import transformers
 
-from model import ModelArgs, RopeScaling, Transformer, apply_scaling, feed_forward_hidden_dim, repeat_kv
+from model import (ModelArgs, RopeScaling, Transformer, apply_scaling, attention_weights, feed_forward_hidden_dim,
+                   repeat_kv, scaled_dot_product_attention)
 from tiny import meta_state_dict
 
 
@@ -153,6 +154,30 @@ def test_model_args_check_head_divisibility():
         ModelArgs(dim=64, n_heads=4, n_kv_heads=3)
     with pytest.raises(ValueError, match="dim"):
         ModelArgs(dim=65, n_heads=4)
+
+
+def test_vocab_size_is_none_until_known_and_never_a_stand_in_number():
+    args = ModelArgs(dim=64, n_heads=4)
+    assert args.vocab_size is None and not args.has_vocab_size
+    assert ModelArgs(dim=64, n_heads=4, vocab_size=100).has_vocab_size
+    with pytest.raises(ValueError, match=r"ModelArgs\.vocab_size is None: set it"):
+        Transformer(args)
+    with pytest.raises(ValueError, match=r"ModelArgs\.vocab_size must be >= 1 or None .*, got -1"):
+        ModelArgs(dim=64, n_heads=4, vocab_size=-1)
+
+
+def test_attention_weights_are_the_softmax_the_reference_attention_multiplies_by():
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 16, generator=generator) for _ in range(3))  # (B, H, T=S, D)
+    mask = torch.full((5, 5), float("-inf")).triu(1)[None, None]  # causal
+    weights = attention_weights(q, k, mask)  # (B, H, T, S)
+    assert weights.shape == (2, 4, 5, 5)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 5))
+    assert (weights.triu(1) == 0).all()  # no query looks ahead
+    torch.testing.assert_close(scaled_dot_product_attention(q, k, v, mask), weights @ v, rtol=0, atol=0)
+    torch.testing.assert_close(scaled_dot_product_attention(q, k, v, mask),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_rope_scaling_overrides_are_applied_and_unknown_ones_named():

@@ -21,7 +21,8 @@ from checkpoint import MemoryPlanError, load_model_args, load_transformer, plan_
 from conftest import LLAMA2_TOKENIZER
 from cli import main
 from inference import LLaMa
-from quantize import INT4_MIDPOINT, Int4Linear, Int8Linear, QuantizationError, quantize_int4, quantize_model
+from quantize import (INT4, INT4_MIDPOINT, INT8, PLAIN, PREPACKED, Int4Linear, Int8Linear, PackedLinear,
+                      QuantizationError, linear_storage, make_linear, prepacking_helps, quantize_int4, quantize_model)
 from tiny import (LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint,
                   write_tiny_llama2_checkpoint)
 
@@ -82,6 +83,58 @@ def test_int4_rejects_shapes_its_kernel_cannot_take_and_says_to_use_int8():
 
 
 # --------------------------------------------------------------------------------------------
+# How a linear layer is stored: one decision, one builder
+# --------------------------------------------------------------------------------------------
+
+CUDA = torch.device("cuda")  # only asked about, never allocated on: these tests run without a GPU
+HAS_ONEDNN_BF16 = prepacking_helps(CPU, torch.bfloat16)
+
+
+@pytest.mark.parametrize("device, dtype, options, expected", [
+    (CPU, torch.bfloat16, {}, PREPACKED if HAS_ONEDNN_BF16 else PLAIN),
+    (CPU, torch.bfloat16, dict(compile=True), PLAIN),  # torch.compile cannot trace the packed weight
+    (CPU, torch.bfloat16, dict(needs_gradients=True), PLAIN),  # attribution differentiates nn.Linear
+    (CPU, torch.float32, {}, PLAIN),
+    (CPU, torch.float16, {}, PLAIN),
+    (CUDA, torch.float16, {}, PLAIN),
+    (CUDA, torch.bfloat16, {}, PLAIN),  # prepacking is oneDNN's, a CPU library
+    (CPU, torch.bfloat16, dict(quantize="int8"), INT8),
+    (CPU, torch.bfloat16, dict(quantize="int4", compile=True), INT4),
+    (CUDA, torch.float16, dict(quantize="int4"), INT4),
+    ("cpu", torch.float32, dict(quantize="int8"), INT8),
+])
+def test_linear_storage_is_decided_from_device_dtype_quantize_compile_and_gradients(device, dtype, options, expected):
+    assert linear_storage(device, dtype, **options) == expected
+
+
+def test_linear_storage_refuses_quantizing_a_model_that_needs_gradients_or_an_unknown_scheme():
+    with pytest.raises(QuantizationError, match=r"quantize='int8' with needs_gradients: .* no gradients"):
+        linear_storage(CPU, torch.bfloat16, quantize="int8", needs_gradients=True)
+    with pytest.raises(QuantizationError, match=r"unknown quantization 'int3': use one of int8, int4"):
+        linear_storage(CPU, torch.bfloat16, quantize="int3")
+
+
+@pytest.mark.parametrize("storage, layer_type", [
+    (PLAIN, torch.nn.Linear), (INT8, Int8Linear), (INT4, Int4Linear),
+    pytest.param(PREPACKED, PackedLinear, marks=pytest.mark.skipif(not HAS_ONEDNN_BF16, reason="no oneDNN bf16 here")),
+])
+def test_make_linear_builds_the_storage_asked_for_and_int4_keeps_the_head_in_int8(storage, layer_type):
+    weight = torch.randn(96, 128)
+    layer = make_linear("layers.0.feed_forward.w1", weight, storage, torch.bfloat16)
+    assert type(layer) is layer_type
+    head = make_linear("output", weight, storage, torch.bfloat16)
+    assert type(head) is (Int8Linear if storage == INT4 else layer_type)
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    assert layer(x).shape == (2, 96) and layer(x).dtype == torch.bfloat16
+
+
+def test_a_plain_layer_keeps_the_weight_it_was_given_when_nothing_changes():
+    weight = torch.randn(96, 128)
+    layer = make_linear("layers.0.attention.wq", weight, PLAIN, torch.float32)
+    assert layer.weight.data_ptr() == weight.data_ptr() and layer.weight.requires_grad
+
+
+# --------------------------------------------------------------------------------------------
 # Loading quantized, on a tiny checkpoint
 # --------------------------------------------------------------------------------------------
 
@@ -108,7 +161,8 @@ def tiny_bf16_ckpt(tmp_path_factory):
 def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tiny_bf16_ckpt, scheme):
     args = tiny_args(tiny_bf16_ckpt)
     while_loading = load_transformer(tiny_bf16_ckpt, args, CPU, torch.bfloat16, progress=False, quantize=scheme)
-    loaded = load_transformer(tiny_bf16_ckpt, args, CPU, torch.bfloat16, progress=False)
+    # Plain nn.Linear layers to quantize afterwards (by default bf16 on a CPU is prepacked).
+    loaded = load_transformer(tiny_bf16_ckpt, args, CPU, torch.bfloat16, progress=False, needs_gradients=True)
     afterwards = quantize_model(loaded, scheme)
     assert not any(isinstance(m, torch.nn.Linear) for m in while_loading.modules())
     assert isinstance(while_loading.output, Int8Linear)  # the head stays int8, also in the int4 scheme
@@ -188,8 +242,7 @@ LOAD_AND_REPORT = textwrap.dedent("""
     from checkpoint import load_model_args, load_transformer
     ckpt, quantize = sys.argv[1], (sys.argv[2] or None)
     args = load_model_args(ckpt, max_seq_len=2048, max_batch_size=4)
-    load_transformer(ckpt, args, torch.device("cpu"), torch.bfloat16, progress=False, quantize=quantize,
-                     prepack=not quantize)
+    load_transformer(ckpt, args, torch.device("cpu"), torch.bfloat16, progress=False, quantize=quantize)
     status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
     print(json.dumps({"peak_kb": int(status["VmHWM"].split()[0])}))
 """)

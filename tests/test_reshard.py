@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import reshard as reshard_module
-from checkpoint import CheckpointError, load_transformer
+from checkpoint import CheckpointError, ShardedCheckpoint, load_transformer
 from conftest import LLAMA2_TOKENIZER
 from model import ModelArgs
-from reshard import ShardedCheckpoint, main, reshard
+from reshard import main, reshard
 from test_checkpoint import split_like_meta
 from tiny import hf_model, meta_state_dict, write_checkpoint
 

@@ -26,8 +26,10 @@ from inference import LLaMa
 from model import ModelArgs
 from reshard import reshard
 from tensor_parallel import (
-    TensorParallel, load_tensor_parallel_transformer, rank_cost, rank_part, rank_plan, weight_slice,
+    TensorParallel, load_tensor_parallel_transformer, parallelize, rank_cost, rank_part, rank_plan, rank_shapes,
+    weight_slice,
 )
+from model import Transformer
 from tiny import LLAMA2_VOCAB_SIZE, hf_model, meta_state_dict, write_checkpoint
 from tokenizer import Tokenizer
 
@@ -126,6 +128,18 @@ def test_each_rank_loads_exactly_its_slice_whatever_the_shard_count(tiny_one_sha
         attention = model.layers[0].attention
         assert (attention.n_heads, attention.n_kv_heads) == (12 // world_size, 6 // world_size)
         assert attention.cache.cache_k.shape[1] == 6 // world_size  # each rank caches only its K/V heads
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 6])
+def test_rank_shapes_are_the_parallelized_models_shapes(world_size):
+    """The rank's shapes come from `expected_shapes` (one statement of them) cut by `weight_slice`."""
+    args = ModelArgs(**PARAMS, vocab_size=LLAMA2_VOCAB_SIZE, max_seq_len=16, max_batch_size=1)
+    for rank in range(world_size):
+        plan = rank_plan(args, world_size, rank)
+        with torch.device("meta"):
+            model = Transformer(args)
+            parallelize(model, plan)
+        assert rank_shapes(args, plan) == {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def test_world_size_that_does_not_divide_n_kv_heads_is_an_error_before_loading(tiny_one_shard):

@@ -1,0 +1,212 @@
+"""Memory: will the model fit before we load it, and handing memory back while we do.
+
+1. **The plan.** Everything a model will hold on its device is known from `ModelArgs` before a byte
+   is read: the weights (`model.expected_shapes`, each linear layer at the bytes of its storage in
+   quantize.py), the KV cache (two (B, K, max_seq_len, D) tensors per layer, as `model.KVCache`
+   allocates them) and an estimate of the largest temporaries of a forward pass. `check_memory`
+   compares the total with what the device has free and refuses a model that will not fit, with
+   the single change (shorter context, batch of 1, int8/int4, bf16) that would make it fit.
+
+2. **Handing memory back.** Loading copies each tensor out of a memory-mapped shard (cast, moved,
+   quantized). `release_file_pages` lets the OS take back the file pages we no longer need, and
+   `release_scratch_memory` returns the float32 working copies of quantization to the OS, so the
+   peak while loading stays near one copy of the model. Both are Linux/glibc calls that do nothing
+   elsewhere.
+"""
+
+import ctypes
+import mmap
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from model import EMBEDDING_KEY, ModelArgs, expected_shapes
+from quantize import INT4, INT8, layer_storage, linear_bytes
+
+GIB = 1024**3
+MEMINFO = Path("/proc/meminfo")  # Linux: MemAvailable counts free memory plus reclaimable caches
+LOGITS_DTYPE = torch.float32  # the model returns float32 logits
+
+# The C library, for madvise and malloc_trim; only used on Linux.
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+class MemoryPlanError(ValueError):
+    """The model will not fit in the memory available; the message suggests what to change."""
+
+
+# --------------------------------------------------------------------------------------------
+# The plan: bytes of weights, KV cache and activations
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes a model will take on its device, computed from ModelArgs before anything is loaded."""
+
+    weights: int  # every parameter (quantized or not), as it will sit in memory
+    kv_cache: int  # keys and values for max_batch_size x max_seq_len positions, every layer
+    activations: int  # an estimate of the largest temporaries of one forward pass
+    available: Optional[int]  # free memory on the device now (None: unknown, nothing is checked)
+    device: torch.device
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations
+
+    def fits(self) -> bool:
+        return self.available is None or self.total <= self.available
+
+
+def linear_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
+    """(N, K) of every linear layer, by its name in the model: the matrices quantization applies to.
+
+    From `expected_shapes`: every matrix but the embedding table is a linear layer's weight."""
+    return {
+        name.removesuffix(".weight"): shape
+        for name, shape in expected_shapes(args).items()
+        if len(shape) == 2 and name != EMBEDDING_KEY
+    }
+
+
+def weights_bytes(args: ModelArgs, dtype: torch.dtype, quantize: Optional[str]) -> int:
+    linears = linear_shapes(args)
+    total = 0
+    for name, shape in expected_shapes(args).items():
+        module_name = name.removesuffix(".weight")
+        if module_name in linears:
+            storage = layer_storage(module_name, quantize) if quantize else None
+            total += linear_bytes(*shape, storage, dtype)
+        else:  # the embedding and the norms stay in `dtype`
+            total += torch.Size(shape).numel() * dtype.itemsize
+    return total
+
+
+def kv_cache_bytes(args: ModelArgs, dtype: torch.dtype, max_seq_len: int) -> int:
+    positions = args.max_batch_size * max_seq_len
+    return 2 * args.n_layers * positions * args.n_kv_heads * args.head_dim * dtype.itemsize  # 2: keys, values
+
+
+def activations_bytes(args: ModelArgs, dtype: torch.dtype, max_seq_len: int) -> int:
+    """The largest temporaries of a prefill over a full-length batch: the residual stream, a norm's and
+    attention's outputs (3 x C per token), the two FFN hidden vectors (2 x F per token), and the last
+    position's float32 logits. (Asking for every position's logits, as logprobs with echo does,
+    needs B x T x V x 4 bytes more.)"""
+    tokens = args.max_batch_size * max_seq_len
+    per_token = (3 * args.dim + 2 * args.ffn_hidden_dim) * dtype.itemsize
+    return tokens * per_token + args.max_batch_size * args.vocab_size * LOGITS_DTYPE.itemsize
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes free on `device` now, or None where we cannot tell."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and MEMINFO.is_file():
+        for line in MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # the value is in kB
+    return None
+
+
+def plan_memory(
+    args: ModelArgs, dtype: torch.dtype, quantize: Optional[str], device: torch.device,
+    available: Optional[int] = None,
+) -> MemoryPlan:
+    """The memory plan for loading `args` in `dtype` (and `quantize`) on `device`.
+
+    available: bytes to plan against; None asks the device (see `available_memory`).
+    """
+    return MemoryPlan(
+        weights=weights_bytes(args, dtype, quantize),
+        kv_cache=kv_cache_bytes(args, dtype, args.max_seq_len),
+        activations=activations_bytes(args, dtype, args.max_seq_len),
+        available=available if available is not None else available_memory(device),
+        device=device,
+    )
+
+
+def longest_fitting_seq_len(args: ModelArgs, dtype: torch.dtype, quantize: Optional[str], available: int) -> int:
+    """The largest max_seq_len whose plan fits in `available` bytes (0 if even the weights do not fit)."""
+    fixed = weights_bytes(args, dtype, quantize) + activations_bytes(args, dtype, max_seq_len=0)
+    per_position = kv_cache_bytes(args, dtype, 1) + activations_bytes(args, dtype, 1) - activations_bytes(args, dtype, 0)
+    return max(0, (available - fixed) // per_position)
+
+
+def check_memory(plan: MemoryPlan, args: ModelArgs, dtype: torch.dtype, quantize: Optional[str]) -> None:
+    """Refuse a plan that does not fit, saying what it needs and which single change would fit."""
+    if plan.fits():
+        return
+
+    def gib(n: int) -> str:
+        return f"{n / GIB:.2f} GiB"
+
+    def needs(new_args: ModelArgs, new_dtype: torch.dtype, new_quantize: Optional[str]) -> MemoryPlan:
+        return plan_memory(new_args, new_dtype, new_quantize, plan.device, plan.available)
+
+    candidates = []  # (what to change, its plan)
+    seq_len = longest_fitting_seq_len(args, dtype, quantize, plan.available)
+    if seq_len >= 1:
+        candidates.append((f"max_seq_len={seq_len} (--max-seq-len {seq_len})", needs(replace(args, max_seq_len=seq_len), dtype, quantize)))
+    if args.max_batch_size > 1:
+        candidates.append(("max_batch_size=1 (--max-batch-size 1)", needs(replace(args, max_batch_size=1), dtype, quantize)))
+    for scheme in (INT8, INT4):
+        if quantize is None or (quantize, scheme) == (INT8, INT4):
+            candidates.append((f"quantize={scheme!r} (--quantize {scheme})", needs(args, dtype, scheme)))
+    if dtype == torch.float32:
+        candidates.append(("dtype='bfloat16' (--dtype bfloat16)", needs(args, torch.bfloat16, quantize)))
+    fitting = [f"{change}: needs {gib(p.total)}" for change, p in candidates if p.fits()]
+    advice = "Try " + "; or ".join(fitting) if fitting else (
+        "No single change (shorter max_seq_len, batch of 1, int8/int4, bfloat16) makes it fit: combine them, "
+        "or use a smaller model or a machine with more memory")
+    quantized = f", quantized to {quantize}" if quantize else ""
+    raise MemoryPlanError(
+        f"the model will not fit in memory: it needs about {gib(plan.total)} on {plan.device} "
+        f"(weights {gib(plan.weights)} in {str(dtype).removeprefix('torch.')}{quantized}, KV cache {gib(plan.kv_cache)} "
+        f"for max_batch_size {args.max_batch_size} x max_seq_len {args.max_seq_len}, activations about "
+        f"{gib(plan.activations)}), but only {gib(plan.available)} is available. {advice}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Handing memory back while loading
+# --------------------------------------------------------------------------------------------
+
+
+def release_file_pages(mapped: list[torch.Tensor]) -> None:
+    """Let the OS take back the file pages behind tensors memory-mapped by `checkpoint.open_shard`.
+
+    Reading a memory-mapped tensor pulls its pages into our resident memory (RSS), where they stay
+    while the mapping lives, even after the values were copied out (cast to another dtype, moved to a
+    GPU, quantized). Without this, converting a checkpoint would hold the whole file *and* the
+    converted model in RSS at once. `madvise(MADV_DONTNEED)` drops our claim on the pages; the file
+    is unchanged (the mapping is private and never written), so touching them again just reads them
+    back. Only whole pages inside each tensor are released: a neighbour that stays in use keeps its
+    pages. Linux only (elsewhere this does nothing); it must only ever see tensors from `open_shard`,
+    since on ordinary memory MADV_DONTNEED would zero the values.
+    """
+    if _libc is None:
+        return
+    for tensor in mapped:
+        if tensor.device.type != "cpu":
+            continue
+        start = tensor.data_ptr()
+        first_page = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # round up
+        end_page = (start + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE  # down
+        if end_page > first_page:
+            _libc.madvise(ctypes.c_void_p(first_page), ctypes.c_size_t(end_page - first_page), mmap.MADV_DONTNEED)
+
+
+def release_scratch_memory() -> None:
+    """Return the heap memory freed after quantizing (or packing) one layer to the OS.
+
+    Quantizing a weight makes float32 working copies of it. Once they are freed, glibc's malloc keeps
+    the memory for reuse in the arena of whichever thread allocated it, and which arenas PyTorch's
+    worker threads pick changes from run to run: without this, the peak RSS of loading the demo
+    model as int4 was 0.5 GB in some runs and 0.9 GB in others. `malloc_trim(0)` hands every free
+    page back. glibc only (elsewhere this does nothing); it costs well under a millisecond a layer.
+    """
+    if _libc is not None and hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)
