@@ -496,3 +496,21 @@ def check_vocab_matches(tokenizer_n_words: int, tokenizer_path: Path, args: Mode
             f"tokenizer {tokenizer_path} has {tokenizer_n_words} tokens but the model's vocab_size is "
             f"{args.vocab_size}: they belong to different models"
         )
+
+
+# Names this module had before the memory plan got memory.py and the shards one reader.
+MOVED_NAMES = {
+    "GIB": "memory.GIB", "LOGITS_DTYPE": "memory.LOGITS_DTYPE", "MEMINFO": "memory.MEMINFO",
+    "activations_bytes": "memory.activations_bytes", "kv_cache_bytes": "memory.kv_cache_bytes",
+    "weights_bytes": "memory.weights_bytes", "merge_slices": "checkpoint.ShardedCheckpoint (read, pieces, layouts)",
+    "split_dim": "checkpoint.ShardedCheckpoint (read, pieces, layouts)",
+    "infer_vocab_size": "checkpoint.ShardedCheckpoint (read, pieces, layouts)",
+    "check_same_tensor_names": "checkpoint.ShardedCheckpoint (read, pieces, layouts)",
+}
+
+
+def __getattr__(name: str):
+    """PEP 562: a name that moved says where it went, in one line."""
+    where = MOVED_NAMES.get(name)
+    raise AttributeError(f"checkpoint.{name} moved: use {where}" if where else
+                         f"module 'checkpoint' has no attribute {name!r}")

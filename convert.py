@@ -41,7 +41,7 @@ from convert_gguf import is_gguf_file, read_gguf
 from convert_hf import HF_CONFIG, is_hf_dir, read_hf_dir
 from convert_source import CHECKPOINT_NAME, PARAMS_NAME, ConversionError, Source
 from convert_source import TOKENIZER_NAME, TOKENIZER_SPEC_NAME  # noqa: F401  (re-exported: convert.TOKENIZER_NAME)
-from model import ModelArgs, Transformer
+from model import ModelArgs, expected_shapes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,18 +51,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _shapes_for(params: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a Meta checkpoint with its shape, from params.json.
-
-    Exact by construction: we build our own Transformer on the "meta" device (shapes, no memory)
-    and read its state dict, so the converter checks against the very model that will load it.
-    """
+    """Every tensor of a Meta checkpoint with its shape, from params.json: `model.expected_shapes`,
+    the one rule the loader checks too."""
     try:
         args = ModelArgs(**params)
     except (TypeError, ValueError) as e:
         raise ConversionError(f"the source's hyperparameters do not make a Llama model: {e}") from e
-    with torch.device("meta"):
-        model = Transformer(args)
-    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    return expected_shapes(args)
 
 
 def write_checkpoint(source: Source, tmp_dir: Path, dtype: torch.dtype) -> None:
@@ -146,7 +141,17 @@ def publish(tmp_dir: Path, out_dir: Path) -> None:
 CHAPTERS = (convert_source, convert_vocab, convert_gguf, convert_hf)
 
 
+# Names that did not just move to a chapter: what took their place.
+REPLACED_NAMES = {
+    "current_umask": "atomic.current_umask", "prepare_output": "atomic.atomic_dir",
+    **{table: "convert_source.meta_tensor_name (one table of Meta / GGUF / HF names)"
+       for table in ("GGUF_GLOBAL_NAMES", "GGUF_LAYER_NAMES", "HF_GLOBAL_NAMES", "HF_LAYER_NAMES")},
+}
+
+
 def __getattr__(name: str):
+    if name in REPLACED_NAMES:
+        raise AttributeError(f"convert.{name} moved: use {REPLACED_NAMES[name]}")
     for chapter in CHAPTERS:
         if not name.startswith("_") and hasattr(chapter, name):
             raise AttributeError(f"convert.{name} moved: use {chapter.__name__}.{name}")

@@ -32,7 +32,15 @@ from typing import AbstractSet, Optional, Sequence, Union
 import torch
 
 from chat_format import ChatFormat, Dialog, DialogError, Message, chat_format_for
-from checkpoint import check_vocab_matches, choose_device, choose_dtype, load_model_args, load_transformer, read_params
+from checkpoint import (
+    check_checkpoint_dir,
+    check_vocab_matches,
+    choose_device,
+    choose_dtype,
+    load_model_args,
+    load_transformer,
+    read_params,
+)
 from decoding import (  # noqa: F401 (decode_step, log_prob_of: importable from here as before)
     DecodeStep,
     Decoding,
@@ -104,20 +112,19 @@ class LLaMa:
             device = tensor_parallel.device
         device = choose_device(device)
         dtype = choose_dtype(dtype, device)
-        ckpt_dir = Path(ckpt_dir)
-        read_params(ckpt_dir)  # TEMP-MERGE: params.json's errors come before the tokenizer's
+        ckpt_dir = check_checkpoint_dir(ckpt_dir)
+        read_params(ckpt_dir)  # a missing or broken params.json is reported before the tokenizer is read
         tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else ckpt_dir / "tokenizer.model"
         tokenizer = Tokenizer(tokenizer_path)
         args = load_model_args(ckpt_dir, max_seq_len, max_batch_size, vocab_size=tokenizer.n_words)
-        check_vocab_matches(tokenizer.n_words, tokenizer_path, args)
         model = None
         if load_model and tensor_parallel is None:
-            from quantize import prepacking_helps  # TEMP-MERGE
-            model = load_transformer(ckpt_dir, args, device, dtype, progress=progress,
-                                     quantize=quantize, prepack=quantize is None and not compile and prepacking_helps(device, dtype))
+            model = load_transformer(ckpt_dir, args, device, dtype, progress=progress, quantize=quantize,
+                                     compile=compile)
         elif load_model:
-            from tensor_parallel import load_tensor_parallel_transformer  # TEMP-MERGE
-            model = load_tensor_parallel_transformer(ckpt_dir, args, tensor_parallel, dtype, progress)
+            model = tensor_parallel.load_transformer(ckpt_dir, args, dtype, progress)
+        # After loading: a params.json that disagrees with its own weights is named as that first.
+        check_vocab_matches(tokenizer.n_words, tokenizer_path, args)
         llama = LLaMa(model, tokenizer, args, device, tensor_parallel)
         if compile and model is not None:
             llama.decode_step = compile_decode_step(decode_step)
@@ -395,17 +402,22 @@ class LLaMa:
 # Names this module had before the command line moved to cli.py and the stop strings to sampling.py.
 MOVED_NAMES = {
     "main": "cli.main", "parse_args": "cli.parse_args", "warm_up": "cli.warm_up", "DEMO_PROMPTS": "cli.DEMO_PROMPTS",
-    "DEFAULT_CLI_MAX_GEN_LEN": "cli.DEFAULT_CLI_MAX_GEN_LEN", "DEFAULT_CHAT_MAX_GEN_LEN": "chat.DEFAULT_CHAT_MAX_GEN_LEN",
+    "DEFAULT_CLI_MAX_GEN_LEN": "cli.DEFAULT_CLI_MAX_GEN_LEN",
+    "DEFAULT_CHAT_MAX_GEN_LEN": "chat.DEFAULT_CHAT_MAX_GEN_LEN",
     "check_stop_strings": "sampling.check_stop_strings (or SamplingParams(stop=...))",
-    "check_prompts": "LLaMa.encode_prompts",
+    "check_prompts": "LLaMa.encode_prompts", "check_cli_sampling": "cli.check_cli_args",
+    "print_logprobs": "cli.print_logprobs", "run_chat_cli": "cli.run_chat_cli",
+    "WARM_UP_TOKENS": "cli.WARM_UP_TOKENS", "COMPILE_OPTIONS": "decoding.COMPILE_OPTIONS",
+    "FILLER_TOKEN_ID": "decoding.FILLER_TOKEN_ID", "first_stop": "streaming.first_stop",
+    "partial_stop_len": "streaming.partial_stop_len",
 }
 
 
 def __getattr__(name: str):
-    """A one-line error naming the new home of a name that moved (PEP 562)."""
-    if name in MOVED_NAMES:
-        raise AttributeError(f"inference.{name} moved: use {MOVED_NAMES[name]}")
-    raise AttributeError(f"module 'inference' has no attribute {name!r}")
+    """PEP 562: a name that moved says where it went, in one line."""
+    where = MOVED_NAMES.get(name)
+    raise AttributeError(f"inference.{name} moved: use {where}" if where else
+                         f"module 'inference' has no attribute {name!r}")
 
 
 if __name__ == "__main__":

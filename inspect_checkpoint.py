@@ -571,5 +571,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+# Names this module had before atomic.py became the one way to write a file.
+MOVED_NAMES = {"FILE_MODE": "atomic.FILE_MODE", "current_umask": "atomic.current_umask"}
+
+
+def __getattr__(name: str):
+    """PEP 562: a name that moved says where it went, in one line."""
+    where = MOVED_NAMES.get(name)
+    raise AttributeError(f"inspect_checkpoint.{name} moved: use {where}" if where else
+                         f"module 'inspect_checkpoint' has no attribute {name!r}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

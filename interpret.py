@@ -58,7 +58,7 @@ from attribution import (  # noqa: F401 (re-exported: interpret.<name> as before
     with_first_token_kept,
     zero_baseline,
 )
-from checkpoint import CheckpointError, check_vocab_matches, choose_dtype, load_model_args, load_transformer
+from checkpoint import CheckpointError, choose_dtype, load_transformer
 from inference import DEFAULT_MAX_SEQ_LEN, LLaMa
 from layers import (  # noqa: F401 (re-exported: interpret.<name> as before the split)
     EMBEDDING,
@@ -388,10 +388,9 @@ def load_for_study(
     """`LLaMa.build` for one text at a time, with plain nn.Linear layers (see `check_differentiable`)."""
     llama = LLaMa.build(ckpt_dir, load_model=False, max_seq_len=max_seq_len, max_batch_size=STUDY_BATCH_SIZE,
                         device=device, dtype=dtype)
-    args = load_model_args(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=STUDY_BATCH_SIZE)
-    model = load_transformer(ckpt_dir, args, llama.device, choose_dtype(dtype, llama.device), progress=False)
-    check_vocab_matches(llama.tokenizer.n_words, llama.tokenizer.model_path, model.args)
-    return LLaMa(model, llama.tokenizer, model.args, llama.device)
+    llama.model = load_transformer(ckpt_dir, llama.args, llama.device, choose_dtype(dtype, llama.device),
+                                   progress=False, needs_gradients=True)
+    return llama
 
 
 def encode_text(llama: LLaMa, text: str) -> list[int]:

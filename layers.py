@@ -24,19 +24,16 @@ L layers, V vocabulary.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import CheckpointError, check_checkpoint_dir, choose_device, choose_dtype, load_model_args
+from checkpoint import ShardedCheckpoint, check_checkpoint_dir, choose_device, choose_dtype, load_model_args
 from inference import DEFAULT_MAX_SEQ_LEN
-from inspect_checkpoint import model_shapes, tensor_index, vocab_size_from_shapes
-from model import Attention, Transformer, TransformerBlock, apply_rotary_emb, causal_mask, repeat_kv
+from model import Attention, Transformer, TransformerBlock, attention_weights, causal_mask, repeat_kv
 
 # Interpretation works on one text at a time; attribution batches its interpolation steps itself.
 STUDY_BATCH_SIZE = 1
@@ -82,7 +79,8 @@ class LayerLoader:
         loader.unload(layers=range(0, 8))     # back to the "meta" device: memory released
 
     `loader.model` is an ordinary `Transformer`; the pieces not loaded are on the "meta" device.
-    Which shard holds which tensor comes from the cached tensor index (inspect_checkpoint.py).
+    Tensors are read through the checkpoint's reader (`checkpoint.ShardedCheckpoint`), which checks
+    every shape against params.json up front.
     """
 
     def __init__(
@@ -96,25 +94,10 @@ class LayerLoader:
         self.ckpt_dir = check_checkpoint_dir(ckpt_dir)
         self.device = choose_device(device)
         self.dtype = choose_dtype(dtype, self.device)
-        args = load_model_args(self.ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        self.index = tensor_index(self.ckpt_dir)
-        if not args.has_vocab_size:  # Llama 2's -1: the weights know
-            args = load_model_args(self.ckpt_dir, max_seq_len, max_batch_size,
-                                   vocab_size=vocab_size_from_shapes(self.index, args.dim))
-        self.args = args
+        self.args = load_model_args(self.ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        self.checkpoint: Optional[ShardedCheckpoint] = ShardedCheckpoint(self.ckpt_dir, self.args)
         with torch.device("meta"):
-            self.model = Transformer(args).eval()
-        self._check_names()
-        self._opened: dict[int, dict] = {}  # shard number -> its memory-mapped state dict
-
-    def _check_names(self) -> None:
-        expected = set(model_shapes(self.args))
-        found = set(self.index.names())
-        missing, unexpected = sorted(expected - found), sorted(found - expected)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{self.ckpt_dir}: tensors do not match params.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
+            self.model = Transformer(self.args).eval()
 
     def _pieces(self, embedding: bool, layers: Iterable[int], head: bool) -> list[str]:
         pieces = [EMBEDDING] if embedding else []
@@ -127,16 +110,10 @@ class LayerLoader:
             module = self.model.get_submodule(piece)
             if is_loaded(module):
                 continue
-            state = {}
-            for key, placeholder in module.state_dict().items():
-                name = f"{piece}.{key}"
-                tensor = self.index.load_tensor(name, self.args.dim, self._opened)
-                if tensor.shape != placeholder.shape:
-                    raise CheckpointError(
-                        f"{name} in {self.ckpt_dir} has shape {tuple(tensor.shape)}, "
-                        f"but params.json implies {tuple(placeholder.shape)}"
-                    )
-                state[key] = tensor.to(device=self.device, dtype=self.dtype)
+            if self.checkpoint is None:
+                raise ValueError("this LayerLoader is closed: make a new one to load more")
+            state = {key: self.checkpoint.read(f"{piece}.{key}").to(device=self.device, dtype=self.dtype)
+                     for key in module.state_dict()}
             module.load_state_dict(state, strict=True, assign=True)
             if isinstance(module, TransformerBlock):
                 module.attention.setup_cache(self.device, self.dtype)
@@ -151,7 +128,7 @@ class LayerLoader:
 
     def close(self) -> None:
         """Forget the opened shards (their memory maps close when nothing else refers to them)."""
-        self._opened.clear()
+        self.checkpoint = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,17 +254,9 @@ def attention_with_weights(
     head h is how much query token i takes from each key token j (zero for j > i; the row sums to 1).
     """
     batch_size, seqlen, _ = x.shape
-    xq = attn.wq(x).view(batch_size, seqlen, attn.n_heads, attn.head_dim)  # (B, T, H, D)
-    xk = attn.wk(x).view(batch_size, seqlen, attn.n_kv_heads, attn.head_dim)  # (B, T, K, D)
-    xv = attn.wv(x).view(batch_size, seqlen, attn.n_kv_heads, attn.head_dim)  # (B, T, K, D)
-    xq, xk = apply_rotary_emb(xq, xk, positions.freqs_cis)
-    q, k, v = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (B, H|K, T, D)
+    q, k, v = attn.queries_keys_values(x, positions.freqs_cis)  # (B, H|K, T, D): the model's own projections
     k, v = repeat_kv(k, attn.n_rep), repeat_kv(v, attn.n_rep)  # (B, H, T, D)
-
-    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(attn.head_dim)  # (B, H, T, T)
-    if positions.mask is not None:
-        scores = scores + positions.mask
-    weights = F.softmax(scores.float(), dim=-1).type_as(q)
+    weights = attention_weights(q, k, positions.mask)  # (B, H, T, T): the model's own softmax
     output = torch.matmul(weights, v)  # (B, H, T, D)
     output = output.transpose(1, 2).reshape(batch_size, seqlen, -1)  # (B, T, H * D)
     return attn.wo(output), weights

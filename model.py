@@ -68,7 +68,9 @@ class ModelArgs:
     """Every key of Meta's `params.json` (Llama 2, 3, 3.1, 3.2), plus the run-time sizes.
 
     ``ModelArgs(**json.load(open("params.json")), max_seq_len=..., max_batch_size=...)`` works; an
-    unknown key is a ``TypeError`` naming it (a dataclass does not drop keys silently).
+    unknown key is a ``TypeError`` naming it (a dataclass does not drop keys silently). Llama 2's
+    ``"vocab_size": -1`` ("the tokenizer decides") is resolved before, where params.json is read
+    (`checkpoint.load_model_args`); here the vocabulary size is a number, or None while unknown.
     """
 
     dim: int = 4096
@@ -132,6 +134,11 @@ class ModelArgs:
     @property
     def has_vocab_size(self) -> bool:
         return self.vocab_size is not None
+
+    def require_vocab_size(self) -> int:
+        if self.vocab_size is None:
+            raise ValueError("ModelArgs.vocab_size is None: set it (from the tokenizer or the weights) first")
+        return self.vocab_size
 
 
 def feed_forward_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
@@ -300,17 +307,23 @@ class Attention(nn.Module):
         args = (self.cache.cache_k.shape[0], self.cache.cache_k.shape[2], self.n_kv_heads, self.head_dim)
         self.cache = KVCache(*args, device=device, dtype=dtype)
 
-    def forward(
-        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
-    ) -> torch.Tensor:
+    def queries_keys_values(
+        self, x: torch.Tensor, freqs_cis: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> queries (B, H, T, D), keys and values (B, K, T, D), RoPE applied, heads first."""
         batch_size, seqlen, _ = x.shape  # (B, T, C)
         xq = self.wq(x).view(batch_size, seqlen, self.n_heads, self.head_dim)  # (B, T, H, D)
         xk = self.wk(x).view(batch_size, seqlen, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         xv = self.wv(x).view(batch_size, seqlen, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
-
         # Heads first: every head is an independent attention over the sequence.
-        xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (B, H|K, T, D)
+        return xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (B, H|K, T, D)
+
+    def forward(
+        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        batch_size, seqlen, _ = x.shape  # (B, T, C)
+        xq, xk, xv = self.queries_keys_values(x, freqs_cis)  # (B, H|K, T, D)
         keys, values = self.cache.update(start_pos, xk, xv)  # (B, K, S, D): only the filled part
         if self.reference_attention:
             keys, values = repeat_kv(keys, self.n_rep), repeat_kv(values, self.n_rep)  # (B, H, S, D)
@@ -422,10 +435,8 @@ def causal_mask(
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        if not args.has_vocab_size:
-            raise ValueError("ModelArgs.vocab_size is None: set it (from the tokenizer or the weights) first")
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.tok_embeddings = nn.Embedding(args.require_vocab_size(), args.dim)
         self.layers = nn.ModuleList(TransformerBlock(layer_id, args) for layer_id in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
@@ -502,9 +513,7 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     bytes, convert.py writes tensors of these shapes (and a test holds it equal to a real model's).
     The KV caches are buffers, not part of a checkpoint, so they are not here.
     """
-    if args.vocab_size is None:
-        raise ValueError("ModelArgs.vocab_size is None: set it (from the tokenizer or the weights) first")
-    dim, hidden, vocab = args.dim, args.ffn_hidden_dim, args.vocab_size
+    dim, hidden, vocab = args.dim, args.ffn_hidden_dim, args.require_vocab_size()
     query_size, kv_size = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim  # H * D, K * D
     shapes = {EMBEDDING_KEY: (vocab, dim)}
     for i in range(args.n_layers):
@@ -522,3 +531,17 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     shapes["norm.weight"] = (dim,)
     shapes[OUTPUT_KEY] = (vocab, dim)
     return shapes
+
+
+# Names this module had before params.json's -1 got resolved where params.json is read.
+MOVED_NAMES = {
+
+    "VOCAB_SIZE_FROM_TOKENIZER": "checkpoint.PARAMS_VOCAB_FROM_TOKENIZER (ModelArgs.vocab_size is None while unknown)",
+}
+
+
+def __getattr__(name: str):
+    """PEP 562: a name that moved says where it went, in one line."""
+    where = MOVED_NAMES.get(name)
+    raise AttributeError(f"model.{name} moved: use {where}" if where else
+                         f"module 'model' has no attribute {name!r}")

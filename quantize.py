@@ -340,3 +340,17 @@ def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
             raise QuantizationError(f"{name} has a bias; these quantized layers have none (Llama's linears have no bias)")
         model.set_submodule(name, make_linear(name, linear.weight, storage, linear.weight.dtype))
     return model
+
+
+# Names this module had before `linear_storage` became the one decision of how a layer is stored.
+MOVED_NAMES = {
+    "fast_linear": "quantize.make_linear(name, weight, linear_storage(...), dtype)",
+    "layer_scheme": "quantize.layer_storage",
+}
+
+
+def __getattr__(name: str):
+    """PEP 562: a name that moved says where it went, in one line."""
+    where = MOVED_NAMES.get(name)
+    raise AttributeError(f"quantize.{name} moved: use {where}" if where else
+                         f"module 'quantize' has no attribute {name!r}")

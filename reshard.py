@@ -171,5 +171,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+# Names this module had before the sharded-checkpoint reader moved to checkpoint.py.
+MOVED_NAMES = {
+    "stored_layout": "checkpoint.stored_layout", "check_shard_numbering": "checkpoint.list_shards",
+}
+
+
+def __getattr__(name: str):
+    """PEP 562: a name that moved says where it went, in one line."""
+    where = MOVED_NAMES.get(name)
+    raise AttributeError(f"reshard.{name} moved: use {where}" if where else
+                         f"module 'reshard' has no attribute {name!r}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -93,6 +93,12 @@ class TensorParallel:
         dist.broadcast(tokens, src=MAIN_RANK)
         return tokens
 
+    def load_transformer(self, ckpt_dir: Union[str, Path], args: ModelArgs, dtype: torch.dtype,
+                         progress: bool = True) -> Transformer:
+        """This rank's slice of the model (`load_tensor_parallel_transformer`); `LLaMa.build` calls it,
+        so that the engine needs no import of this file."""
+        return load_tensor_parallel_transformer(ckpt_dir, args, self, dtype, progress)
+
     def close(self) -> None:
         dist.destroy_process_group()
 

@@ -549,3 +549,18 @@ MOVED_NAMES = {
     "or chat_format.chat_format_for(tokenizer, required=True).encode_dialog_prompt(dialog)",
     "stream_decoder": "streaming.StreamDecoder(tokenizer)",
 }
+
+
+# Names this module had before the tokenizer got a file of its own (chat format, stream decoder, writers).
+MOVED_MODULE_NAMES = {
+    "StreamDecoder": "streaming.StreamDecoder", "choose_chat_format": "chat_format.chat_format_for",
+    "write_tiktoken_model": "tokenizer_files.write_tiktoken_model",
+    "write_tokenizer_spec": "tokenizer_files.write_tokenizer_spec",
+}
+
+
+def __getattr__(name: str):
+    """PEP 562: a name that moved says where it went, in one line."""
+    where = MOVED_MODULE_NAMES.get(name)
+    raise AttributeError(f"tokenizer.{name} moved: use {where}" if where else
+                         f"module 'tokenizer' has no attribute {name!r}")

@@ -21,6 +21,7 @@ from conftest import LLAMA2_TOKENIZER
 from inference import LLaMa
 from model import ModelArgs, Transformer
 from quantize import PackedLinear, prepacking_helps
+from sampling import SamplingParams
 from tiny import write_tiny_llama2_checkpoint
 
 VOCAB_SIZE = 256
@@ -129,9 +130,12 @@ def test_compiled_decode_gives_the_eager_greedy_tokens_and_logprobs(tiny_ckpt):
     kwargs = dict(max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32", progress=False)
     eager = LLaMa.build(tiny_ckpt, **kwargs)
     compiled = LLaMa.build(tiny_ckpt, compile=True, **kwargs)
-    eager_tokens, _, eager_logprobs = eager.text_completion(prompts, temperature=0, max_gen_len=10, logprobs=True)
-    compiled_tokens, _, compiled_logprobs = compiled.text_completion(prompts, temperature=0, max_gen_len=10,
-                                                                     logprobs=True)
+    def greedy_with_logprobs(llama):
+        generations = llama.generate(llama.encode_prompts(prompts), 10, SamplingParams(temperature=0), logprobs=True)
+        return [g.tokens for g in generations], [g.logprobs for g in generations]
+
+    eager_tokens, eager_logprobs = greedy_with_logprobs(eager)
+    compiled_tokens, compiled_logprobs = greedy_with_logprobs(compiled)
     assert compiled_tokens == eager_tokens
     for got, expected in zip(compiled_logprobs, eager_logprobs):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-4)

@@ -25,6 +25,7 @@ from cli import main
 from inference import LLaMa
 from model import ModelArgs
 from reshard import reshard
+from sampling import SamplingParams
 from tensor_parallel import (
     TensorParallel, load_tensor_parallel_transformer, parallelize, rank_cost, rank_part, rank_plan, rank_shapes,
     weight_slice,
@@ -79,7 +80,7 @@ def run_worker(ckpt, prompt_tokens: list[list[int]], nproc: int, tmp_path) -> li
 
 def single_process(ckpt, prompt_tokens):
     llama = LLaMa.build(ckpt, max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32", progress=False)
-    tokens = [g.tokens for g in llama.generate(prompt_tokens, max_gen_len=MAX_GEN_LEN, temperature=0)]
+    tokens = [g.tokens for g in llama.generate(prompt_tokens, max_gen_len=MAX_GEN_LEN, sampling=SamplingParams(temperature=0))]
     logits = llama.model(torch.tensor([prompt_tokens[0]]), start_pos=0)
     return llama, tokens, logits
 

@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inference import LLaMa  # noqa: E402
+from sampling import SamplingParams  # noqa: E402
 from tensor_parallel import init_from_torchrun  # noqa: E402
 
 
@@ -24,7 +25,7 @@ def main(ckpt_dir: str, out_prefix: str, prompts_json: str, max_gen_len: str) ->
     llama = LLaMa.build(ckpt_dir, max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32",
                         progress=False, tensor_parallel=tp)
     prompts = json.loads(prompts_json)
-    generations = llama.generate(prompts, max_gen_len=int(max_gen_len), temperature=0)
+    generations = llama.generate(prompts, max_gen_len=int(max_gen_len), sampling=SamplingParams(temperature=0))
     logits = llama.model(torch.tensor([prompts[0]]), start_pos=0)
     torch.save({
         "tokens": [g.tokens for g in generations],
