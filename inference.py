@@ -58,13 +58,19 @@ from sampling import (
     refuse_loose_sampling_keywords,
     sampling_or_default,
 )
-from streaming import FINISH_LENGTH, FINISH_STOP, Generation, GenerationRow, TextStream, TextTracker, token_texts
+from streaming import (  # noqa: F401 (FINISH_*: importable from here as before)
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Generation,
+    GenerationRow,
+    TextStream,
+    TextTracker,
+    token_texts,
+)
 from tokenizer import Tokenizer
 
 DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_MAX_BATCH_SIZE = 4
-
-__all__ = ["LLaMa", "Decoding", "DecodeStep", "Generation", "FINISH_STOP", "FINISH_LENGTH", "SamplingParams"]
 
 
 class LLaMa:
