@@ -4,7 +4,7 @@ The one rule of this project for everything it writes (checkpoints, tokenizers, 
 benchmark results):
 
 1. Write under a temporary name *in the target's own directory* (the same file system, so the
-   final rename is atomic): ``.NAME.tmp-XXXX``.
+   final rename is atomic): ``.NAME.tmp-<random>``.
 2. Give it the permissions a plain ``open()`` would: ``0o666 & ~umask`` for files, ``0o777 &
    ~umask`` for directories (``mkstemp`` / ``mkdtemp`` make private 0600 / 0700 entries).
 3. Rename it onto the final name. If anything fails before that, the temporary is removed and the
