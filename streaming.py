@@ -205,6 +205,22 @@ class GenerationRow:
                           finish_reason=self.finish_reason)
 
 
+def follow(decoding, rows: list[GenerationRow], stop_tokens: AbstractSet[int]) -> Iterator:
+    """Run `decoding` (an `inference.Decoding`) for `rows`, one GenerationRow per prompt: each step's
+    tokens (and log-probabilities) go to their rows, then the step is yielded, so that a caller can
+    show what the rows have made so far. It ends when every row has ended (no forward pass is
+    wasted) or the decoding runs out of room; then every row is finished (`finish_reason` set)."""
+    for step in decoding:
+        step_logprobs = step.logprobs.tolist() if step.logprobs is not None else [None] * len(rows)
+        for row, token, logprob in zip(rows, step.tokens.tolist(), step_logprobs):
+            row.add(token, logprob, stop_tokens)
+        yield step
+        if all(row.finish_reason is not None for row in rows):
+            break
+    for row in rows:
+        row.finish()
+
+
 def token_texts(tokenizer: Tokenizer, tokens: list[int]) -> list[str]:
     """The text each token adds, so that the texts join into the decoded whole; a character spelled
     by several tokens goes to the token that completes it (the others get "")."""
@@ -257,15 +273,11 @@ class TextStream:
 
     def _generate(self, stop_tokens: AbstractSet[int]) -> Iterator[str]:
         row = self._row
-        for step in self.decoding:
-            shown_before = len(row.text.text)
-            row.add(int(step.tokens[0]), None, stop_tokens)
-            if len(row.text.text) > shown_before:
-                yield row.text.text[shown_before:]
-            if row.finish_reason is not None:
-                break
-        shown_before = len(row.text.text)
-        row.finish()
+        shown = 0
+        for _ in follow(self.decoding, [row], stop_tokens):
+            if len(row.text.text) > shown:
+                yield row.text.text[shown:]
+                shown = len(row.text.text)
         self.finish_reason = row.finish_reason
-        if len(row.text.text) > shown_before:
-            yield row.text.text[shown_before:]
+        if len(row.text.text) > shown:  # what the end released (a held-back partial stop string)
+            yield row.text.text[shown:]

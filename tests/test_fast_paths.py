@@ -152,7 +152,7 @@ def test_warm_up_compiles_every_graph_a_generation_needs(tiny_ckpt):
     llama = LLaMa.build(tiny_ckpt, max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32",
                         progress=False, compile=True)
     prompts = ["Hello, my name is", "1 2 3"]  # ragged: a graph with a padding mask too
-    warm_up(llama, prompts)
+    warm_up(llama, llama.encode_prompts(prompts))
     graphs_after_warm_up = counters["stats"]["unique_graphs"]
     assert graphs_after_warm_up > 0
     llama.text_completion(prompts, temperature=0, max_gen_len=12)

