@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import AbstractSet, Optional, Sequence, Union
@@ -100,6 +101,8 @@ DEFAULT_WHY_GEN_LEN = 8
 DEFAULT_TEXT = "The capital of France is Paris. The capital of Germany is"
 MATPLOTLIB_HINT = "PNG output needs matplotlib: pip install matplotlib"
 PNG_DPI = 80  # pixels per inch of the saved pictures: readable labels, small files
+MIN_FIGURE_WIDTH = 5.0  # inches: room for a title and a legend however few the tokens
+TITLE_CHARS_PER_INCH = 11  # about how many characters of a 10-point title fit in an inch
 
 
 class MissingDependencyError(RuntimeError):
@@ -332,44 +335,51 @@ def save_attention_png(weights: torch.Tensor, labels: list[str], path: Union[str
     cols = math.ceil(math.sqrt(n_heads))
     rows = math.ceil(n_heads / cols)
     cell = 0.3 * len(labels) + 2  # inches per panel: room for one label per token
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell + 1, rows * cell), squeeze=False, layout="constrained")
+    fig_width = max(MIN_FIGURE_WIDTH, cols * cell + 1)
+    fig, axes = plt.subplots(rows, cols, figsize=(fig_width, rows * cell), squeeze=False, layout="constrained")
     for head, ax in enumerate(axes.flat):
         if head >= n_heads:
             ax.axis("off")
             continue
         image = ax.imshow(weights[head].float().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
-        ax.set_title(f"head {head}" if n_heads > 1 else title, fontsize=10)
+        ax.set_title(f"head {head}" if n_heads > 1 else wrapped(title, cell), fontsize=10)
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=8)
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.set_xlabel("key (attended to)", fontsize=8)
         ax.set_ylabel("query (attending)", fontsize=8)
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
     if n_heads > 1:
-        fig.suptitle(title)
+        fig.suptitle(wrapped(title, fig_width))
     return save_figure(plt, fig, path)
 
 
 def save_attribution_png(scores: dict[str, torch.Tensor], labels: list[str], path: Union[str, Path], title: str) -> Path:
     """Bar chart of per-token attribution scores, one group of bars per method."""
     plt = require_matplotlib()
-    fig, ax = plt.subplots(figsize=(0.5 * len(labels) + 2, 3.5))
+    fig_width = max(MIN_FIGURE_WIDTH, 0.5 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(fig_width, 3.5), layout="constrained")
     width = 0.8 / len(scores)
     for i, (method, values) in enumerate(scores.items()):
         ax.bar([x + i * width for x in range(len(labels))], values.float().cpu().tolist(), width, label=method)
     ax.axhline(0.0, color="black", linewidth=0.5)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=90, fontsize=8)
     ax.set_ylabel("contribution to the target logit")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(wrapped(title, fig_width), fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     return save_figure(plt, fig, path)
+
+
+def wrapped(title: str, width_inches: float) -> str:
+    """`title` broken into lines that fit a figure `width_inches` wide (a long title is never cut off)."""
+    return textwrap.fill(title, width=max(1, int(width_inches * TITLE_CHARS_PER_INCH)))
 
 
 def save_figure(plt, fig, path: Union[str, Path]) -> Path:
     """Write the figure atomically (atomic.py), in the format its file name ends in (PNG if none)."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=PNG_DPI, format=path.suffix.lstrip(".") or "png")
+        # bbox_inches="tight": the canvas grows to hold every title and label, however long.
+        fig.savefig(tmp, dpi=PNG_DPI, format=path.suffix.lstrip(".") or "png", bbox_inches="tight")
     plt.close(fig)
     return path
 

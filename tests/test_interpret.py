@@ -488,3 +488,25 @@ def test_demo_logit_lens_ends_at_the_models_answer(smol):
     rows = logit_lens(smol, SMOL_IDS, k=2)
     assert len(rows) == 31 and rows[-1].token_ids[0] == SMOL_BERLIN
     assert rows[0].token_ids[0] == SMOL_IDS[-1]  # tied embeddings: the embedding reads back as itself
+
+
+@pytest.mark.parametrize("labels", [["'Hi'"], ["'Hi'", "' there'"], [f"'t{i}'" for i in range(40)]])
+def test_a_pictures_title_stays_inside_it_at_any_number_of_tokens(tmp_path, labels):
+    """Figures are sized by their tokens; a title longer than the figure is wrapped, and the picture
+    grows to hold every title and label, never cutting one off at its edges."""
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    import interpret
+
+    title = "attribution of ' Berlin' (id 11452) as the next token after position 11 (' is'), integrated gradients"
+    path = interpret.save_attribution_png({"grad x input": torch.ones(len(labels))}, labels, tmp_path / "a.png", title)
+    width, _ = Image.open(path).size
+    plt = interpret.require_matplotlib()
+    fig = plt.figure(dpi=interpret.PNG_DPI)
+    lines = interpret.wrapped(title, interpret.MIN_FIGURE_WIDTH).splitlines()
+    assert len(lines) > 1 or len(labels) > 20  # wrapped where the figure is narrow
+    rendered = [fig.text(0, 0, line, fontsize=10) for line in lines]
+    fig.canvas.draw()
+    assert max(t.get_window_extent().width for t in rendered) <= width
+    plt.close(fig)
