@@ -22,12 +22,21 @@ from tokenizer import InvalidTextError, Tokenizer
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return write_tiny_llama2_checkpoint(tmp_path_factory.mktemp("tiny"), LLAMA2_TOKENIZER)
+    root = tmp_path_factory.mktemp("tiny")
+    yield write_tiny_llama2_checkpoint(root, LLAMA2_TOKENIZER)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def llama(ckpt):
     return LLaMa.build(ckpt, max_seq_len=64, max_batch_size=2, device="cpu", dtype="float32", progress=False)
+
+
+@pytest.fixture(autouse=True)
+def remove_copies(tmp_path):
+    """Each test's broken copies (~16 MB each) are removed as soon as it ends."""
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def one_line_error(error_type, call, *fragments: str) -> str:
