@@ -43,8 +43,9 @@ from sampling import SamplingParams, sample
 FILLER_TOKEN_ID = 0
 
 
-class NonFiniteLogitsError(RuntimeError):
-    """The model's logits hold NaN or inf: the message says where they first appear and what to try."""
+class NonFiniteLogitsError(ValueError):
+    """The model's logits hold NaN or inf: the message says where they first appear and what to try.
+    A ValueError, as a broken checkpoint is (checkpoint.CheckpointError): bad data, not a bug here."""
 
 
 @dataclass
