@@ -43,6 +43,9 @@ Device and dtype are decided here, once: CUDA if present (fp16), else Apple's MP
 """
 
 import json
+import math
+import os
+import pickle
 import re
 import typing
 from dataclasses import dataclass, fields, replace
@@ -63,7 +66,7 @@ from memory import (  # noqa: F401  (re-exported: the memory plan's names have a
     release_file_pages,
     release_scratch_memory,
 )
-from model import EMBEDDING_KEY, OUTPUT_KEY, ModelArgs, Transformer, expected_shapes
+from model import EMBEDDING_KEY, OUTPUT_KEY, ModelArgs, RopeScaling, Transformer, expected_shapes
 from quantize import PLAIN, linear_layer_names, linear_storage, make_linear
 
 PARAMS_FILE = "params.json"
@@ -72,6 +75,9 @@ SHARD_NAME = "consolidated.{:02d}.pth"
 SHARD_NUMBER = re.compile(r"consolidated\.(\d+)\.pth")
 # Meta's Llama 2 checkpoints carry a precomputed RoPE table that the model recomputes itself.
 KNOWN_EXTRA_KEYS = ("rope.freqs",)
+# How torch.load(weights_only=True) begins its message when a pickle holds more than tensors
+# (torch/serialization.py); its advice, to load with weights_only=False, we never pass on.
+WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
 # Meta's Llama 2 params.json writes `"vocab_size": -1`: "take it from the tokenizer". Only
 # `model_args_from_params` looks for it; inside the engine an unknown size is None.
 PARAMS_VOCAB_FROM_TOKENIZER = -1
@@ -177,8 +183,20 @@ def read_params(ckpt_dir: Union[str, Path]) -> dict:
 
 def params_types() -> dict[str, tuple[type, ...]]:
     """Every key params.json may hold, with the types ModelArgs declares for it (Optional: + NoneType)."""
-    hints = typing.get_type_hints(ModelArgs)
-    return {f.name: typing.get_args(hints[f.name]) or (hints[f.name],) for f in fields(ModelArgs) if f.init}
+    return declared_types(ModelArgs)
+
+
+def declared_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """Every init field of the dataclass `cls`, with the types it declares (Optional[X]: X and NoneType)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: typing.get_args(hints[f.name]) or (hints[f.name],) for f in fields(cls) if f.init}
+
+
+# How a type is spelled to someone writing JSON.
+JSON_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                   dict: "an object", type(None): "null"}
+# rope_scaling's keys: RopeScaling's fields, plus Hugging Face's name for the scheme.
+ROPE_SCALING_TYPES = {**declared_types(RopeScaling), "rope_type": (str,)}
 
 
 def has_type(value: object, allowed: tuple[type, ...]) -> bool:
@@ -186,19 +204,46 @@ def has_type(value: object, allowed: tuple[type, ...]) -> bool:
         return bool in allowed
     if isinstance(value, int) and float in allowed:  # JSON may write 10000.0 as 10000
         return True
+    if isinstance(value, float) and not math.isfinite(value):  # Python's json reads NaN and Infinity
+        return False
     return isinstance(value, allowed)
 
 
-def check_params_types(params: dict, params_path: Path) -> None:
-    """Every key known and every value of the type ModelArgs expects, or an error naming the key."""
-    known = params_types()
-    unknown = sorted(set(params) - set(known))
+def check_types(values: dict, known: dict[str, tuple[type, ...]], where: str) -> None:
+    """Every key of `values` known and every value of its declared type, or one line naming the key,
+    the value (as JSON writes it) and the type expected."""
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise CheckpointError(f"{params_path}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-    for key, value in params.items():
+        raise CheckpointError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    for key, value in values.items():
         if not has_type(value, known[key]):
-            expected = " or ".join("null" if t is type(None) else t.__name__ for t in known[key])
-            raise CheckpointError(f"{params_path}: {key} is {value!r}, expected {expected}")
+            expected = " or ".join(JSON_TYPE_NAMES.get(t, t.__name__) for t in known[key])
+            raise CheckpointError(f"{where}: {key} is {json.dumps(value)}, expected {expected}")
+
+
+def check_params_types(params: dict, params_path: Path) -> None:
+    """Every key known and every value of the type ModelArgs expects (rope_scaling's too), or an
+    error naming the key."""
+    check_types(params, params_types(), str(params_path))
+    if isinstance(params.get("rope_scaling"), dict):
+        check_types(params["rope_scaling"], ROPE_SCALING_TYPES, f"{params_path}: rope_scaling")
+
+
+def check_size_argument(name: str, value: object) -> int:
+    """A run-time size (max_seq_len, max_batch_size) that is an integer >= 1, or an error that starts
+    with its name: it is the caller's argument (a command-line flag), not params.json's."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_path_argument(name: str, value: object, optional: bool = False) -> None:
+    """A file or directory argument that is a path (str or os.PathLike), or an error naming it."""
+    if value is None and optional:
+        return
+    if not isinstance(value, (str, os.PathLike)):
+        also = " or None" if optional else ""
+        raise TypeError(f"{name} must be a path (str or pathlib.Path){also}, got {type(value).__name__} {value!r}")
 
 
 def leaves_vocab_to_tokenizer(params: dict) -> bool:
@@ -208,6 +253,8 @@ def leaves_vocab_to_tokenizer(params: dict) -> bool:
 
 def model_args_from_params(params: dict, params_path: Path, max_seq_len: int, max_batch_size: int) -> ModelArgs:
     """ModelArgs from params.json plus the run-time sizes; Llama 2's -1 becomes vocab_size None."""
+    check_size_argument("max_seq_len", max_seq_len)
+    check_size_argument("max_batch_size", max_batch_size)
     check_params_types(params, params_path)
     if leaves_vocab_to_tokenizer(params):
         params = {**params, "vocab_size": None}
@@ -267,14 +314,29 @@ def list_shards(ckpt_dir: Union[str, Path]) -> list[Path]:
     return shards
 
 
+def first_line_of(error: Exception) -> str:
+    """The first line of an error's message (torch's can run to several, with advice we do not give)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def open_shard(path: Path) -> dict[str, torch.Tensor]:
     """A shard's state dict, memory-mapped (nothing read until used) and loaded as data only."""
     try:
         state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if WEIGHTS_ONLY_REFUSAL in str(e):  # weights_only's unpickler met something that is not a tensor
+            raise CheckpointError(
+                f"{path} contains objects other than tensors: it will not be loaded, because loading it "
+                f"could run code (a Meta checkpoint holds only tensors)"
+            ) from None
+        raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint: {first_line_of(e)}") from None
     except Exception as e:  # torch raises several types for corrupt or foreign files
-        raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint: {e}") from None
+        raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint: {first_line_of(e)}") from None
     if not isinstance(state_dict, dict):
         raise CheckpointError(f"{path} holds a {type(state_dict).__name__}, expected a state dict")
+    for name, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: {name!r} holds a {type(value).__name__}, expected a tensor")
     for name in KNOWN_EXTRA_KEYS:
         state_dict.pop(name, None)
     return state_dict

@@ -18,6 +18,12 @@ bench.py iterate it. It yields a `DecodeStep` per column *before* that column go
 model: a caller that has what it needs (every row at a stop token, enough text) just stops
 iterating, and no forward pass is wasted. Why a row ends is the caller's business (streaming.py).
 
+Every column's logits are checked to be finite before anything is sampled from them: NaN/inf
+weights (a broken checkpoint) or float16 activations that overflow would otherwise give an empty
+greedy completion or a crash inside `torch.multinomial`. The check is one `isfinite().all()` over
+(B, V) per step, next to a forward pass through the whole model; only once it fails is the
+sequence run again, layer by layer, to name the first layer whose output is not finite.
+
 The KV cache outlives one run: `KVCacheRecord` remembers which ids row 0 of the cache holds, so a
 chat's next turn can skip the prefix it already computed (`reuse_cache=True`).
 
@@ -35,6 +41,11 @@ from sampling import SamplingParams, sample
 
 # Padding positions are masked out, so any valid id will do as filler.
 FILLER_TOKEN_ID = 0
+
+
+class NonFiniteLogitsError(ValueError):
+    """The model's logits hold NaN or inf: the message says where they first appear and what to try.
+    A ValueError, as a broken checkpoint is (checkpoint.CheckpointError): bad data, not a bug here."""
 
 
 @dataclass
@@ -172,6 +183,8 @@ class Decoding:
         batch_rows = torch.arange(tokens.shape[0], device=llama.device)
         cache_owner = llama.kv_cache.writes  # the prefill that filled the cache for these tokens
         for cur_pos in range(self.prompt_len, self.total_len):
+            if not torch.isfinite(logits).all():  # (B, V): cheap next to the forward pass that made them
+                raise NonFiniteLogitsError(self._non_finite_message(tokens, cur_pos, pad_lens))
             next_token = sample(logits, self.sampling, seen, self.generator)  # (B,)
             if llama.tensor_parallel is not None:
                 next_token = llama.tensor_parallel.broadcast_from_main(next_token)  # ranks stay in lockstep
@@ -183,6 +196,47 @@ class Decoding:
             if cur_pos + 1 == self.total_len:
                 return  # no room for another token: its logits are not needed
             logits = self._forward_column(tokens, cur_pos, pad_lens, cache_owner)
+
+
+    def _non_finite_message(self, tokens: torch.Tensor, cur_pos: int, pad_lens: Optional[torch.Tensor]) -> str:
+        """Why the logits for column `cur_pos` are not finite, in one line: the first layer whose output
+        is not, found by running the sequence so far through the model once more (the KV cache is
+        overwritten, so the record forgets what it held)."""
+        model = self.llama.model
+        dtype = str(model.norm.weight.dtype).removeprefix("torch.")
+        where = ""
+        if self.llama.tensor_parallel is None:  # under torchrun every rank would have to join the re-run
+            self.llama.kv_cache.tokens = []
+            self.llama.kv_cache.writes += 1
+            layer = first_non_finite_layer(model, tokens[:, :cur_pos], pad_lens)
+            where = f", first in the output of {layer}" if layer is not None else ""
+        why = ("in float16 activations can overflow: run in bfloat16 (--dtype bfloat16, dtype=\"bfloat16\"); "
+               "else its weights hold NaN/inf" if dtype == "float16" else "its weights hold NaN/inf, or overflowed")
+        return f"the checkpoint produced NaN/inf logits at position {cur_pos} ({dtype}{where}): {why}"
+
+
+def first_non_finite_layer(model: Transformer, tokens: torch.Tensor, pad_lens: Optional[torch.Tensor]) -> Optional[str]:
+    """The name of the first module (embedding, layer i, final norm, output head) whose output holds
+    NaN/inf when `tokens` (B, T) go through `model` from position 0; None if none does."""
+    named = [("the embedding", model.tok_embeddings)]
+    named += [(f"layer {i}", layer) for i, layer in enumerate(model.layers)]
+    named += [("the final norm", model.norm), ("the output head", model.output)]
+    found: list[str] = []
+
+    def watch(name: str):
+        def hook(module, inputs, output):
+            if not found and not torch.isfinite(output).all():
+                found.append(name)
+        return hook
+
+    handles = [module.register_forward_hook(watch(name)) for name, module in named]
+    try:
+        with torch.inference_mode():
+            model(tokens, 0, pad_lens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
 
 
 def log_prob_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,8 @@ import torch
 from chat_format import ChatFormat, Dialog, DialogError, Message, chat_format_for
 from checkpoint import (
     check_checkpoint_dir,
+    check_path_argument,
+    check_size_argument,
     check_vocab_matches,
     choose_device,
     choose_dtype,
@@ -68,7 +70,7 @@ from streaming import (  # noqa: F401 (FINISH_*: importable from here as before)
     follow,
     token_texts,
 )
-from tokenizer import Tokenizer
+from tokenizer import InvalidTextError, Tokenizer
 
 DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_MAX_BATCH_SIZE = 4
@@ -113,6 +115,8 @@ class LLaMa:
         loading (quantize.py). compile: `torch.compile` the decode step (the first generation then
         takes longer while it compiles).
         """
+        check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
+                              load_model=load_model, progress=progress, compile=compile)
         if tensor_parallel is not None:
             if quantize is not None or compile:
                 raise ValueError("quantize and compile are not supported with tensor parallel yet: run without them")
@@ -124,6 +128,8 @@ class LLaMa:
         tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else ckpt_dir / "tokenizer.model"
         tokenizer = Tokenizer(tokenizer_path)
         args = load_model_args(ckpt_dir, max_seq_len, max_batch_size, vocab_size=tokenizer.n_words)
+        if tensor_parallel is not None:
+            tensor_parallel.check_args(args)  # e.g. a world size that does not divide n_kv_heads, on every rank
         model = None
         if load_model and tensor_parallel is None:
             model = load_transformer(ckpt_dir, args, device, dtype, progress=progress, quantize=quantize,
@@ -181,13 +187,24 @@ class LLaMa:
         if not isinstance(prompt_tokens, (list, tuple)) or len(prompt_tokens) == 0:
             raise ValueError("prompt_tokens must be a non-empty list of prompts, each a list of token ids")
         for i, prompt in enumerate(prompt_tokens):
+            if not isinstance(prompt, (list, tuple)):
+                raise ValueError(f"prompt {i} is a {type(prompt).__name__}, expected a list of token ids")
             if len(prompt) == 0:
                 raise ValueError(f"prompt {i} has no tokens: give at least one token (or a non-empty text)")
+            self.check_token_ids(prompt, f"prompt {i}")
             if len(prompt) >= self.args.max_seq_len:
                 raise ValueError(
                     f"prompt {i} is {len(prompt)} tokens, but max_seq_len={self.args.max_seq_len} leaves no room "
                     f"to generate: shorten it or raise max_seq_len"
                 )
+
+    def check_token_ids(self, tokens: Sequence[int], what: str) -> None:
+        """Every id an int in [0, vocab_size), or one line naming `what`, the position and the id."""
+        vocab_size = self.args.vocab_size
+        for position, token in enumerate(tokens):
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size:
+                raise ValueError(f"{what}: token id {token!r} at position {position} is not in the vocabulary "
+                                 f"(an integer from 0 to {vocab_size - 1})")
 
     def random_generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
         """A generator seeded with `seed`, or None for torch's global one."""
@@ -287,9 +304,9 @@ class LLaMa:
         refuse_loose_sampling_keywords("stream", loose_sampling_keywords)
         sampling = sampling_or_default(sampling, "stream")
         if isinstance(prompt, str):
-            prompt_tokens = self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            prompt_tokens = list(prompt)
+            prompt_tokens = self.encode_prompt(prompt, "prompt")
+        elif isinstance(prompt, (list, tuple)):
+            prompt_tokens = list(prompt)  # its ids are checked with the rest of the run (check_can_generate)
         else:
             raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if max_gen_len is None:
@@ -329,7 +346,15 @@ class LLaMa:
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise ValueError(f"prompt {i} is a {type(prompt).__name__}, expected a string")
-        return [self.tokenizer.encode(p, bos=self.tokenizer.add_bos, eos=False) for p in prompts]
+        return [self.encode_prompt(p, f"prompt {i}") for i, p in enumerate(prompts)]
+
+    def encode_prompt(self, prompt: str, what: str) -> list[int]:
+        """One prompt's ids (BOS first where the vocabulary wants one); text that is not valid Unicode
+        is an error naming `what` ("prompt 2")."""
+        try:
+            return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False)
+        except InvalidTextError as e:
+            raise InvalidTextError(f"{what}: {e}") from None
 
     def text_completion(
         self,
@@ -394,6 +419,8 @@ class LLaMa:
                 prompt_tokens.append(chat_format.encode_dialog_prompt(dialog))
             except DialogError as e:
                 raise DialogError(f"dialog {i}: {e}") from None
+            except InvalidTextError as e:
+                raise InvalidTextError(f"dialog {i}: {e}") from None
         max_gen_len = self.args.max_seq_len - 1 if max_gen_len is None else max_gen_len
         generations = self.generate(prompt_tokens, max_gen_len, sampling, logprobs=logprobs,
                                     stop_tokens=chat_format.stop_tokens)
@@ -405,6 +432,19 @@ class LLaMa:
                 answer["logprobs"] = g.logprobs
             answers.append(answer)
         return answers
+
+
+def check_build_arguments(
+    ckpt_dir: object, tokenizer_path: object, max_seq_len: object, max_batch_size: object, **flags: object
+) -> None:
+    """LLaMa.build's arguments checked where they come in: each error starts with the argument's name."""
+    check_path_argument("ckpt_dir", ckpt_dir)
+    check_path_argument("tokenizer_path", tokenizer_path, optional=True)
+    check_size_argument("max_seq_len", max_seq_len)
+    check_size_argument("max_batch_size", max_batch_size)
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 # Names this module had before the command line moved to cli.py and the stop strings to sampling.py.

@@ -31,8 +31,10 @@ shapes follow checkpoint.py's one rule (`stored_layout`), and tensors are read t
 ## Llama 2's "vocab_size": -1
 Meta's Llama 2 params.json leaves the vocabulary to the tokenizer. We resolve it, in order, from
 `--vocab-size`, from the weights' shapes (a checkpoint directory), or from the `tokenizer.model`
-next to params.json. If none is there it is an error asking for `--vocab-size`: a silent default
-(32000 for Llama 2) would be wrong for any other model.
+next to params.json. If none is there (a bare preset such as params/llama-2-7b.json), it is Llama
+2's 32,000: -1 is Llama 2's convention (Llama 3 and our converter write the size), and every Llama
+2 model shares Meta's one tokenizer. Not silently: the report's "vocabulary" line says that this is
+where the number came from, and `--vocab-size` overrides it.
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ from quantize import SCHEMES
 INDEX_FILE = "tensor_index.json"
 INDEX_FORMAT = "llama-from-scratch tensor index"
 INDEX_VERSION = 1
+# params.json's "vocab_size": -1 is Llama 2's convention (Llama 3 writes its size), and all Llama 2
+# models (7B to 70B, base and chat) share Meta's SentencePiece tokenizer.model of 32,000 pieces.
+LLAMA2_VOCAB_SIZE = 32000
+LLAMA2_VOCAB_SOURCE = "Llama 2's tokenizer: params.json says -1, Llama 2's convention, and nothing is next to it"
 TOKENIZER_FILE = "tokenizer.model"
 
 
@@ -336,10 +342,9 @@ def resolve(
 
         n_words = Tokenizer(tokenizer_path).n_words
         return Resolved(replace(args, vocab_size=n_words), params_path, f"the tokenizer {tokenizer_path}", index)
-    raise CheckpointError(
-        f"{params_path} says vocab_size -1 (\"take it from the tokenizer\") and there is no {TOKENIZER_FILE} "
-        f"next to it: pass --vocab-size N (Llama 2's tokenizer has 32000 tokens)"
-    )
+    # A bare params.json (e.g. params/llama-2-7b.json) with nothing next to it: -1 is Llama 2's way
+    # of writing it, and every Llama 2 model shares Meta's one tokenizer, so its size is known.
+    return Resolved(replace(args, vocab_size=LLAMA2_VOCAB_SIZE), params_path, LLAMA2_VOCAB_SOURCE, index)
 
 
 # --------------------------------------------------------------------------------------------

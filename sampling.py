@@ -33,15 +33,25 @@ import torch
 DEFAULT_TEMPERATURE = 0.6  # Meta's defaults for text_completion and chat_completion
 DEFAULT_TOP_P = 0.9
 NO_REPETITION_PENALTY = 1.0  # dividing by 1 changes nothing
+# The repetition penalties we accept. Common values lie between 1.0 and 1.5; at 100 a seen token's
+# logit is already divided (or multiplied) a hundredfold, so it is practically never drawn again
+# (or drawn every time, at 1/100). Far beyond, the penalized logits overflow float32 to inf
+# (1e-300 divides by almost nothing) and the softmax turns into NaN, with no meaning gained.
+MIN_REPETITION_PENALTY = 1e-2
+MAX_REPETITION_PENALTY = 1e2
+SMALLEST_FLOAT32 = torch.finfo(torch.float32).tiny  # ~1.2e-38, the smallest normal float32
+# torch.Generator.manual_seed's range: a 64-bit seed, negative ones taken modulo 2**64.
+MIN_SEED = -(2**63)
+MAX_SEED = 2**64 - 1
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """Every knob of sampling, checked once when made: a bad value is an error naming it.
 
-    temperature: 0 = greedy; top_p: (0, 1], 1 = no nucleus cut; top_k: None = no top-k cut;
-    repetition_penalty: > 0, 1.0 = off, above 1 discourages repeats; seed: None = torch's global
-    random state, an int = the same draws every time; stop: strings that end the text right before
+    temperature: 0 = greedy (and a tiny one is greedy too); top_p: (0, 1], 1 = no nucleus cut;
+    top_k: None = no top-k cut; repetition_penalty: 0.01 to 100, 1.0 = off, above 1 discourages
+    repeats; seed: None = torch's global random state, a 64-bit int = the same draws every time; stop: strings that end the text right before
     them (their tokens are generated, the text is cut).
     """
 
@@ -93,8 +103,10 @@ def sampling_or_default(sampling: object, function: str) -> SamplingParams:
 
 
 def check_seed(seed: object) -> None:
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    if seed is None:
+        return
+    if not isinstance(seed, int) or isinstance(seed, bool) or not MIN_SEED <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1 (a 64-bit seed), or None; got {seed!r}")
 
 
 def check_stop_strings(stop: object) -> tuple[str, ...]:
@@ -126,9 +138,10 @@ def check_sampling_args(
         raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus cut), got {top_p!r}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1, or None for no top-k cut; got {top_k!r}")
-    if not _is_real_number(repetition_penalty) or repetition_penalty <= 0:
+    if not _is_real_number(repetition_penalty) or not MIN_REPETITION_PENALTY <= repetition_penalty <= MAX_REPETITION_PENALTY:
         raise ValueError(
-            f"repetition_penalty must be a number > 0 (1.0 = off, e.g. 1.1 discourages repeats), got {repetition_penalty!r}"
+            f"repetition_penalty must be a number from {MIN_REPETITION_PENALTY:g} to {MAX_REPETITION_PENALTY:g} "
+            f"(1.0 = off, e.g. 1.1 discourages repeats), got {repetition_penalty!r}"
         )
 
 
@@ -154,8 +167,18 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def logits_to_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """softmax(logits / temperature) in float32: (B, V) -> (B, V). Needs temperature > 0."""
-    return torch.softmax(logits.float() / temperature, dim=-1)
+    """softmax(logits / temperature) in float32: (B, V) -> (B, V). Needs temperature > 0.
+
+    The row's highest logit is subtracted first (softmax does not change when every logit moves
+    by the same amount): the scaled logits are then <= 0, so a tiny temperature (1e-300) sends the
+    others to -inf and leaves exp(0) = 1 for the top one, instead of inf / inf = NaN. That is the
+    right limit: softmax(l / T) tends to the argmax (ties share it) as T -> 0, i.e. greedy. A
+    temperature below float32's smallest normal number would round to 0 in the division (0 / 0 is
+    NaN), so it divides by that number instead: the result is one-hot there either way.
+    """
+    logits = logits.float()
+    temperature = max(temperature, SMALLEST_FLOAT32)
+    return torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:

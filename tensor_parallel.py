@@ -99,18 +99,26 @@ class TensorParallel:
         so that the engine needs no import of this file."""
         return load_tensor_parallel_transformer(ckpt_dir, args, self, dtype, progress)
 
+    def check_args(self, args: ModelArgs) -> None:
+        """Whether this model can be cut over this many ranks; `LLaMa.build` asks as soon as params.json
+        is read, before the tokenizer's size is compared or any weight is touched."""
+        check_world_size(args, self.world_size)
+
     def close(self) -> None:
         dist.destroy_process_group()
 
 
 def init_from_torchrun(device: Union[str, torch.device, None] = None) -> Optional[TensorParallel]:
     """Join the process group torchrun set up; None when running as a single process."""
-    world_size = int(os.environ.get(WORLD_SIZE_ENV, "1"))
+    world_size = launcher_int(WORLD_SIZE_ENV, "1")
     if world_size == 1:
         return None
-    rank, local_rank = int(os.environ[RANK_ENV]), int(os.environ.get(LOCAL_RANK_ENV, "0"))
+    rank, local_rank = launcher_int(RANK_ENV, None), launcher_int(LOCAL_RANK_ENV, "0")
     device = choose_device(device)
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"{LOCAL_RANK_ENV}={local_rank}, but this machine shows {torch.cuda.device_count()} "
+                             f"CUDA GPU(s): start at most that many processes per node (--nproc_per_node)")
         device = torch.device("cuda", local_rank)  # one GPU per process on each machine
         torch.cuda.set_device(device)
         backend = "nccl"
@@ -120,6 +128,20 @@ def init_from_torchrun(device: Union[str, torch.device, None] = None) -> Optiona
         raise ValueError(f"tensor parallel runs on CUDA (NCCL) or CPU (gloo), not {device.type}: use --device cpu")
     dist.init_process_group(backend)
     return TensorParallel(rank, world_size, device)
+
+
+def launcher_int(name: str, default: Optional[str]) -> int:
+    """An integer torchrun sets in the environment, or an error naming the variable."""
+    value = os.environ.get(name, default)
+    if value is None:
+        raise ValueError(f"{name} is not set: start several processes with torchrun, which sets it")
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise ValueError(f"{name}={value!r} in the environment is not a count: torchrun sets it (do not set it by hand)")
+    return number
 
 
 @contextmanager

@@ -108,6 +108,21 @@ class TokenizerFileError(ValueError):
     """A tokenizer file (model or sidecar) exists but does not hold what we expect."""
 
 
+class InvalidTextError(ValueError):
+    """Text that is not valid Unicode (a lone surrogate, e.g. from bytes decoded with errors="surrogateescape")."""
+
+
+def check_valid_text(s: str) -> None:
+    """`s` can be written as UTF-8 (every tokenizer works on its bytes), or an error saying where not."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidTextError(
+            f"the text is not valid Unicode: character {e.start} is {s[e.start]!r}, a lone surrogate that "
+            f"UTF-8 cannot encode (was it read from bytes that are not UTF-8?)"
+        ) from None
+
+
 class TokenizerSpec(TypedDict):
     """Schema of `tokenizer_spec.json`; every key is required, no other key is allowed."""
 
@@ -453,6 +468,7 @@ class Tokenizer:
         """
         if not isinstance(s, str):
             raise TypeError(f"encode expects a str, got {type(s).__name__}")
+        check_valid_text(s)
         if bos and self.bos_id == NO_TOKEN_ID:
             raise ValueError(f"{self.model_path}: this vocabulary has no BOS token; pass bos=False")
         if self.sp_model is not None:

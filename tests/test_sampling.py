@@ -92,7 +92,7 @@ def test_greedy_applies_the_penalty_before_the_argmax(logits, history):
     (dict(top_k=0), "top_k must be an integer >= 1, or None"),
     (dict(top_k=2.5), "top_k"),
     (dict(top_k=True), "top_k"),
-    (dict(repetition_penalty=0.0), "repetition_penalty must be a number > 0"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be a number from 0.01 to 100"),
     (dict(repetition_penalty=-1.2), "repetition_penalty"),
 ])
 def test_bad_sampling_values_are_errors_naming_the_knob(kwargs, message):

@@ -128,7 +128,8 @@ def test_stream_ends_at_max_gen_len():
 @pytest.mark.parametrize("prompt, message", [
     ("", "prompt 0 has no tokens"),
     ([], "prompt 0 has no tokens"),
-    (["a"], "string or a list of token ids"),
+    (["a"], "prompt 0: token id .a. at position 0 is not in the vocabulary"),
+    (3.5, "string or a list of token ids"),
     ("x", "max_gen_len"),
 ])
 def test_stream_bad_input_is_a_clear_error(prompt, message):

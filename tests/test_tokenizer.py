@@ -433,3 +433,55 @@ def test_sidecar_next_to_a_sentencepiece_model_is_rejected(tmp_path):
     write_tokenizer_spec(tmp_path / TOKENIZER_SPEC_FILENAME, tiny_spec())
     with pytest.raises(TokenizerFileError, match="SentencePiece"):
         Tokenizer(model)
+
+
+# --------------------------------------------------------------------------------------------
+# SmolLM2's pre-tokenizer on every kind of numeral (issue 13), against Hugging Face
+# --------------------------------------------------------------------------------------------
+
+def unicode_numerals() -> dict[str, list[str]]:
+    """Every character of the Unicode number categories this Python knows: Nd (decimal digits, ٣),
+    Nl (letter numbers, Ⅻ), No (other numbers, ½ ² ⑦)."""
+    import unicodedata
+
+    numerals: dict[str, list[str]] = {"Nd": [], "Nl": [], "No": []}
+    for code_point in range(sys.maxunicode + 1):
+        category = unicodedata.category(chr(code_point))
+        if category in numerals:
+            numerals[category].append(chr(code_point))
+    return numerals
+
+
+def test_smollm2_splits_every_numeral_as_hugging_face_does(demo_ckpt, hf_smollm2_tokenizer):
+    """SmolLM2's tokenizer.json pre-tokenizes with Sequence[Digits(individual_digits=True), ByteLevel]
+    (conftest's hf_smollm2_tokenizer). HF's Digits isolates every character for which Rust's
+    `char::is_numeric` holds: the categories Nd, Nl and No, i.e. \\p{N}, not only 0-9. So " ½" is two
+    pre-tokens, " " and "½", as in our `smollm` pattern. (transformers' GGUF loader alone ignores
+    `tokenizer.ggml.pre = smollm` and keeps " ½", and even "12", whole: not SmolLM2's tokenizer.)
+
+    The tokenizer comes from the GGUF through convert (demo_ckpt), so it has the pattern convert
+    writes into tokenizer_spec.json today. Every numeral alone, after a space, doubled after a word
+    and a space, and next to an ASCII digit."""
+    ours = Tokenizer(demo_ckpt / "tokenizer.model")
+    mismatches = []
+    for category, characters in unicode_numerals().items():
+        for c in characters:
+            for text in (c, " " + c, "x " + c + c, "1" + c + " 2", "  " + c):
+                expected = hf_smollm2_tokenizer.encode(text, add_special_tokens=False)
+                if ours.encode(text, bos=False, eos=False) != expected:
+                    mismatches.append((category, text))
+    assert not mismatches, f"{len(mismatches)} differ, e.g. {mismatches[:10]}"
+
+
+def test_smollm2_numerals_newer_than_pythons_unicode_tables(demo_ckpt, hf_smollm2_tokenizer):
+    """Code points that HF's Digits (Rust's newer Unicode tables) isolates but this Python's
+    unicodedata does not yet call numbers (e.g. U+11DE0, U+16FF4): found by asking Digits itself."""
+    from tokenizers import pre_tokenizers
+
+    digits = pre_tokenizers.Digits(individual_digits=True)
+    ours = Tokenizer(demo_ckpt / "tokenizer.model")
+    newer = [chr(cp) for cp in range(0x10000, sys.maxunicode + 1)
+             if len(digits.pre_tokenize_str("a" + chr(cp) + "a")) == 3]
+    for c in newer:
+        for text in (c, " " + c, "x " + c + c):
+            assert ours.encode(text, bos=False, eos=False) == hf_smollm2_tokenizer.encode(text, add_special_tokens=False), text
