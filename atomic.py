@@ -122,7 +122,7 @@ def remove_stale_temporaries(directory: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
-        print(f"note: removed {entry}, left by process {match['pid']}, which was killed while writing it",
+        print(f"note: removed {entry}, left by process {match['pid']}, which ended without finishing it",
               file=sys.stderr)
 
 
