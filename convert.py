@@ -16,27 +16,32 @@ expects, write the directory. The chapters, in reading order:
     convert_hf.py       reading a Hugging Face directory: config.json, safetensors, q/k un-permuted
 
 The output appears atomically (atomic.py): we fill a temporary directory next to OUT_DIR and
-rename it at the end, so a failed or interrupted conversion leaves nothing behind, and `--force`
-swaps an old OUT_DIR for the new one in a single rename.
+rename it at the end, so a failed or interrupted conversion (an error, Ctrl-C, `kill`) leaves
+nothing behind, and `--force` swaps an old OUT_DIR for the new one in a single rename. (After a
+`kill -9` the temporary directory stays until the next conversion into the same parent removes it.)
 
     python convert.py SmolLM2-135M-Instruct.Q4_1.gguf checkpoints/smollm2 --dtype bfloat16
+
+A progress bar counts the tensors on a terminal (none in a pipe or a log, none with `--quiet`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 import convert_gguf
 import convert_hf
 import convert_source
 import convert_vocab
-from atomic import atomic_dir, make_readable, publish_dir
+from atomic import atomic_dir, check_parent, make_readable, publish_dir
 from convert_gguf import is_gguf_file, read_gguf
 from convert_hf import HF_CONFIG, is_hf_dir, read_hf_dir
 from convert_source import CHECKPOINT_NAME, PARAMS_NAME, ConversionError, Source
@@ -44,6 +49,7 @@ from convert_source import TOKENIZER_NAME, TOKENIZER_SPEC_NAME  # noqa: F401  (r
 from model import ModelArgs, expected_shapes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INTERRUPTED_STATUS = 130  # what a shell reports for a program ended by Ctrl-C (128 + SIGINT)
 
 # --------------------------------------------------------------------------------------------
 # Checking and writing the tensors
@@ -60,15 +66,18 @@ def _shapes_for(params: dict) -> dict[str, tuple[int, ...]]:
     return expected_shapes(args)
 
 
-def write_checkpoint(source: Source, tmp_dir: Path, dtype: torch.dtype) -> None:
+def write_checkpoint(source: Source, tmp_dir: Path, dtype: torch.dtype, progress: bool = True) -> None:
     shapes = _shapes_for(source.params)
     state: dict[str, torch.Tensor] = {}
-    for name, tensor in source.tensors():
-        if name not in shapes:
-            raise ConversionError(f"tensor {name} does not belong to a {source.params['n_layers']}-layer model")
-        if tuple(tensor.shape) != shapes[name]:
-            raise ConversionError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {shapes[name]}")
-        state[name] = tensor.to(dtype).contiguous()
+    # disable=None: tqdm draws the bar only when stderr is a terminal (no bar in a pipe or a log).
+    with tqdm(source.tensors(), total=source.n_tensors, desc="converting", unit="tensor",
+              disable=None if progress else True) as bar:
+        for name, tensor in bar:
+            if name not in shapes:
+                raise ConversionError(f"tensor {name} does not belong to a {source.params['n_layers']}-layer model")
+            if tuple(tensor.shape) != shapes[name]:
+                raise ConversionError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {shapes[name]}")
+            state[name] = tensor.to(dtype).contiguous()
     if "output.weight" not in state and "tok_embeddings.weight" in state:
         # Tied embeddings: the output projection reuses the input embedding. Meta's format has no
         # flag for that, so we store a copy and the engine loads it strictly like any checkpoint.
@@ -97,6 +106,10 @@ def open_source(src: Path, tokenizer_path: Optional[Path]) -> Source:
 
 def check_output(out_dir: Path, force: bool) -> None:
     """Refuse a bad OUT_DIR before reading a byte of the source (atomic_dir would, but later)."""
+    try:
+        check_parent(out_dir, parents=True)
+    except OSError as e:
+        raise ConversionError(str(e)) from None
     if out_dir.exists() and not out_dir.is_dir():
         raise ConversionError(f"{out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
@@ -109,8 +122,11 @@ def convert(
     dtype: torch.dtype = torch.bfloat16,
     force: bool = False,
     tokenizer_path: Optional[Path | str] = None,
+    progress: bool = True,
 ) -> Path:
-    """Convert `src` (GGUF file or HF directory) into a Meta-format directory `out_dir`."""
+    """Convert `src` (GGUF file or HF directory) into a Meta-format directory `out_dir`.
+
+    progress=True draws a bar per tensor on a terminal (never into a pipe or a log)."""
     src, out_dir = Path(src), Path(out_dir)
     tokenizer_path = None if tokenizer_path is None else Path(tokenizer_path)
     if not src.exists():
@@ -118,7 +134,7 @@ def convert(
     check_output(out_dir, force)
     source = open_source(src, tokenizer_path)
     with atomic_dir(out_dir, replace=force, parents=True) as tmp_dir:
-        write_checkpoint(source, tmp_dir, dtype)
+        write_checkpoint(source, tmp_dir, dtype, progress)
         if source.write_tokenizer is None:
             warnings.warn(
                 f"{src} holds no tokenizer (tokenizer.model or tokenizer.json); {out_dir} gets none. "
@@ -179,15 +195,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--tokenizer", type=Path, default=None, help="tokenizer.model to copy when a HF directory holds none"
     )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (there is none in a pipe or a log anyway)")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     try:
-        out = convert(args.src, args.out_dir, DTYPES[args.dtype], args.force, args.tokenizer)
-    except ConversionError as e:
+        out = convert(args.src, args.out_dir, DTYPES[args.dtype], args.force, args.tokenizer, progress=not args.quiet)
+    except (ConversionError, OSError) as e:  # OSError: the disk, permissions; the message names the path
         raise SystemExit(f"convert.py: error: {e}") from None
+    except KeyboardInterrupt:  # Ctrl-C: atomic_dir has removed the temporary directory on the way out
+        print("convert.py: interrupted; nothing was written", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_STATUS) from None
     print(f"wrote {out}")
 
 

@@ -83,8 +83,8 @@ def read_gguf(path: Path) -> Source:
 
     try:
         reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:  # truncated or corrupt file
-        raise ConversionError(f"cannot read GGUF file {path}: {e}") from e
+    except Exception as e:  # noqa: BLE001  (a file cut short or corrupt: gguf raises IndexError, ValueError, ...)
+        raise ConversionError(f"cannot read GGUF file {path}: cut short or corrupt ({type(e).__name__}: {e})") from e
     meta = GGUFMetadata(reader)
     arch = meta.get("general.architecture")
     if arch != "llama":
@@ -111,7 +111,8 @@ def read_gguf(path: Path) -> Source:
                 continue
             yield gguf_to_meta_name(t.name), gguf_tensor_to_torch(t)
 
-    return Source(params, tensors, lambda out: write_gguf_tokenizer(meta, out))
+    n_tensors = sum(1 for t in reader.tensors if not t.name.startswith("rope_freqs"))
+    return Source(params, tensors, lambda out: write_gguf_tokenizer(meta, out), n_tensors)
 
 
 def llama3_rope_factors(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from convert_source import HUGGING_FACE, META_DEFAULT_ROPE_THETA, META_ROPE_SCALING, TOKENIZER_NAME, ConversionError
-from convert_source import Source, build_params, meta_tensor_name
+from convert_source import Source, build_params, meta_tensor_name, read_json_object
 from convert_vocab import GPT2_PATTERN, SMOLLM_PATTERN, byte_level_bpe_ranks, is_sentencepiece_model, tokenizer_spec
 from convert_vocab import write_byte_level_bpe
 
@@ -34,6 +34,15 @@ HF_CONFIG = "config.json"
 HF_SINGLE_FILE = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 HF_ARCHITECTURE = "LlamaForCausalLM"
+
+# The config.json sizes that go into params.json. LlamaConfig has a default for each (Llama 2 7B's),
+# but save_pretrained always writes them: a config without one is damaged, and guessing is worse.
+HF_REQUIRED_KEYS = {
+    "hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int, "vocab_size": int,
+    "intermediate_size": int, "rms_norm_eps": float,
+}
+HF_OPTIONAL_INT_KEYS = ("num_key_value_heads", "head_dim")  # absent or null: no GQA / hidden_size // heads
+SAFETENSORS_REQUIREMENT = "safetensors>=0.4,<1"  # as in requirements.txt
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -68,11 +77,28 @@ def hf_rope_settings(config: dict) -> tuple[float, Optional[dict]]:
         return float(theta), None
     if kind != "llama3":
         raise ConversionError(f"unsupported rope scaling {kind!r} (only Llama 3.1's 'llama3' scaling is supported)")
+    missing = [key for key in META_ROPE_SCALING if key not in rope]
+    if missing:
+        raise ConversionError(f"{HF_CONFIG}: llama3 rope scaling lacks {', '.join(missing)}")
     scaling = {key: type(META_ROPE_SCALING[key])(rope[key]) for key in META_ROPE_SCALING}
     return float(theta), scaling
 
 
+def is_a(value, expected: type) -> bool:
+    """JSON's types: an int is also a float; a bool (true/false) is neither."""
+    allowed = (int, float) if expected is float else expected
+    return isinstance(value, allowed) and not isinstance(value, bool)
+
+
 def check_hf_config(config: dict, src: Path) -> None:
+    for key, expected in HF_REQUIRED_KEYS.items():
+        if key not in config:
+            raise ConversionError(f"{src / HF_CONFIG} lacks {key!r} (a number: {expected.__name__})")
+        if not is_a(config[key], expected):
+            raise ConversionError(f"{src / HF_CONFIG}: {key} is {config[key]!r}, expected a number ({expected.__name__})")
+    for key in HF_OPTIONAL_INT_KEYS:
+        if config.get(key) is not None and not is_a(config[key], int):
+            raise ConversionError(f"{src / HF_CONFIG}: {key} is {config[key]!r}, expected an integer or null")
     model_type = config.get("model_type")
     architectures = config.get("architectures") or [HF_ARCHITECTURE]
     if model_type != "llama" or HF_ARCHITECTURE not in architectures:
@@ -89,26 +115,37 @@ def check_hf_config(config: dict, src: Path) -> None:
         raise ConversionError(f"{src}: head_dim {head_dim} != hidden_size / num_attention_heads; Meta's format cannot say so")
 
 
+def import_safetensors():
+    """The safetensors package (in requirements.txt), or one line saying what to install."""
+    try:
+        import safetensors
+    except ImportError:
+        raise ConversionError(
+            f"reading a Hugging Face checkpoint needs the safetensors package: pip install '{SAFETENSORS_REQUIREMENT}'"
+        ) from None
+    return safetensors
+
+
 def hf_weight_files(src: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file holding it (one file, or shards listed in the index)."""
-    from safetensors import SafetensorError, safe_open
-
+    safetensors = import_safetensors()
     if (src / HF_INDEX).is_file():
-        weight_map = json.loads((src / HF_INDEX).read_text())["weight_map"]
+        weight_map = read_json_object(src / HF_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ConversionError(f"{src / HF_INDEX} has no \"weight_map\" of tensor name -> file name")
         return {name: src / file for name, file in weight_map.items()}
     if (src / HF_SINGLE_FILE).is_file():
         try:
-            with safe_open(src / HF_SINGLE_FILE, framework="pt") as f:
+            with safetensors.safe_open(src / HF_SINGLE_FILE, framework="pt") as f:
                 return {name: src / HF_SINGLE_FILE for name in f.keys()}
-        except (SafetensorError, OSError) as e:
+        except (safetensors.SafetensorError, OSError) as e:
             raise ConversionError(f"cannot read {src / HF_SINGLE_FILE}: {e}") from e
     raise ConversionError(f"{src}: no {HF_SINGLE_FILE} or {HF_INDEX} (only safetensors checkpoints are supported)")
 
 
 def read_hf_dir(src: Path, tokenizer_path: Optional[Path]) -> Source:
-    from safetensors import SafetensorError, safe_open
-
-    config = json.loads((src / HF_CONFIG).read_text())
+    safetensors = import_safetensors()
+    config = read_json_object(src / HF_CONFIG)
     check_hf_config(config, src)
     n_heads = config["num_attention_heads"]
     n_kv_heads = config.get("num_key_value_heads") or n_heads
@@ -127,7 +164,7 @@ def read_hf_dir(src: Path, tokenizer_path: Optional[Path]) -> Source:
     files = hf_weight_files(src)
 
     def read_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-        with safe_open(file, framework="pt") as f:
+        with safetensors.safe_open(file, framework="pt") as f:
             for name in f.keys():
                 if name.endswith("rotary_emb.inv_freq"):  # a buffer older versions saved: derived, not learned
                     continue
@@ -143,10 +180,11 @@ def read_hf_dir(src: Path, tokenizer_path: Optional[Path]) -> Source:
         for file in sorted(set(files.values())):
             try:
                 yield from read_file(file)
-            except (SafetensorError, OSError) as e:
+            except (safetensors.SafetensorError, OSError) as e:
                 raise ConversionError(f"cannot read {file}: {e}") from e
 
-    return Source(params, tensors, hf_tokenizer_writer(src, config, tokenizer_path))
+    n_tensors = sum(1 for name in files if not name.endswith("rotary_emb.inv_freq"))
+    return Source(params, tensors, hf_tokenizer_writer(src, config, tokenizer_path), n_tensors)
 
 
 def hf_tokenizer_writer(src: Path, config: dict, tokenizer_path: Optional[Path]) -> Optional[Callable[[Path], None]]:
@@ -196,9 +234,9 @@ def hf_pre_tokenizer_pattern(pre: Optional[dict]) -> str:
 
 def write_hf_tokenizer_json(src: Path, config: dict, out_dir: Path) -> None:
     """tokenizer.json (byte-level BPE) -> tiktoken tokenizer.model + tokenizer_spec.json."""
-    tok = json.loads((src / "tokenizer.json").read_text())
-    model = tok["model"]
-    if model.get("type") != "BPE" or tok.get("normalizer") is not None:
+    tok = read_json_object(src / "tokenizer.json")
+    model = tok.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE" or tok.get("normalizer") is not None:
         raise ConversionError(f"{src}/tokenizer.json: only byte-level BPE without a normalizer is supported")
     pattern = hf_pre_tokenizer_pattern(tok.get("pre_tokenizer"))
     specials = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
@@ -212,7 +250,7 @@ def write_hf_tokenizer_json(src: Path, config: dict, out_dir: Path) -> None:
     ranks = byte_level_bpe_ranks(ordinary, merges)
 
     tok_config_path = src / "tokenizer_config.json"
-    tok_config = json.loads(tok_config_path.read_text()) if tok_config_path.is_file() else {}
+    tok_config = read_json_object(tok_config_path) if tok_config_path.is_file() else {}
     id_to_token = {i: t for t, i in specials.items()} | {i: t for t, i in vocab.items()}
 
     def token_named(key: str) -> Optional[str]:

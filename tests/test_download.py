@@ -115,6 +115,8 @@ def parts_left(target: Path) -> list[Path]:
 @pytest.mark.parametrize("model, folder, make_tree", [
     ("llama-3.2-1b", "llama-3.2-1b", llama_3_2_tree),
     ("Llama-2-13B", "llama-2-13b", llama_2_tree),  # names are case-insensitive
+    ("13B", "llama-2-13b", llama_2_tree),  # Meta's Llama 2 spelling
+    ("Llama3.2-1B", "llama-3.2-1b", llama_3_2_tree),  # llama-models' spelling
 ])
 def test_good_checksums_pass_and_give_a_complete_checkpoint_dir(server, tmp_path, downloader, model, folder, make_tree):
     root, base, requests = server
@@ -149,6 +151,50 @@ def test_corrupted_file_fails_loudly_naming_it_and_leaves_no_file_under_its_name
     assert not (target / "llama-3.2-1b" / "consolidated.00.pth").exists()
     assert parts_left(target) == []  # the corrupt bytes are not kept for a "resume" either
     assert (target / "llama-3.2-1b" / "params.json").is_file()  # files that matched are kept
+
+
+@pytest.mark.parametrize("downloader", DOWNLOADERS)
+def test_file_the_checklist_does_not_list_is_not_done(server, tmp_path, downloader):
+    """It cannot be verified: the script fails naming it, and it never gets its final name."""
+    root, base, _ = server
+    files = llama_3_2_tree(root)
+    checklist = root / "Llama-3.2-1B" / "checklist.chk"
+    checklist.write_text("".join(line + "\n" for line in checklist.read_text().splitlines()
+                                 if not line.endswith("consolidated.00.pth")))
+    target = tmp_path / "models"
+    result = run(signed(base), "llama-3.2-1b", target, downloader)
+    assert result.returncode != 0
+    assert re.search(r"error: .*llama-3\.2-1b/consolidated\.00\.pth is not listed in .*checklist\.chk, so it "
+                     r"cannot be verified and is not done", result.stderr), result.stderr
+    assert "matched its checksum" not in result.stderr
+    assert not (target / "llama-3.2-1b" / "consolidated.00.pth").exists()
+    assert (target / "llama-3.2-1b" / "consolidated.00.pth.part").read_bytes() == files["consolidated.00.pth"]
+
+
+# Meta's spellings (its emails, its download scripts, llama-models) -> our folder and Meta's remote folder.
+META_SPELLINGS = {
+    "7B": ("llama-2-7b", "llama-2-7b"), "70B-chat": ("llama-2-70b-chat", "llama-2-70b-chat"),
+    "8B": ("llama-3-8b", "8b_pre_trained"), "8b-Instruct": ("llama-3-8b-instruct", "8b_instruction_tuned"),
+    "Meta-Llama-3-70B": ("llama-3-70b", "70b_pre_trained"),
+    "Meta-Llama-3-70B-Instruct": ("llama-3-70b-instruct", "70b_instruction_tuned"),
+    "Meta-Llama-3.1-8B-Instruct": ("llama-3.1-8b-instruct", "Llama-3.1-8B-Instruct"),
+    "Llama3.1-70B": ("llama-3.1-70b", "Llama-3.1-70B"),
+    "Llama3.1-405B:bf16-mp16": ("llama-3.1-405b-mp16", "Llama-3.1-405B-MP16"),
+    "Meta-Llama-3.1-405B-Instruct": ("llama-3.1-405b-instruct", "Llama-3.1-405B-Instruct-MP8"),
+    "Llama3.2-3B-Instruct": ("llama-3.2-3b-instruct", "Llama-3.2-3B-Instruct"),
+}
+
+
+@pytest.mark.parametrize("meta_name", META_SPELLINGS)
+def test_meta_spellings_name_the_same_models(server, tmp_path, meta_name):
+    _, base, requests = server
+    ours, remote = META_SPELLINGS[meta_name]
+    target = tmp_path / "models"
+    result = run(signed(base), meta_name, target, DOWNLOADERS[0], "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert f"{meta_name} is {ours}" in result.stderr
+    assert f"{base}/{remote}/checklist.chk -> {target}/{ours}/checklist.chk" in result.stdout, result.stdout
+    assert requests == []
 
 
 @pytest.mark.parametrize("downloader", DOWNLOADERS)
@@ -225,5 +271,5 @@ def test_help_names_the_environment_variables_and_every_model():
     result = subprocess.run(["bash", str(DOWNLOAD_SH), "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     for word in ("PRESIGNED_URL", "MODEL_SIZE", "TARGET_FOLDER", "--dry-run", "llama-2-70b-chat",
-                 "llama-3.1-405b", "llama-3.2-3b-instruct"):
+                 "llama-3.1-405b", "llama-3.2-3b-instruct", "Meta's own names", "7B", "Meta-Llama-3.1-8B-Instruct"):
         assert word in result.stdout
