@@ -186,9 +186,9 @@ def test_cli_takes_every_sampling_flag(tiny, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--top-k", "0"], "top_k"),
-    (["--repetition-penalty", "0"], "repetition_penalty"),
-    (["--temperature", "nan"], "temperature"),
+    (["--top-k", "0"], "--top-k must be"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be"),
+    (["--temperature", "nan"], "--temperature must be"),
     (["--stop", ""], "non-empty"),
     (["--max-gen-len", "0"], "--max-gen-len"),
     (["--system", "hi"], "--system is for --chat"),
