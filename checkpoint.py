@@ -148,6 +148,24 @@ def choose_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> 
     return DTYPE_NAMES[dtype]
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, a container's cpuset), not the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def choose_threads(threads: Optional[int]) -> int:
+    """How many CPU threads torch computes with: `threads`, or every CPU this process may use."""
+    available = usable_cpus()
+    if threads is None:
+        return available
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= available:
+        raise ValueError(f"threads must be an integer from 1 to {available} (the CPUs this process may use), "
+                         f"got {threads!r}")
+    return threads
+
+
 # --------------------------------------------------------------------------------------------
 # params.json -> ModelArgs
 # --------------------------------------------------------------------------------------------

@@ -12,13 +12,16 @@ engine (inference.py), which never imports it.
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, TextIO, Union
 
+import torch
+
 from chat import DEFAULT_CHAT_MAX_GEN_LEN, ChatSession, enable_line_editing, run_chat
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, choose_threads, usable_cpus
 from inference import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, Generation, LLaMa
 from quantize import SCHEMES
 from sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, NO_REPETITION_PENALTY, SAMPLING_KEYWORDS, SamplingParams
@@ -86,6 +89,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         f"(default: {DEFAULT_MAX_BATCH_SIZE})")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float16 on GPU, bfloat16 on CPU)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads to compute with (default: every CPU this process may use); on a busy "
+                        "machine fewer can be much faster")
     parser.add_argument("--seed", type=int,
                         help="random seed, for reproducible sampling (default: none, a different draw each run)")
     parser.add_argument("--echo", action="store_true", help="print each prompt's tokens with its completion")
@@ -103,6 +109,7 @@ def check_cli_args(args: argparse.Namespace) -> SamplingParams:
     try:
         sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed,
                                   args.stop)
+        choose_threads(args.threads)
     except ValueError as e:
         raise ValueError(flag_spelling(str(e))) from None
     for flag, value in (("--max-gen-len", args.max_gen_len), ("--max-seq-len", args.max_seq_len),
@@ -117,9 +124,23 @@ def check_cli_args(args: argparse.Namespace) -> SamplingParams:
 
 
 def flag_spelling(message: str) -> str:
-    """A SamplingParams error ("top_p must be ...") as the command line spells it ("--top-p must be ...")."""
+    """A SamplingParams or threads error ("top_p must be ...") as the command line spells it ("--top-p must be ...")."""
     keyword, _, rest = message.partition(" ")
-    return f"--{keyword.replace('_', '-')} {rest}" if keyword in SAMPLING_KEYWORDS else message
+    return f"--{keyword.replace('_', '-')} {rest}" if keyword in (*SAMPLING_KEYWORDS, "threads") else message
+
+
+def oversubscribed_note(threads: int) -> Optional[str]:
+    """A hint when the machine is visibly busy: the load average above the CPUs this process may use.
+
+    Every decode step of a small model crosses hundreds of thread barriers; when other work holds
+    the CPUs, each barrier waits for a descheduled thread, and 2 threads were seen to run 10-40x
+    slower than 1 on a busy 2-core machine.
+    """
+    load, cpus = os.getloadavg()[0], usable_cpus()
+    if load <= cpus:
+        return None
+    return (f"note: the load average ({load:.1f}) is above the {cpus} CPUs this process may use; with {threads} "
+            f"threads, other work can slow every step many times over: if it is slow, try --threads 1")
 
 
 def run_chat_cli(llama: LLaMa, args: argparse.Namespace, sampling: SamplingParams, ckpt_dir: Union[str, Path]) -> int:
@@ -232,12 +253,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         max_batch_size = 1 if args.chat else args.max_batch_size  # a chat is one conversation: one cache row
         llama = LLaMa.build(ckpt_dir, tokenizer_path=args.tokenizer, max_seq_len=args.max_seq_len,
                             max_batch_size=max_batch_size, device=args.device, dtype=args.dtype,
-                            progress=is_main, tensor_parallel=tp, quantize=args.quantize, compile=args.compile)
+                            progress=is_main, tensor_parallel=tp, quantize=args.quantize, compile=args.compile,
+                            threads=args.threads)
         if is_main:
             ranks = "" if tp is None else f", {tp.world_size} ranks"
             quantized = f", linear layers {args.quantize}" if args.quantize else ""
             print(f"loaded {ckpt_dir} in {time.perf_counter() - started:.1f}s "
-                  f"({llama.device}, {next(llama.model.parameters()).dtype}{quantized}{ranks})", file=sys.stderr)
+                  f"({llama.device}, {next(llama.model.parameters()).dtype}{quantized}{ranks}, "
+                  f"{torch.get_num_threads()} threads)", file=sys.stderr)
+            note = oversubscribed_note(torch.get_num_threads()) if hasattr(os, "getloadavg") else None
+            if note:
+                print(note, file=sys.stderr)
         if args.chat:
             return run_chat_cli(llama, args, sampling, ckpt_dir)
         labels, prompt_tokens, stop_tokens, max_gen_len = what_to_complete(llama, args)

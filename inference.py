@@ -39,6 +39,7 @@ from checkpoint import (
     check_vocab_matches,
     choose_device,
     choose_dtype,
+    choose_threads,
     load_model_args,
     load_transformer,
     read_params,
@@ -104,6 +105,7 @@ class LLaMa:
         tensor_parallel: Optional["TensorParallel"] = None,  # noqa: F821
         quantize: Optional[str] = None,
         compile: bool = False,
+        threads: Optional[int] = None,
     ) -> "LLaMa":
         """Load a Meta checkpoint dir (params.json, consolidated.*.pth, tokenizer.model).
 
@@ -113,7 +115,8 @@ class LLaMa:
         `tensor_parallel.init_from_torchrun()`), this rank loads only its slice, on its own device.
         quantize: None, "int8" or "int4": weight-only quantization of the linear layers while
         loading (quantize.py). compile: `torch.compile` the decode step (the first generation then
-        takes longer while it compiles).
+        takes longer while it compiles). threads: CPU threads torch computes with (process-wide);
+        None: every CPU this process may use (`checkpoint.usable_cpus`).
         """
         check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
                               load_model=load_model, progress=progress, compile=compile)
@@ -123,6 +126,7 @@ class LLaMa:
             device = tensor_parallel.device
         device = choose_device(device)
         dtype = choose_dtype(dtype, device)
+        torch.set_num_threads(choose_threads(threads))
         ckpt_dir = check_checkpoint_dir(ckpt_dir)
         read_params(ckpt_dir)  # a missing or broken params.json is reported before the tokenizer is read
         tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else ckpt_dir / "tokenizer.model"

@@ -146,3 +146,38 @@ def test_the_demo_model_answers_example_questions_in_its_chat_format(demo_ckpt):
     args = argparse.Namespace(prompt=None, ckpt_dir=str(demo_ckpt), max_gen_len=None)
     labels, prompt_tokens, stop_tokens, max_gen_len = cli.what_to_complete(llama, args)
     assert labels == cli.DEMO_PROMPTS and stop_tokens is None and max_gen_len == cli.DEFAULT_CLI_MAX_GEN_LEN
+
+
+def test_threads_default_to_the_cpus_this_process_may_use_and_are_checked():
+    from checkpoint import choose_threads, usable_cpus
+
+    assert choose_threads(None) == usable_cpus() == len(os.sched_getaffinity(0))
+    assert choose_threads(1) == 1
+    for bad in (0, -1, usable_cpus() + 1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"threads must be an integer from 1 to {usable_cpus()}"):
+            choose_threads(bad)
+
+
+def test_build_computes_with_the_threads_asked_for(ckpt):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        LLaMa.build(ckpt, load_model=False, threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_flag_out_of_range_names_the_flag(ckpt, capsys):
+    assert cli.main(argv(ckpt, "--prompt", "x", "--threads", "0")) == 2
+    assert capsys.readouterr().err.startswith("error: --threads must be an integer from 1 to ")
+
+
+def test_a_busy_machine_gets_a_hint_to_use_fewer_threads(monkeypatch):
+    from checkpoint import usable_cpus
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (usable_cpus() + 1.5, 0.0, 0.0))
+    assert "try --threads 1" in cli.oversubscribed_note(2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert cli.oversubscribed_note(2) is None
