@@ -45,6 +45,10 @@ DEMO_QUESTIONS = [
 ]
 DEFAULT_CLI_MAX_GEN_LEN = 64  # per completion on the command line
 DEMO_MAX_GEN_LEN = 160  # per answer to a demo question: room for a short function or three tips
+# The demo questions are answered greedily unless --temperature says otherwise: the first run then
+# shows the model's most likely answers, the same on every machine ("The capital of France is
+# Paris."); at Meta's 0.6 a 135M-parameter model now and then wanders off (into French, once here).
+DEMO_TEMPERATURE = 0.0
 # Enough new tokens for a compiled decode step to settle: its first two calls may compile.
 WARM_UP_TOKENS = 3
 
@@ -66,9 +70,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "(default: a few example prompts; for the demo model, example questions in its chat format)")
     parser.add_argument("--no-stream", action="store_true",
                         help="print each completion whole when all are done, not as it is generated (for scripts)")
-    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+    parser.add_argument("--temperature", type=float,
                         help="sampling temperature; 0 = greedy, always the most likely token "
-                        f"(default: {DEFAULT_TEMPERATURE})")
+                        f"(default: {DEFAULT_TEMPERATURE}; {DEMO_TEMPERATURE:g} for the demo questions)")
     parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P,
                         help="nucleus sampling: draw only from the most likely tokens holding this much probability "
                         f"(default: {DEFAULT_TOP_P})")
@@ -107,8 +111,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def check_cli_args(args: argparse.Namespace) -> SamplingParams:
     """Bad values fail at once, before the model is loaded; the sampling settings, as one value."""
     try:
-        sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed,
-                                  args.stop)
+        temperature = args.temperature
+        if temperature is None:
+            temperature = DEMO_TEMPERATURE if asks_demo_questions(args) else DEFAULT_TEMPERATURE
+        sampling = SamplingParams(temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed, args.stop)
         choose_threads(args.threads)
     except ValueError as e:
         raise ValueError(flag_spelling(str(e))) from None
@@ -121,6 +127,11 @@ def check_cli_args(args: argparse.Namespace) -> SamplingParams:
     if args.system is not None and not args.chat:
         raise ValueError("--system is for --chat")
     return sampling
+
+
+def asks_demo_questions(args: argparse.Namespace) -> bool:
+    """No --ckpt-dir, no --prompt, no --chat: the demo model answers the example questions."""
+    return args.prompt is None and args.ckpt_dir is None and not args.chat
 
 
 def flag_spelling(message: str) -> str:
@@ -230,7 +241,7 @@ def what_to_complete(
     """The labels, prompt ids, stop tokens (None: the tokenizer's) and max_gen_len of this run:
     --prompt texts as given; with neither --prompt nor --ckpt-dir, the demo questions in the demo
     model's chat format; otherwise the example prompts."""
-    if args.prompt is None and args.ckpt_dir is None and llama.chat_format is not None:
+    if asks_demo_questions(args) and llama.chat_format is not None:
         chat_format = llama.chat_format
         prompt_tokens = [chat_format.encode_dialog_prompt([{"role": "user", "content": q}]) for q in DEMO_QUESTIONS]
         return DEMO_QUESTIONS, prompt_tokens, chat_format.stop_tokens, args.max_gen_len or DEMO_MAX_GEN_LEN

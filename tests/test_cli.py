@@ -17,6 +17,7 @@ import cli
 import inference
 from conftest import LLAMA2_TOKENIZER
 from inference import LLaMa
+from sampling import DEFAULT_TEMPERATURE
 from streaming import FINISH_LENGTH, GenerationRow, TextTracker
 from tiny import write_tiny_llama2_checkpoint
 
@@ -136,16 +137,24 @@ def test_no_demo_model_and_no_package_index_is_one_line(tmp_path):
 
 def test_the_demo_model_answers_example_questions_in_its_chat_format(demo_ckpt):
     llama = LLaMa.build(demo_ckpt, load_model=False)
-    args = argparse.Namespace(prompt=None, ckpt_dir=None, max_gen_len=None)
+    args = argparse.Namespace(prompt=None, ckpt_dir=None, max_gen_len=None, chat=False)
     labels, prompt_tokens, stop_tokens, max_gen_len = cli.what_to_complete(llama, args)
     assert labels == cli.DEMO_QUESTIONS and max_gen_len == cli.DEMO_MAX_GEN_LEN
     dialog = [{"role": "user", "content": cli.DEMO_QUESTIONS[0]}]
     assert prompt_tokens[0] == llama.chat_format.encode_dialog_prompt(dialog)
     assert stop_tokens == llama.chat_format.stop_tokens
     # With a checkpoint dir of one's own and no --prompt: text to complete, which any model can do.
-    args = argparse.Namespace(prompt=None, ckpt_dir=str(demo_ckpt), max_gen_len=None)
+    args = argparse.Namespace(prompt=None, ckpt_dir=str(demo_ckpt), max_gen_len=None, chat=False)
     labels, prompt_tokens, stop_tokens, max_gen_len = cli.what_to_complete(llama, args)
     assert labels == cli.DEMO_PROMPTS and stop_tokens is None and max_gen_len == cli.DEFAULT_CLI_MAX_GEN_LEN
+
+
+def test_the_demo_questions_are_greedy_unless_a_temperature_is_given():
+    demo = cli.parse_args([])
+    assert cli.check_cli_args(demo).temperature == cli.DEMO_TEMPERATURE == 0
+    assert cli.check_cli_args(cli.parse_args(["--temperature", "0.8"])).temperature == 0.8
+    for own in (["--prompt", "x"], ["--ckpt-dir", "d"], ["--chat"]):
+        assert cli.check_cli_args(cli.parse_args(own)).temperature == DEFAULT_TEMPERATURE
 
 
 def test_threads_default_to_the_cpus_this_process_may_use_and_are_checked():
