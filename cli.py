@@ -40,11 +40,11 @@ DEMO_PROMPTS = [
 # it continues raw text (raw, "Three tips for staying healthy are" drifts after a sentence or two).
 DEMO_QUESTIONS = [
     "What is the capital of France?",
-    "Write a Python function that checks whether a number is prime.",
+    "Write a Python function that reverses a string.",
     "Give me three tips for staying healthy.",
 ]
 DEFAULT_CLI_MAX_GEN_LEN = 64  # per completion on the command line
-DEMO_MAX_GEN_LEN = 160  # per answer to a demo question: room for a short function or three tips
+DEMO_MAX_GEN_LEN = 160  # per answer to a demo question: room for a short function and three tips
 # The demo questions are answered greedily unless --temperature says otherwise: the first run then
 # shows the model's most likely answers, the same on every machine ("The capital of France is
 # Paris."); at Meta's 0.6 a 135M-parameter model now and then wanders off (into French, once here).
