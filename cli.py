@@ -147,6 +147,8 @@ def oversubscribed_note(threads: int) -> Optional[str]:
     the CPUs, each barrier waits for a descheduled thread, and 2 threads were seen to run 10-40x
     slower than 1 on a busy 2-core machine.
     """
+    if not hasattr(os, "getloadavg"):  # not on Windows: nothing to judge by
+        return None
     load, cpus = os.getloadavg()[0], usable_cpus()
     if load <= cpus:
         return None
@@ -272,7 +274,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"loaded {ckpt_dir} in {time.perf_counter() - started:.1f}s "
                   f"({llama.device}, {next(llama.model.parameters()).dtype}{quantized}{ranks}, "
                   f"{torch.get_num_threads()} threads)", file=sys.stderr)
-            note = oversubscribed_note(torch.get_num_threads()) if hasattr(os, "getloadavg") else None
+            note = oversubscribed_note(torch.get_num_threads())
             if note:
                 print(note, file=sys.stderr)
         if args.chat:
