@@ -30,6 +30,7 @@ chat's next turn can skip the prefix it already computed (`reuse_cache=True`).
 Shapes: B batch, P longest prompt, V vocabulary.
 """
 
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -285,4 +286,17 @@ def compile_decode_step(step):
     # RoPE multiplies complex numbers, for which Inductor generates no code: those few ops run as
     # ordinary PyTorch calls inside the compiled step. That is expected, so its warning is not shown.
     warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
-    return torch.compile(step, dynamic=True, options=COMPILE_OPTIONS)
+    return torch.compile(own_copy(step), dynamic=True, options=COMPILE_OPTIONS)
+
+
+def own_copy(function: types.FunctionType) -> types.FunctionType:
+    """A copy of `function` with its own code object, for one engine to compile.
+
+    torch.compile keeps the graphs it compiled on the function's *code object*, and picks one by
+    its guards. The guards on modules are skipped (COMPILE_OPTIONS), so nothing would tell two
+    models apart: a second engine compiled from the same `decode_step` would run the first one's
+    graph, with the first model's frozen weights or (another kind of layer) a KeyError. With a code
+    object of its own, every engine compiles, and keeps, its own graphs.
+    """
+    return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)

@@ -20,7 +20,7 @@ from checkpoint import load_transformer
 from conftest import LLAMA2_TOKENIZER
 from inference import LLaMa
 from model import ModelArgs, Transformer
-from quantize import PackedLinear, prepacking_helps
+from quantize import PackedLinear, cpu_features, prepacking_helps
 from sampling import SamplingParams
 from tiny import write_tiny_llama2_checkpoint
 
@@ -145,6 +145,28 @@ def test_compiled_decode_gives_the_eager_greedy_tokens_and_logprobs(tiny_ckpt):
     assert compiled_tokens == eager_tokens
     for got, expected in zip(compiled_logprobs, eager_logprobs):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_engines_of_different_models_and_kinds_side_by_side_each_give_their_eager_tokens(
+        tiny_ckpt, tmp_path):
+    """torch.compile keeps graphs per function and the module guards are skipped: without a compiled
+    step of its own, a second engine ran the first one's graph (KeyError: 'weight' for another kind of
+    layer; for the same kind, silently the first model's frozen weights)."""
+    other_ckpt = write_tiny_llama2_checkpoint(tmp_path / "other", LLAMA2_TOKENIZER, seed=1)  # other weights
+    kwargs = dict(max_seq_len=32, max_batch_size=1, device="cpu", dtype="float32", progress=False)
+    kinds = [(tiny_ckpt, None), (other_ckpt, None), (tiny_ckpt, "int8"), (tiny_ckpt, "int4")]
+    if cpu_features().int8_dot:
+        kinds.append((tiny_ckpt, "w8a8"))
+    compiled = [LLaMa.build(ckpt, compile=True, quantize=quantize, **kwargs) for ckpt, quantize in kinds]
+    eager = [LLaMa.build(ckpt, quantize=quantize, **kwargs) for ckpt, quantize in kinds]
+    prompt = [compiled[0].tokenizer.encode("Hello, my name is", bos=True, eos=False)]
+
+    def greedy(llama):
+        return llama.generate(prompt, 6, SamplingParams(temperature=0))[0].tokens
+
+    compiled_tokens = [greedy(llama) for llama in compiled]  # each compiled after the others exist
+    assert compiled_tokens == [greedy(llama) for llama in eager]
+    assert compiled_tokens[0] != compiled_tokens[1]  # the two models differ, so the test can tell them apart
 
 
 def test_warm_up_compiles_every_graph_a_generation_needs(tiny_ckpt):

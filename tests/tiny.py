@@ -72,8 +72,8 @@ def write_checkpoint(out_dir: Path, state_dict: dict, params: dict, tokenizer_pa
     return out_dir
 
 
-def write_tiny_llama2_checkpoint(out_dir: Path, tokenizer_path: Path) -> Path:
-    """The TINY model with seed-0 random weights as a Meta checkpoint for the Llama 2 tokenizer at
-    `tokenizer_path`; params.json says vocab_size -1, as Meta's Llama 2 ones do."""
-    hf = hf_model(TINY, LLAMA2_VOCAB_SIZE)
+def write_tiny_llama2_checkpoint(out_dir: Path, tokenizer_path: Path, seed: int = 0) -> Path:
+    """The TINY model with random weights (from `seed`) as a Meta checkpoint for the Llama 2 tokenizer
+    at `tokenizer_path`; params.json says vocab_size -1, as Meta's Llama 2 ones do."""
+    hf = hf_model(TINY, LLAMA2_VOCAB_SIZE, seed=seed)
     return write_checkpoint(out_dir, meta_state_dict(hf, TINY), {**TINY, "vocab_size": -1}, tokenizer_path)
