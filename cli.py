@@ -23,7 +23,7 @@ import torch
 from chat import DEFAULT_CHAT_MAX_GEN_LEN, ChatSession, enable_line_editing, run_chat
 from checkpoint import CheckpointError, choose_threads, usable_cpus
 from inference import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, Generation, LLaMa
-from quantize import SCHEMES
+from quantize import INT4, INT8, PLAIN, PREPACKED, SCHEMES, W8A8, cpu_features
 from sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, NO_REPETITION_PENALTY, SAMPLING_KEYWORDS, SamplingParams
 from streaming import GenerationRow
 from tensor_parallel import TensorParallel, init_from_torchrun, main_rank_first
@@ -138,6 +138,25 @@ def flag_spelling(message: str) -> str:
     """A SamplingParams or threads error ("top_p must be ...") as the command line spells it ("--top-p must be ...")."""
     keyword, _, rest = message.partition(" ")
     return f"--{keyword.replace('_', '-')} {rest}" if keyword in (*SAMPLING_KEYWORDS, "threads") else message
+
+
+# What each storage of the linear layers (quantize.linear_storage) means, for the "loaded ..." line.
+STORAGE_WORDS = {
+    PLAIN: "linear layers plain",
+    PREPACKED: "linear layers prepacked for oneDNN",
+    INT8: "linear layers int8 (weight-only)",
+    INT4: "linear layers int4 (weight-only, head int8)",
+    W8A8: "linear layers w8a8 (int8 x uint8 matmuls; head and w2 weight-only int8)",
+}
+
+
+def how_it_runs(llama: LLaMa) -> str:
+    """Device (with the CPU's features), dtype and how the linear layers are stored, as chosen by `LLaMa.build`."""
+    device = f"cpu {cpu_features().name}" if llama.device.type == "cpu" else str(llama.device)
+    dtype = str(next(llama.model.parameters()).dtype).removeprefix("torch.")
+    if llama.dtype_note:
+        dtype = llama.dtype_note
+    return f"{device}; {dtype}; {STORAGE_WORDS.get(llama.linear_storage, llama.linear_storage)}"
 
 
 def oversubscribed_note(threads: int) -> Optional[str]:
@@ -270,9 +289,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                             threads=args.threads)
         if is_main:
             ranks = "" if tp is None else f", {tp.world_size} ranks"
-            quantized = f", linear layers {args.quantize}" if args.quantize else ""
-            print(f"loaded {ckpt_dir} in {time.perf_counter() - started:.1f}s "
-                  f"({llama.device}, {next(llama.model.parameters()).dtype}{quantized}{ranks}, "
+            print(f"loaded {ckpt_dir} in {time.perf_counter() - started:.1f}s ({how_it_runs(llama)}{ranks}, "
                   f"{torch.get_num_threads()} threads)", file=sys.stderr)
             note = oversubscribed_note(torch.get_num_threads())
             if note:

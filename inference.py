@@ -40,6 +40,8 @@ from checkpoint import (
     choose_device,
     choose_dtype,
     choose_threads,
+    dtype_note,
+    fit_default_dtype,
     load_model_args,
     load_transformer,
     read_params,
@@ -53,6 +55,7 @@ from decoding import (  # noqa: F401 (decode_step, log_prob_of: importable from 
     log_prob_of,
 )
 from model import ModelArgs, Transformer
+from quantize import linear_storage
 from sampling import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
@@ -73,6 +76,9 @@ from streaming import (  # noqa: F401 (FINISH_*: importable from here as before)
 )
 from tokenizer import InvalidTextError, Tokenizer
 
+# The engine multiplies wq|wk|wv and w1|w3 as one matmul each (model.ModelArgs.fused_projections):
+# the same numbers, in fewer calls.
+FUSE_PROJECTIONS = True
 DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_MAX_BATCH_SIZE = 4
 
@@ -91,6 +97,10 @@ class LLaMa:
         self.tensor_parallel = tensor_parallel  # None: the whole model is in this process
         self.kv_cache = KVCacheRecord()  # which ids the KV cache holds, for `reuse_cache`
         self.decode_step = decode_step  # or its compiled version: see `build(compile=True)`
+        # What `build` chose, for the "loaded ..." line: the linear layers' storage (quantize.py's
+        # PLAIN, PREPACKED, INT8, ...) and, when the dtype was chosen for this CPU, why.
+        self.linear_storage: Optional[str] = None
+        self.dtype_note = ""
 
     @staticmethod
     def build(
@@ -125,24 +135,29 @@ class LLaMa:
                 raise ValueError("quantize and compile are not supported with tensor parallel yet: run without them")
             device = tensor_parallel.device
         device = choose_device(device)
-        dtype = choose_dtype(dtype, device)
+        asked_dtype = dtype
+        dtype = choose_dtype(dtype, device, quantize)
+        linear_storage(device, dtype, quantize, compile)  # a scheme this device cannot run is refused now
         torch.set_num_threads(choose_threads(threads))
         ckpt_dir = check_checkpoint_dir(ckpt_dir)
         read_params(ckpt_dir)  # a missing or broken params.json is reported before the tokenizer is read
         tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else ckpt_dir / "tokenizer.model"
         tokenizer = Tokenizer(tokenizer_path)
         args = load_model_args(ckpt_dir, max_seq_len, max_batch_size, vocab_size=tokenizer.n_words)
+        dtype = fit_default_dtype(dtype, asked_dtype, args, quantize, device)
         if tensor_parallel is not None:
             tensor_parallel.check_args(args)  # e.g. a world size that does not divide n_kv_heads, on every rank
         model = None
         if load_model and tensor_parallel is None:
             model = load_transformer(ckpt_dir, args, device, dtype, progress=progress, quantize=quantize,
-                                     compile=compile)
+                                     compile=compile, fuse_projections=FUSE_PROJECTIONS)
         elif load_model:
             model = tensor_parallel.load_transformer(ckpt_dir, args, dtype, progress)
         # After loading: a params.json that disagrees with its own weights is named as that first.
         check_vocab_matches(tokenizer.n_words, tokenizer_path, args)
         llama = LLaMa(model, tokenizer, args, device, tensor_parallel)
+        llama.linear_storage = linear_storage(device, dtype, quantize, compile)
+        llama.dtype_note = dtype_note(asked_dtype, dtype, device)
         if compile and model is not None:
             llama.decode_step = compile_decode_step(decode_step)
         return llama

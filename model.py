@@ -91,6 +91,11 @@ class ModelArgs:
     # Not in params.json: how attention is computed. False: PyTorch's fused kernel (fast, the default);
     # True: the explicit `scaled_dot_product_attention` below (slow, the documented reference).
     reference_attention: bool = False
+    # Not in params.json: how the projections that read the same input are multiplied. False: Meta's
+    # separate wq, wk, wv and w1, w3 (the reference); True: one matmul for wq|wk|wv (`wqkv`) and one
+    # for w1|w3 (`w13`): the same numbers in fewer, larger matmuls. The loader joins Meta's weights
+    # (checkpoint.load_transformer), so a checkpoint keeps Meta's names either way.
+    fused_projections: bool = False
 
     # Derived sizes, computed once in __post_init__.
     head_dim: int = field(init=False)
@@ -296,9 +301,15 @@ class Attention(nn.Module):
         self.n_rep = args.n_rep
         self.head_dim = args.head_dim
         self.reference_attention = args.reference_attention
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.fused = args.fused_projections
+        # Rows of the queries, keys and values in the output of wq, wk, wv (or of their fusion wqkv).
+        self.qkv_sizes = [args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.n_kv_heads * args.head_dim]
+        if self.fused:
+            self.wqkv = nn.Linear(args.dim, sum(self.qkv_sizes), bias=False)  # the rows of wq, then wk, then wv
+        else:
+            self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+            self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+            self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache = KVCache(args.max_batch_size, args.max_seq_len, args.n_kv_heads, args.head_dim)
 
@@ -312,9 +323,13 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> queries (B, H, T, D), keys and values (B, K, T, D), RoPE applied, heads first."""
         batch_size, seqlen, _ = x.shape  # (B, T, C)
-        xq = self.wq(x).view(batch_size, seqlen, self.n_heads, self.head_dim)  # (B, T, H, D)
-        xk = self.wk(x).view(batch_size, seqlen, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
-        xv = self.wv(x).view(batch_size, seqlen, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        if self.fused:
+            xq, xk, xv = self.wqkv(x).split(self.qkv_sizes, dim=-1)  # one matmul: (B, T, H*D + 2*K*D), split
+        else:
+            xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)  # (B, T, H * D), (B, T, K * D), (B, T, K * D)
+        xq = xq.view(batch_size, seqlen, self.n_heads, self.head_dim)  # (B, T, H, D)
+        xk = xk.view(batch_size, seqlen, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        xv = xv.view(batch_size, seqlen, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
         # Heads first: every head is an independent attention over the sequence.
         return xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (B, H|K, T, D)
@@ -371,14 +386,22 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Ten
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, fused: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.fused = fused  # see ModelArgs.fused_projections
+        if fused:
+            self.w13 = nn.Linear(dim, 2 * hidden_dim, bias=False)  # the rows of w1, then of w3
+        else:
+            self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+            self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, F) inside, (B, T, C) out
+        if self.fused:
+            gate, up = self.w13(x).chunk(2, dim=-1)  # one matmul: (B, T, 2F), halved
+        else:
+            gate, up = self.w1(x), self.w3(x)  # (B, T, F) each
+        return self.w2(F.silu(gate) * up)  # (B, T, C)
 
 
 class TransformerBlock(nn.Module):
@@ -386,7 +409,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, args.fused_projections)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
@@ -531,6 +554,25 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     shapes["norm.weight"] = (dim,)
     shapes[OUTPUT_KEY] = (vocab, dim)
     return shapes
+
+
+# Fused projections (ModelArgs.fused_projections): each fused layer, and Meta's layers whose rows it
+# holds, in order.
+FUSED_PROJECTIONS = {
+    "attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
+    "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3"),
+}
+
+
+def fused_name(name: str) -> Optional[tuple[str, int]]:
+    """For a Meta weight that a fused model holds inside a fused layer ("layers.3.attention.wk.weight"):
+    that layer's name ("layers.3.attention.wqkv") and the weight's place in it (1). None for the others."""
+    module_name = name.removesuffix(".weight")
+    for fused, parts in FUSED_PROJECTIONS.items():
+        for index, part in enumerate(parts):
+            if module_name.endswith("." + part):
+                return module_name.removesuffix(part) + fused, index
+    return None
 
 
 # Names this module had before params.json's -1 got resolved where params.json is read.

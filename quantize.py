@@ -99,8 +99,15 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 kernels accept
 INT4_ROWS_MULTIPLE = 16  # the CPU packing works on tiles of 16 output rows
 # The CUDA packing splits K into tiles of 16 * inner_k_tiles (2, 4 or 8); the CPU kernel ignores it.
 INT4_INNER_K_TILES = 2
-# Scales of all-zero rows or groups would be 0 (and 0/0 = NaN): any tiny positive number works.
+# Scales of all-zero rows or groups would be 0 (and 0/0 = NaN): any tiny positive number works, as
+# long as the dtype the scale is stored in holds it (1e-10 is 0 in float16, whose smallest normal
+# number is 6e-5): see `min_scale`.
 MIN_SCALE = 1e-10
+
+
+def min_scale(dtype: torch.dtype) -> float:
+    """The smallest scale stored in `dtype`: MIN_SCALE, or the dtype's smallest normal number if larger."""
+    return max(MIN_SCALE, torch.finfo(dtype).tiny)
 # Quantize this many rows at a time: bounds the float32 working copy (Llama 3's 128256-row output
 # head would need 2 GB at once).
 ROWS_PER_CHUNK = 4096
@@ -160,8 +167,28 @@ def cpu_features() -> CpuFeatures:
     return CpuFeatures(name=name, native_bf16=native_bf16, int8_dot=int8_dot)
 
 
-def check_scheme_runs_here(scheme: Optional[str], device: torch.device, features: Optional[CpuFeatures]) -> None:
-    """Refuse a scheme this device cannot run, naming what to use instead."""
+# PyTorch's CUDA int4 kernel (`_weight_int4pack_mm`) needs Ampere (compute capability 8.0) or newer.
+INT4_MIN_CUDA_CAPABILITY = (8, 0)
+
+
+def check_scheme_runs_here(
+    scheme: Optional[str], device: torch.device, dtype: torch.dtype, features: Optional[CpuFeatures] = None,
+    cuda_capability: Optional[tuple[int, int]] = None,
+) -> None:
+    """Refuse a scheme this device cannot run, naming what to use instead. `features` (a CPU's) and
+    `cuda_capability` (a GPU's): None asks the hardware; tests pass others."""
+    if scheme == INT4 and device.type == "mps":
+        raise QuantizationError("--quantize int4 has no MPS kernel in PyTorch's int4 layout here: use --quantize int8")
+    if scheme == INT4 and device.type == "cuda":
+        capability = cuda_capability if cuda_capability is not None else torch.cuda.get_device_capability(device)
+        if tuple(capability) < INT4_MIN_CUDA_CAPABILITY:
+            raise QuantizationError(
+                f"--quantize int4 on CUDA needs a GPU of compute capability 8.0 (Ampere) or newer; this one is "
+                f"sm{capability[0]}{capability[1]}: use --quantize int8")
+        if dtype != torch.bfloat16:
+            raise QuantizationError(
+                f"--quantize int4 on CUDA computes in bfloat16 (PyTorch's int4 kernel takes bf16 activations and "
+                f"scales), not {str(dtype).removeprefix('torch.')}: use --dtype bfloat16 (the default with int4)")
     if scheme not in CPU_ONLY_SCHEMES:
         return
     if device.type != "cpu":
@@ -205,7 +232,7 @@ def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
         rows = weight[start : start + ROWS_PER_CHUNK].float()
         # Round the scale to its storage dtype *first*, and divide by the rounded value: q is then the
         # best integer for the scale the kernel will actually multiply by.
-        row_scales = (rows.abs().amax(dim=1) / INT8_MAX).clamp(min=MIN_SCALE).to(dtype)
+        row_scales = (rows.abs().amax(dim=1) / INT8_MAX).clamp(min=min_scale(dtype)).to(dtype)
         scales[start : start + ROWS_PER_CHUNK] = row_scales
         q[start : start + ROWS_PER_CHUNK] = (rows / row_scales.float()[:, None]).round().clamp(-INT8_MAX, INT8_MAX)
     return q, scales
@@ -308,7 +335,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int, dtype: torch.dtype) -> 
     for start in range(0, out_features, ROWS_PER_CHUNK):
         groups = weight[start : start + ROWS_PER_CHUNK].float().reshape(-1, n_groups, group_size)  # (n, K/G, G)
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (n, K/G)
-        scales = ((high - low) / (INT4_LEVELS - 1)).clamp(min=MIN_SCALE).to(dtype)
+        scales = ((high - low) / (INT4_LEVELS - 1)).clamp(min=min_scale(dtype)).to(dtype)
         zeros = (low + INT4_MIDPOINT * scales.float()).to(dtype)
         # As for int8: quantize against the rounded scale and zero that the kernel will use.
         level0 = zeros.float() - INT4_MIDPOINT * scales.float()  # the value of q = 0
@@ -422,11 +449,13 @@ def linear_storage(
     compile: bool = False,
     needs_gradients: bool = False,
     features: Optional[CpuFeatures] = None,
+    cuda_capability: Optional[tuple[int, int]] = None,
 ) -> str:
     """How the linear layers of a model on `device` in `dtype` are stored: one of STORAGES.
 
     quantize: None or one of SCHEMES (asked for by the user: always honoured, or refused where it
-    cannot run: w8a8 needs a CPU with int8 dot products; `features`, None: this CPU's). compile: the model
+    cannot run: w8a8 needs a CPU with int8 dot products, int4 on CUDA an sm80+ GPU and bfloat16;
+    `features` and `cuda_capability`, None: this machine's). compile: the model
     will be `torch.compile`d, which cannot trace the opaque prepacked weight (it packs its own
     copy). needs_gradients: attribution (interpret.py) differentiates through every layer, which
     only nn.Linear allows. This only decides: nothing is allocated, so a CUDA device can be asked
@@ -439,7 +468,7 @@ def linear_storage(
                 f"quantize={quantize!r} with needs_gradients: quantized layers have no gradients; "
                 f"load without quantize to compute attributions"
             )
-        check_scheme_runs_here(quantize, torch.device(device), features)
+        check_scheme_runs_here(quantize, torch.device(device), dtype, features, cuda_capability)
         return quantize
     if needs_gradients or compile:
         return PLAIN

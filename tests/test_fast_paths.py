@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_transformer
+from checkpoint import load_model_args, load_transformer
 from conftest import LLAMA2_TOKENIZER
 from inference import LLaMa
 from model import ModelArgs, Transformer
@@ -116,7 +116,7 @@ def tiny_ckpt(tmp_path_factory):
 @pytest.mark.skipif(not prepacking_helps(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bf16 here")
 def test_bf16_on_cpu_is_prepacked_by_default_and_gives_the_same_logits_as_nn_linear(tiny_ckpt):
     llama = LLaMa.build(tiny_ckpt, max_seq_len=64, device="cpu", dtype="bfloat16", progress=False)
-    assert isinstance(llama.model.layers[0].attention.wq, PackedLinear)
+    assert isinstance(llama.model.layers[0].attention.wqkv, PackedLinear)  # fused: wq|wk|wv
     assert isinstance(llama.model.output, PackedLinear)
     plain = load_transformer(tiny_ckpt, llama.args, torch.device("cpu"), torch.bfloat16, progress=False,
                              needs_gradients=True)  # gradients need nn.Linear: never prepacked
@@ -198,3 +198,39 @@ def test_cli_compile_reports_compiling_apart_and_prints_what_eager_prints(tiny_c
     compiled = capsys.readouterr()
     assert compiled.out == eager.out
     assert "compiled in" in compiled.err and "compiled in" not in eager.err
+
+
+# --------------------------------------------------------------------------------------------
+# Fused projections: wq|wk|wv and w1|w3 as one matmul each
+# --------------------------------------------------------------------------------------------
+
+
+def test_fused_layers_hold_metas_weights_row_by_row(tiny_ckpt):
+    args = load_model_args(tiny_ckpt, 32, 1)
+    fused = load_transformer(tiny_ckpt, args, torch.device("cpu"), torch.float32, progress=False,
+                             fuse_projections=True)
+    meta = torch.load(tiny_ckpt / "consolidated.00.pth", weights_only=True)
+    attention, feed_forward = fused.layers[1].attention, fused.layers[1].feed_forward
+    assert not hasattr(attention, "wq") and not hasattr(feed_forward, "w1")
+    expected_qkv = torch.cat([meta[f"layers.1.attention.{w}.weight"] for w in ("wq", "wk", "wv")])
+    expected_13 = torch.cat([meta[f"layers.1.feed_forward.{w}.weight"] for w in ("w1", "w3")])
+    assert torch.equal(attention.wqkv.weight, expected_qkv) and torch.equal(feed_forward.w13.weight, expected_13)
+
+
+@pytest.mark.parametrize("dtype, quantize", [
+    (torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "int8"), (torch.bfloat16, "int4"),
+    pytest.param(torch.bfloat16, "w8a8", marks=pytest.mark.skipif(not cpu_features().int8_dot, reason="no VNNI")),
+])
+def test_fused_and_separate_projections_give_the_same_logits(tiny_ckpt, dtype, quantize):
+    """Every output row is the same dot product either way; quantization is per row (or per token,
+    the same input for all the fused parts), so only a matmul kernel's summation order can differ."""
+    args = load_model_args(tiny_ckpt, 32, 2)
+    kwargs = dict(progress=False, quantize=quantize)
+    separate = load_transformer(tiny_ckpt, args, torch.device("cpu"), dtype, **kwargs)
+    fused = load_transformer(tiny_ckpt, args, torch.device("cpu"), dtype, fuse_projections=True, **kwargs)
+    tokens = torch.randint(0, args.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    # A few steps of the dtype: fused, a kernel may sum in another order, and a rounding difference
+    # in a hidden state grows through the layers (float32: none seen; a wrong fusion is off by O(1)).
+    step = 4 * torch.finfo(dtype).eps
+    torch.testing.assert_close(fused(tokens, 0), separate(tokens, 0), rtol=step, atol=step)
+    torch.testing.assert_close(fused(tokens[:, :1], 7), separate(tokens[:, :1], 7), rtol=step, atol=step)  # decoding

@@ -24,7 +24,7 @@ from cli import main
 from inference import LLaMa
 from quantize import (INT4, INT4_MIDPOINT, INT8, PLAIN, PREPACKED, W8A8, CpuFeatures, Int4Linear, Int8Linear,
                       PackedLinear, QuantizationError, W8A8Linear, cpu_features, linear_storage, make_linear,
-                      prepacking_helps, quantize_int4, quantize_model)
+                      prepacking_helps, quantize_int4, quantize_int8, quantize_model)
 from tiny import (LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint,
                   write_tiny_llama2_checkpoint)
 
@@ -143,7 +143,7 @@ HAS_ONEDNN_BF16 = prepacking_helps(CPU, torch.bfloat16)
     (CUDA, torch.bfloat16, {}, PLAIN),  # prepacking is oneDNN's, a CPU library
     (CPU, torch.bfloat16, dict(quantize="int8"), INT8),
     (CPU, torch.bfloat16, dict(quantize="int4", compile=True), INT4),
-    (CUDA, torch.float16, dict(quantize="int4"), INT4),
+    (CUDA, torch.bfloat16, dict(quantize="int4", cuda_capability=(8, 0)), INT4),  # the CUDA int4 kernel: bf16, sm80+
     ("cpu", torch.float32, dict(quantize="int8"), INT8),
 ])
 def test_linear_storage_is_decided_from_device_dtype_quantize_compile_and_gradients(device, dtype, options, expected):
@@ -361,3 +361,17 @@ def test_loading_the_bf16_demo_model_keeps_peak_rss_within_the_budget(demo_ckpt_
                                 capture_output=True, text=True, cwd=Path(__file__).parent.parent, check=True)
         peak_bytes = json.loads(result.stdout.strip().splitlines()[-1])["peak_kb"] * 1024
         assert peak_bytes <= 1.3 * checkpoint_bytes + 300 * 2**20, (peak_bytes / 2**20, checkpoint_bytes / 2**20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_an_all_zero_row_or_group_quantizes_to_zeros_with_a_nonzero_scale_in_every_dtype(dtype):
+    """A scale of 1e-10 is 0 in float16: 0 / 0 would be NaN. The smallest scale is one the dtype holds."""
+    weight = torch.randn(32, 64)
+    weight[3] = 0
+    q, scales = quantize_int8(weight, dtype)
+    assert (scales > 0).all() and torch.equal(q[3], torch.zeros(64, dtype=torch.int8))
+    q4, scales_and_zeros = quantize_int4(weight, 32, dtype)
+    assert (scales_and_zeros[..., 0] > 0).all() and torch.isfinite(scales_and_zeros).all()
+    dequantized = (q4[3].float() - INT4_MIDPOINT) * scales_and_zeros[:, 3, 0].float().repeat_interleave(32) \
+        + scales_and_zeros[:, 3, 1].float().repeat_interleave(32)
+    assert dequantized.abs().max() <= scales_and_zeros[:, 3, 0].float().max()  # zero within one step
