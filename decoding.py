@@ -275,18 +275,35 @@ COMPILE_OPTIONS = {
 }
 
 
-def compile_decode_step(step):
+def compile_decode_step(step, static_cache: bool = False):
     """`step` compiled by torch.compile (Inductor): the ops of a whole decode step fused into a few
     generated kernels, with far less Python per token.
 
     dynamic=True: start_pos grows by one each step and the attended part of the KV cache with it;
     compiling once for symbolic sizes avoids a recompile per position. A ragged batch (padding
     mask) compiles a second graph the first time it is seen.
+
+    static_cache=True (the default on CUDA, see `LLaMa.build`): the step of `static_decode_step`,
+    whose shapes never change, compiled with mode="reduce-overhead": on CUDA, the whole step is
+    captured once as a CUDA graph and replayed for every token (one launch instead of hundreds of
+    kernel launches, which bound a small model's decoding). The model's KV cache must be zeroed.
     """
     # RoPE multiplies complex numbers, for which Inductor generates no code: those few ops run as
     # ordinary PyTorch calls inside the compiled step. That is expected, so its warning is not shown.
     warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
+    if static_cache:
+        compiled = torch.compile(own_copy(step), dynamic=False, mode="reduce-overhead")
+        return static_decode_step(compiled)
     return torch.compile(own_copy(step), dynamic=True, options=COMPILE_OPTIONS)
+
+
+def static_decode_step(step):
+    """The decode step for a static KV cache: `step` (`decode_step` or its compiled version) gets the
+    position as a 0-d tensor, so that it is data, not a shape (model.KVCache.update); called as
+    `decode_step` is, with an int."""
+    def run(model: Transformer, tokens: torch.Tensor, start_pos: int, pad_lens: Optional[torch.Tensor]) -> torch.Tensor:
+        return step(model, tokens, torch.tensor(start_pos, device=tokens.device), pad_lens)
+    return run
 
 
 def own_copy(function: types.FunctionType) -> types.FunctionType:

@@ -53,6 +53,7 @@ from decoding import (  # noqa: F401 (decode_step, log_prob_of: importable from 
     compile_decode_step,
     decode_step,
     log_prob_of,
+    static_decode_step,
 )
 from model import ModelArgs, Transformer
 from quantize import linear_storage
@@ -116,6 +117,7 @@ class LLaMa:
         quantize: Optional[str] = None,
         compile: bool = False,
         threads: Optional[int] = None,
+        static_cache: Optional[bool] = None,
     ) -> "LLaMa":
         """Load a Meta checkpoint dir (params.json, consolidated.*.pth, tokenizer.model).
 
@@ -126,7 +128,9 @@ class LLaMa:
         quantize: None, "int8" or "int4": weight-only quantization of the linear layers while
         loading (quantize.py). compile: `torch.compile` the decode step (the first generation then
         takes longer while it compiles). threads: CPU threads torch computes with (process-wide);
-        None: every CPU this process may use (`checkpoint.usable_cpus`).
+        None: every CPU this process may use (`checkpoint.usable_cpus`). static_cache: decode with the
+        KV cache at fixed shapes (model.KVCache.update), which lets a compiled step run as one CUDA
+        graph; None: on with compile on CUDA, off elsewhere (on a CPU it reads the whole cache each step).
         """
         check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
                               load_model=load_model, progress=progress, compile=compile)
@@ -158,8 +162,13 @@ class LLaMa:
         llama = LLaMa(model, tokenizer, args, device, tensor_parallel)
         llama.linear_storage = linear_storage(device, dtype, quantize, compile)
         llama.dtype_note = dtype_note(asked_dtype, dtype, device)
+        static_cache = choose_static_cache(static_cache, device, compile)
+        if static_cache and model is not None:
+            model.setup_caches(device, dtype, zeroed=True)  # attended to whole: see model.KVCache.update
         if compile and model is not None:
-            llama.decode_step = compile_decode_step(decode_step)
+            llama.decode_step = compile_decode_step(decode_step, static_cache)
+        elif static_cache:
+            llama.decode_step = static_decode_step(decode_step)
         return llama
 
     # ----------------------------------------------------------------------------------------
@@ -451,6 +460,15 @@ class LLaMa:
                 answer["logprobs"] = g.logprobs
             answers.append(answer)
         return answers
+
+
+def choose_static_cache(static_cache: Optional[bool], device: torch.device, compile: bool) -> bool:
+    """Whether to decode with a static KV cache: as asked, else only where it pays (compiled, on CUDA)."""
+    if static_cache is None:
+        return compile and device.type == "cuda"
+    if not isinstance(static_cache, bool):
+        raise ValueError(f"static_cache must be True, False or None, got {static_cache!r}")
+    return static_cache
 
 
 def check_build_arguments(

@@ -234,3 +234,42 @@ def test_fused_and_separate_projections_give_the_same_logits(tiny_ckpt, dtype, q
     step = 4 * torch.finfo(dtype).eps
     torch.testing.assert_close(fused(tokens, 0), separate(tokens, 0), rtol=step, atol=step)
     torch.testing.assert_close(fused(tokens[:, :1], 7), separate(tokens[:, :1], 7), rtol=step, atol=step)  # decoding
+
+
+# --------------------------------------------------------------------------------------------
+# The static KV cache (fixed shapes for CUDA graphs), on a CPU
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_static_kv_cache_gives_the_same_tokens_and_logprobs_as_todays_cache(tiny_ckpt, compile):
+    """The static step writes at a position tensor and attends to the whole (zeroed) cache under a
+    mask; the result must be the dynamic step's, for a ragged batch too (padding masks)."""
+    prompts = ["Hello, my name is", "1 2 3", "The quick brown fox jumps over"]
+    kwargs = dict(max_seq_len=48, max_batch_size=4, device="cpu", dtype="float32", progress=False)
+    dynamic = LLaMa.build(tiny_ckpt, **kwargs)
+    static = LLaMa.build(tiny_ckpt, static_cache=True, compile=compile, **kwargs)
+    assert torch.equal(static.model.layers[0].attention.cache.cache_k, torch.zeros_like(
+        static.model.layers[0].attention.cache.cache_k))  # zeroed: masked positions are multiplied by 0
+
+    def greedy(llama, batch):
+        generations = llama.generate(llama.encode_prompts(batch), 12, SamplingParams(temperature=0), logprobs=True)
+        return [g.tokens for g in generations], [g.logprobs for g in generations]
+
+    for batch in (prompts[:1], prompts):
+        expected_tokens, expected_logprobs = greedy(dynamic, batch)
+        tokens, logprobs = greedy(static, batch)
+        assert tokens == expected_tokens
+        for got, expected in zip(logprobs, expected_logprobs):
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_static_cache_is_on_by_default_only_for_compiled_cuda():
+    from inference import choose_static_cache
+
+    assert choose_static_cache(None, torch.device("cuda"), compile=True)
+    assert not choose_static_cache(None, torch.device("cuda"), compile=False)
+    assert not choose_static_cache(None, torch.device("cpu"), compile=True)
+    assert choose_static_cache(True, torch.device("cpu"), compile=False)
+    with pytest.raises(ValueError, match="static_cache must be True, False or None, got 'yes'"):
+        choose_static_cache("yes", torch.device("cpu"), compile=False)

@@ -375,3 +375,14 @@ def test_an_all_zero_row_or_group_quantizes_to_zeros_with_a_nonzero_scale_in_eve
     dequantized = (q4[3].float() - INT4_MIDPOINT) * scales_and_zeros[:, 3, 0].float().repeat_interleave(32) \
         + scales_and_zeros[:, 3, 1].float().repeat_interleave(32)
     assert dequantized.abs().max() <= scales_and_zeros[:, 3, 0].float().max()  # zero within one step
+
+
+def test_memory_plan_counts_the_math_kernels_score_matrices_for_a_padded_batch_on_cuda_only(tiny_ckpt):
+    args = tiny_args(tiny_ckpt, max_seq_len=48, max_batch_size=3)
+    on_cuda = plan_memory(args, torch.float16, None, CUDA, available=2**40)  # given: the GPU is not asked
+    on_cpu = plan_memory(args, torch.float16, None, CPU, available=2**40)
+    scores = 3 * args.n_heads * 48 * 48 * 4  # float32 (B, H, T, S)
+    assert on_cuda.attention_scores == 2 * scores and on_cpu.attention_scores == 0
+    assert on_cuda.total == on_cpu.total + 2 * scores
+    single = plan_memory(tiny_args(tiny_ckpt, max_seq_len=48, max_batch_size=1), torch.float16, None, CUDA, 2**40)
+    assert single.attention_scores == 0  # one row is never padded: the causal flash path stores none
