@@ -237,7 +237,8 @@ class Decoding:
             tokens[:, start + 1 : end] = torch.tensor(drafts, device=tokens.device)
             logits = self.llama.model(tokens[:, start:end], start, pad_lens)  # (B, 1 + k, V)
         else:
-            logits = self.llama.decode_step(self.llama.model, tokens[:, start:end], start, pad_lens)[:, None]  # (B, 1, V)
+            step = self.llama.decode_step(self.llama.model, tokens[:, start:end], start, pad_lens)  # (B, V)
+            logits = step[:, None]  # (B, 1, V)
         if single_row:
             record.tokens += tokens[0, start:end].tolist()  # rejected drafts too: their keys/values are there
         return logits
