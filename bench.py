@@ -217,7 +217,7 @@ class OurEngine:
         started = time.perf_counter()
         self.llama = LLaMa.build(paths["ckpt_dir"], max_seq_len=MAX_SEQ_LEN, max_batch_size=BATCH_SIZE,
                                  device="cpu", dtype="bfloat16", quantize=spec.quantize, compile=spec.compile,
-                                 progress=False)
+                                 progress=False, threads=threads)  # build sets the thread count itself
         self.load_s = time.perf_counter() - started
         self.greedy = SamplingParams(temperature=0)
         self.first_token = first_token
