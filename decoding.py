@@ -240,7 +240,9 @@ class Decoding:
             step = self.llama.decode_step(self.llama.model, tokens[:, start:end], start, pad_lens)  # (B, V)
             logits = step[:, None]  # (B, 1, V)
         if single_row:
-            record.tokens += tokens[0, start:end].tolist()  # rejected drafts too: their keys/values are there
+            # Rejected drafts too: the cache does hold their keys/values, which are right for these ids
+            # (a position's keys/values depend only on the ids up to it).
+            record.tokens += tokens[0, start:end].tolist()
         return logits
 
     # The whole loop runs under inference mode (a decorated generator: on for each step, off again
