@@ -105,6 +105,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "default: none)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step: faster tokens after a slow first one")
+    parser.add_argument("--speculate", type=int, default=0, metavar="N",
+                        help="speculative decoding by prompt lookup: draft up to N tokens per step from the text "
+                        "so far, verified in one pass; faster when the answer repeats its prompt, the same greedy "
+                        "output; prompts then run one at a time (default: 0, off)")
     return parser.parse_args(argv)
 
 
@@ -122,6 +126,8 @@ def check_cli_args(args: argparse.Namespace) -> SamplingParams:
                         ("--max-batch-size", args.max_batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.speculate < 0:
+        raise ValueError(f"--speculate must be >= 0 (0 = off, N = draft up to N tokens per step), got {args.speculate}")
     if args.chat and (args.prompt or args.echo or args.logprobs):
         raise ValueError("--prompt, --echo and --logprobs are for completions; with --chat, type your messages")
     if args.system is not None and not args.chat:
@@ -178,7 +184,7 @@ def oversubscribed_note(threads: int) -> Optional[str]:
 def run_chat_cli(llama: LLaMa, args: argparse.Namespace, sampling: SamplingParams, ckpt_dir: Union[str, Path]) -> int:
     """--chat: the interactive chat of chat.py, with the command line's sampling settings."""
     session = ChatSession(llama, system_prompt=args.system, max_gen_len=args.max_gen_len or DEFAULT_CHAT_MAX_GEN_LEN,
-                          sampling=sampling)
+                          sampling=sampling, speculate=args.speculate)
     enable_line_editing()
     return run_chat(session, banner=f"chatting with {ckpt_dir} ({session.chat_format.name} chat format, "
                                     f"max_seq_len {llama.args.max_seq_len})")
@@ -306,7 +312,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         printer = CompletionPrinter(labels, out, after) if stream else None
         started = time.perf_counter()  # so that tokens/s is the speed of generating, not of compiling
         generations = llama.generate(prompt_tokens, max_gen_len, sampling, logprobs=args.logprobs, echo=args.echo,
-                                     stop_tokens=stop_tokens, on_step=printer.show if printer else None)
+                                     stop_tokens=stop_tokens, on_step=printer.show if printer else None,
+                                     speculate=args.speculate)
     except (CheckpointError, TokenizerFileError, ValueError, OSError) as e:
         rank = "" if tp is None else f"[rank {tp.rank}] "
         print(f"{rank}error: {e}", file=sys.stderr)

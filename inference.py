@@ -12,6 +12,10 @@ What happens between a prompt and its text (Meta's `generation.py`, restructured
    `max_gen_len` tokens were made. The stop token itself is not part of the output (streaming.py
    keeps each row's tokens, text and finish reason).
 
+`speculate=N` (decode, generate, stream, text_completion, chat_completion) drafts up to N tokens
+per forward pass by prompt lookup and verifies them in one pass (decoding.py): faster where the
+output repeats its input, and greedy output stays the same. One prompt at a time.
+
 On top of `generate` sit `text_completion` (text in, text out) and `chat_completion` (dialogs in,
 assistant messages out). Batches larger than `max_batch_size` are split into several runs, one
 after the other. `stream` and `chat_stream` yield text pieces as they come; with
@@ -50,6 +54,7 @@ from decoding import (  # noqa: F401 (decode_step, log_prob_of: importable from 
     DecodeStep,
     Decoding,
     KVCacheRecord,
+    check_speculate,
     compile_decode_step,
     decode_step,
     log_prob_of,
@@ -184,6 +189,7 @@ class LLaMa:
         prompt_logprobs: bool = False,
         reuse_cache: bool = False,
         generator: Optional[torch.Generator] = None,
+        speculate: int = 0,
     ) -> "Decoding":
         """The decode loop over one batch (at most max_batch_size prompts): iterate the result for
         one `DecodeStep` per new column of tokens. Nothing runs until iteration starts.
@@ -195,6 +201,7 @@ class LLaMa:
         those of the prompt tokens once the prefill has run. reuse_cache (one prompt only): skip
         the prompt's longest prefix that the KV cache already holds (`kv_cache_tokens`).
         generator: the random generator to draw with (default: one seeded with sampling.seed).
+        speculate (one prompt only): draft up to this many tokens per pass by prompt lookup (0: off).
         """
         sampling = sampling_or_default(sampling, "decode")
         self.check_can_generate(prompt_tokens, max_gen_len)
@@ -205,7 +212,8 @@ class LLaMa:
             raise ValueError("reuse_cache is for a single prompt (the KV cache rows of a batch are not kept)")
         if generator is None:
             generator = self.random_generator(sampling.seed)
-        return Decoding(self, prompt_tokens, max_gen_len, sampling, generator, logprobs, prompt_logprobs, reuse_cache)
+        return Decoding(self, prompt_tokens, max_gen_len, sampling, generator, logprobs, prompt_logprobs, reuse_cache,
+                        speculate)
 
     def check_can_generate(self, prompt_tokens: list[list[int]], max_gen_len: int) -> None:
         if self.model is None:
@@ -260,6 +268,7 @@ class LLaMa:
         echo: bool = False,
         stop_tokens: Optional[AbstractSet[int]] = None,
         on_step: Optional[Callable[[list[GenerationRow]], None]] = None,
+        speculate: int = 0,
         **loose_sampling_keywords,
     ) -> list[Generation]:
         """Continue each list of prompt ids; one `Generation` per prompt, in order.
@@ -270,18 +279,20 @@ class LLaMa:
         log-probabilities. stop_tokens: ids that end a row (not part of the output); default:
         the tokenizer's. on_step: called after every step with the `GenerationRow` of every prompt
         started so far (those of earlier batches finished), to show completions while they are made.
+        speculate: prompt-lookup drafts per pass (decoding.py); the prompts then run one at a time.
         """
         refuse_loose_sampling_keywords("generate", loose_sampling_keywords)
         sampling = sampling_or_default(sampling, "generate")
         self.check_can_generate(prompt_tokens, max_gen_len)
+        check_speculate(speculate, batch_size=1)
         stop_tokens = self.tokenizer.stop_tokens if stop_tokens is None else stop_tokens
         generator = self.random_generator(sampling.seed)  # one for all batches: a seed fixes the whole run
         results, rows_so_far = [], []
-        batch_size = self.args.max_batch_size
+        batch_size = 1 if speculate else self.args.max_batch_size
         for start in range(0, len(prompt_tokens), batch_size):
             batch = prompt_tokens[start : start + batch_size]
             decoding = self.decode(batch, max_gen_len, sampling, logprobs=logprobs,
-                                   prompt_logprobs=logprobs and echo, generator=generator)
+                                   prompt_logprobs=logprobs and echo, generator=generator, speculate=speculate)
             rows = [GenerationRow(TextTracker(self.tokenizer, sampling.stop)) for _ in batch]
             rows_so_far += rows
             for _ in follow(decoding, rows, stop_tokens):
@@ -317,6 +328,7 @@ class LLaMa:
         sampling: Optional[SamplingParams] = None,
         stop_tokens: Optional[AbstractSet[int]] = None,
         reuse_cache: bool = False,
+        speculate: int = 0,
         **loose_sampling_keywords,
     ) -> TextStream:
         """Complete one prompt (text, or token ids), yielding text pieces as tokens come.
@@ -328,6 +340,7 @@ class LLaMa:
         `text_completion` would return it). With reuse_cache=True, the prompt's longest prefix that
         the KV cache already holds from the previous call (`kv_cache_tokens`) is not run again:
         in a chat, only the new turn goes through the model. Nothing runs until iteration starts.
+        speculate: prompt-lookup drafts per pass, as in `decode`.
         """
         refuse_loose_sampling_keywords("stream", loose_sampling_keywords)
         sampling = sampling_or_default(sampling, "stream")
@@ -339,7 +352,7 @@ class LLaMa:
             raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if max_gen_len is None:
             max_gen_len = max(1, self.args.max_seq_len - len(prompt_tokens))
-        decoding = self.decode([prompt_tokens], max_gen_len, sampling, reuse_cache=reuse_cache)
+        decoding = self.decode([prompt_tokens], max_gen_len, sampling, reuse_cache=reuse_cache, speculate=speculate)
         stop_tokens = self.tokenizer.stop_tokens if stop_tokens is None else stop_tokens
         return TextStream(decoding, self.tokenizer, sampling.stop, stop_tokens)
 
@@ -396,14 +409,15 @@ class LLaMa:
         top_k: Optional[int] = None,
         repetition_penalty: float = NO_REPETITION_PENALTY,
         stop: Optional[Sequence[str]] = None,
+        speculate: int = 0,
     ) -> tuple[list[list[int]], list[str]]:
         """Complete each prompt: (out_tokens, out_text).
 
         out_tokens[i] are the generated ids of prompt i (after the prompt, or including it if echo),
         out_text[i] their decoded text, ending before the first `stop` string if one appears.
         max_gen_len None: as much as max_seq_len leaves room for. temperature 0 is greedy; seed makes
-        sampling reproducible; top_k and repetition_penalty as in sampling.py. Log-probabilities
-        come from `generate(..., logprobs=True)`.
+        sampling reproducible; top_k and repetition_penalty as in sampling.py; speculate as in
+        `generate`. Log-probabilities come from `generate(..., logprobs=True)`.
         """
         if logprobs:
             raise ValueError("text_completion returns (out_tokens, out_text); for log-probabilities use "
@@ -411,7 +425,7 @@ class LLaMa:
         sampling = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed, stop)
         prompt_tokens = self.encode_prompts(prompts)
         max_gen_len = self.args.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        generations = self.generate(prompt_tokens, max_gen_len, sampling, echo=echo)
+        generations = self.generate(prompt_tokens, max_gen_len, sampling, echo=echo, speculate=speculate)
         return [g.tokens for g in generations], [g.text for g in generations]
 
     def chat_completion(
@@ -425,6 +439,7 @@ class LLaMa:
         top_k: Optional[int] = None,
         repetition_penalty: float = NO_REPETITION_PENALTY,
         stop: Optional[Sequence[str]] = None,
+        speculate: int = 0,
     ) -> list[Message]:
         """The assistant's answer to each dialog: [{"role": "assistant", "content": ...}, ...].
 
@@ -433,7 +448,7 @@ class LLaMa:
         written in the model's chat format (chat_format.py) and the answer ends at the format's
         end-of-turn token. With logprobs=True each answer also has "tokens" (the text each generated
         token adds, see `token_texts`) and "logprobs" (their log-probabilities), as Meta's. A returned message
-        can be appended to its dialog as it is, to continue the conversation.
+        can be appended to its dialog as it is, to continue the conversation. speculate: as in `generate`.
         """
         sampling = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed, stop)
         if not isinstance(dialogs, (list, tuple)) or len(dialogs) == 0:
@@ -451,7 +466,7 @@ class LLaMa:
                 raise InvalidTextError(f"dialog {i}: {e}") from None
         max_gen_len = self.args.max_seq_len - 1 if max_gen_len is None else max_gen_len
         generations = self.generate(prompt_tokens, max_gen_len, sampling, logprobs=logprobs,
-                                    stop_tokens=chat_format.stop_tokens)
+                                    stop_tokens=chat_format.stop_tokens, speculate=speculate)
         answers: list[Message] = []
         for g in generations:
             answer = {"role": "assistant", "content": g.text}

@@ -5,7 +5,7 @@
 * last-position-only logits against the last row of all logits;
 * decoding late in a long context (position ~2000, through the KV cache) against a full recompute;
 * prepacked bf16 linear layers against `F.linear`;
-* the compiled decode step against the eager one.
+* the compiled decode step against the eager one, also beside speculative decoding's passes.
 
 Tiny random-weight models keep these fast; the compiled test compiles one small graph.
 """
@@ -22,7 +22,7 @@ from inference import LLaMa
 from model import ModelArgs, Transformer
 from quantize import PackedLinear, cpu_features, prepacking_helps
 from sampling import SamplingParams
-from tiny import write_tiny_llama2_checkpoint
+from tiny import replay_prompt, write_tiny_llama2_checkpoint
 
 VOCAB_SIZE = 256
 SMALL = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, vocab_size=VOCAB_SIZE)
@@ -145,6 +145,13 @@ def test_compiled_decode_gives_the_eager_greedy_tokens_and_logprobs(tiny_ckpt):
     assert compiled_tokens == eager_tokens
     for got, expected in zip(compiled_logprobs, eager_logprobs):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-4)
+    # Speculative decoding (tests/test_speculative.py) calls the model itself for its verification
+    # passes, beside the compiled step, which serves the passes that have no draft.
+    prompt = replay_prompt(eager, prompts[0])
+    expected = [int(step.tokens[0]) for step in eager.decode([prompt], 20, SamplingParams(temperature=0))]
+    decoding = compiled.decode([prompt], 20, SamplingParams(temperature=0), speculate=4)
+    assert [int(step.tokens[0]) for step in decoding] == expected
+    assert decoding.drafted > decoding.accepted > 0
 
 
 def test_compiled_engines_of_different_models_and_kinds_side_by_side_each_give_their_eager_tokens(
