@@ -307,6 +307,19 @@ def check_path_argument(name: str, value: object, optional: bool = False) -> Non
         raise TypeError(f"{name} must be a path (str or pathlib.Path){also}, got {type(value).__name__} {value!r}")
 
 
+def check_build_arguments(
+    ckpt_dir: object, tokenizer_path: object, max_seq_len: object, max_batch_size: object, **flags: object
+) -> None:
+    """LLaMa.build's arguments checked where they come in: each error starts with the argument's name."""
+    check_path_argument("ckpt_dir", ckpt_dir)
+    check_path_argument("tokenizer_path", tokenizer_path, optional=True)
+    check_size_argument("max_seq_len", max_seq_len)
+    check_size_argument("max_batch_size", max_batch_size)
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def leaves_vocab_to_tokenizer(params: dict) -> bool:
     """Whether params.json leaves the vocabulary size to the tokenizer (Llama 2 writes -1)."""
     return params.get("vocab_size", PARAMS_VOCAB_FROM_TOKENIZER) == PARAMS_VOCAB_FROM_TOKENIZER

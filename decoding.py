@@ -422,3 +422,19 @@ def own_copy(function: types.FunctionType) -> types.FunctionType:
     """
     return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
                               function.__defaults__, function.__closure__)
+
+
+def choose_static_cache(static_cache: Optional[bool], device: torch.device, compile: bool) -> bool:
+    """Whether to decode with a static KV cache: as asked, else only where it pays (compiled, on CUDA)."""
+    if static_cache is None:
+        return compile and device.type == "cuda"
+    if not isinstance(static_cache, bool):
+        raise ValueError(f"static_cache must be True, False or None, got {static_cache!r}")
+    return static_cache
+
+
+def make_decode_step(compile: bool, static_cache: bool):
+    """The decode step an engine runs: eager or compiled, with today's KV cache or a static one."""
+    if compile:
+        return compile_decode_step(decode_step, static_cache)
+    return static_decode_step(decode_step) if static_cache else decode_step

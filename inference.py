@@ -12,9 +12,8 @@ What happens between a prompt and its text (Meta's `generation.py`, restructured
    `max_gen_len` tokens were made. The stop token itself is not part of the output (streaming.py
    keeps each row's tokens, text and finish reason).
 
-`speculate=N` (decode, generate, stream, text_completion, chat_completion) drafts up to N tokens
-per forward pass by prompt lookup and verifies them in one pass (decoding.py): faster where the
-output repeats its input, and greedy output stays the same. One prompt at a time.
+`speculate=N` drafts up to N tokens by prompt lookup and verifies them in one pass (decoding.py):
+faster where the output repeats its input, the same greedy output. One prompt at a time.
 
 On top of `generate` sit `text_completion` (text in, text out) and `chat_completion` (dialogs in,
 assistant messages out). Batches larger than `max_batch_size` are split into several runs, one
@@ -37,9 +36,8 @@ import torch
 
 from chat_format import ChatFormat, Dialog, DialogError, Message, chat_format_for
 from checkpoint import (
+    check_build_arguments,
     check_checkpoint_dir,
-    check_path_argument,
-    check_size_argument,
     check_vocab_matches,
     choose_device,
     choose_dtype,
@@ -55,10 +53,10 @@ from decoding import (  # noqa: F401 (decode_step, log_prob_of: importable from 
     Decoding,
     KVCacheRecord,
     check_speculate,
-    compile_decode_step,
+    choose_static_cache,
     decode_step,
     log_prob_of,
-    static_decode_step,
+    make_decode_step,
 )
 from model import ModelArgs, Transformer
 from quantize import linear_storage
@@ -103,10 +101,9 @@ class LLaMa:
         self.tensor_parallel = tensor_parallel  # None: the whole model is in this process
         self.kv_cache = KVCacheRecord()  # which ids the KV cache holds, for `reuse_cache`
         self.decode_step = decode_step  # or its compiled version: see `build(compile=True)`
-        # What `build` chose, for the "loaded ..." line: the linear layers' storage (quantize.py's
-        # PLAIN, PREPACKED, INT8, ...) and, when the dtype was chosen for this CPU, why.
-        self.linear_storage: Optional[str] = None
-        self.dtype_note = ""
+        # What `build` chose, for the "loaded ..." line: the linear layers' storage (quantize.py) and,
+        # when the dtype was chosen for this CPU, why.
+        self.linear_storage, self.dtype_note = None, ""
 
     @staticmethod
     def build(
@@ -170,10 +167,7 @@ class LLaMa:
         static_cache = choose_static_cache(static_cache, device, compile)
         if static_cache and model is not None:
             model.setup_caches(device, dtype, zeroed=True)  # attended to whole: see model.KVCache.update
-        if compile and model is not None:
-            llama.decode_step = compile_decode_step(decode_step, static_cache)
-        elif static_cache:
-            llama.decode_step = static_decode_step(decode_step)
+        llama.decode_step = make_decode_step(compile, static_cache)
         return llama
 
     # ----------------------------------------------------------------------------------------
@@ -475,28 +469,6 @@ class LLaMa:
                 answer["logprobs"] = g.logprobs
             answers.append(answer)
         return answers
-
-
-def choose_static_cache(static_cache: Optional[bool], device: torch.device, compile: bool) -> bool:
-    """Whether to decode with a static KV cache: as asked, else only where it pays (compiled, on CUDA)."""
-    if static_cache is None:
-        return compile and device.type == "cuda"
-    if not isinstance(static_cache, bool):
-        raise ValueError(f"static_cache must be True, False or None, got {static_cache!r}")
-    return static_cache
-
-
-def check_build_arguments(
-    ckpt_dir: object, tokenizer_path: object, max_seq_len: object, max_batch_size: object, **flags: object
-) -> None:
-    """LLaMa.build's arguments checked where they come in: each error starts with the argument's name."""
-    check_path_argument("ckpt_dir", ckpt_dir)
-    check_path_argument("tokenizer_path", tokenizer_path, optional=True)
-    check_size_argument("max_seq_len", max_seq_len)
-    check_size_argument("max_batch_size", max_batch_size)
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 # Names this module had before the command line moved to cli.py and the stop strings to sampling.py.

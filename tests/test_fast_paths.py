@@ -272,7 +272,7 @@ def test_static_kv_cache_gives_the_same_tokens_and_logprobs_as_todays_cache(tiny
 
 
 def test_static_cache_is_on_by_default_only_for_compiled_cuda():
-    from inference import choose_static_cache
+    from decoding import choose_static_cache
 
     assert choose_static_cache(None, torch.device("cuda"), compile=True)
     assert not choose_static_cache(None, torch.device("cuda"), compile=False)
