@@ -15,7 +15,6 @@ import pytest
 
 import cli
 import decoding
-import inference
 from conftest import LLAMA2_TOKENIZER
 from inference import LLaMa
 from sampling import DEFAULT_TEMPERATURE
