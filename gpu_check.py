@@ -349,7 +349,8 @@ def run_configuration(config: Configuration, work: Workload) -> dict:
             memory = row["memory"]
             memory["peak_allocated"] = torch.cuda.max_memory_allocated(device) - baseline
             memory["peak_within_plan"] = memory["peak_allocated"] <= memory["plan"]["total"]
-            memory["load_vs_plan"] = memory["allocated_after_load"] / (memory["plan"]["weights"] + memory["plan"]["kv_cache"])
+            planned_at_load = memory["plan"]["weights"] + memory["plan"]["kv_cache"]
+            memory["load_vs_plan"] = memory["allocated_after_load"] / planned_at_load
         row["status"] = "ok"
     except Exception as e:  # recorded, and the next configuration runs
         row.update(status="error", error=error_line(e), raised_at=raised_at(e))
@@ -449,7 +450,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="seconds; configurations not started by then are skipped with a note")
     parser.add_argument("--configs", default=",".join(c.name for c in CONFIGURATIONS),
                         help="configurations to run, comma-separated")
-    parser.add_argument("--ckpt-dir", help="a Meta checkpoint dir (default: the demo model, fetched and converted once)")
+    parser.add_argument("--ckpt-dir", help="a Meta checkpoint dir (default: the demo model, fetched and converted "
+                        "once)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: every CPU this process may use)")
     return parser.parse_args(argv)
 
@@ -481,7 +483,8 @@ def prefill_prompt(llama: LLaMa, length: int) -> list[int]:
 def prepare(args: argparse.Namespace) -> Workload:
     """The device, the checkpoint, the prompts and the CPU fp32 reference (bad input: ValueError)."""
     if args.tokens < 2:
-        raise ValueError(f"--tokens must be at least 2 (a decode rate needs a token after the first), got {args.tokens}")
+        raise ValueError(f"--tokens must be at least 2 (a decode rate needs a token after the first), "
+                         f"got {args.tokens}")
     if args.time_budget < 0:
         raise ValueError(f"--time-budget must be >= 0 seconds, got {args.time_budget}")
     out = Path(args.out)
@@ -535,7 +538,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if elapsed > args.time_budget:
             row = {"name": config.name, "dtype": str(config.dtype).removeprefix("torch."), "build": config.build,
                    "status": "skipped",
-                   "note": f"skipped: the time budget ({args.time_budget:g} s) was spent ({elapsed:.0f} s) before it started"}
+                   "note": f"skipped: the time budget ({args.time_budget:g} s) was spent ({elapsed:.0f} s) "
+                           f"before it started"}
         else:
             print(f"{config.name} ...", file=sys.stderr)
             row = run_configuration(config, work)

@@ -197,12 +197,13 @@ def test_without_a_visible_gpu_the_default_run_is_one_line_saying_how_to_smoke_t
 # 3. The torch floor
 # --------------------------------------------------------------------------------------------
 
-NATIVE_FUNCTIONS = Path(torch.__file__).parent.parent / "torchgen" / "packaged" / "ATen" / "native" / "native_functions.yaml"
+# Every wheel ships the table of its ops and their kernels per device (CPU-only builds too).
+NATIVE_FUNCTIONS = Path(torch.__file__).parent.parent / "torchgen/packaged/ATen/native/native_functions.yaml"
 
 
 def declared_kernels(op: str) -> set[str]:
     """The dispatch keys (CPU, CUDA, ...) the installed release declares a kernel for `op` under,
-    read from its own native_functions.yaml (shipped in every wheel, CPU-only builds too)."""
+    read from its own native_functions.yaml."""
     if not NATIVE_FUNCTIONS.is_file():
         pytest.skip(f"{NATIVE_FUNCTIONS} is not installed: cannot read which kernels this torch declares")
     block = NATIVE_FUNCTIONS.read_text().split(f"- func: {op}(", 1)[1].split("\n- func:", 1)[0]
@@ -240,7 +241,8 @@ TORCH_APIS = [
     TorchApi("nn.Module.set_submodule", r"\.set_submodule\(", "2.5",
              f"{WHEELS}: torch/nn/modules/module.py defines it in 2.5.1, not in 2.4.1",
              lambda: hasattr(torch.nn.Module, "set_submodule")),
-    TorchApi("torch._convert_weight_to_int4pack with uint8 [N, K/2] input (CUDA)", r"torch\._convert_weight_to_int4pack\(",
+    TorchApi("torch._convert_weight_to_int4pack with uint8 [N, K/2] input (CUDA)",
+             r"torch\._convert_weight_to_int4pack\(",
              "2.5", "pytorch/pytorch#129940 (in 2.5) changed its input from int32 [N, K] to uint8 [N, K/2]",
              lambda: "CUDA" in declared_kernels("_convert_weight_to_int4pack"), "torch._convert_weight_to_int4pack"),
     TorchApi("torch._weight_int4pack_mm (CUDA)", r"torch\._weight_int4pack_mm\(", "2.4",
