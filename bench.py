@@ -3,6 +3,7 @@
     python bench.py                          # every configuration of ours, HF, llama.cpp (if installed)
     python bench.py --quantize int4 --compile   # one configuration of ours against the peers
     python bench.py --json results.json      # also write every number as JSON ("-": to stdout)
+    python bench.py --speculate 0            # without the speculative-decoding section
 
 The model is the demo model, SmolLM2-135M-Instruct (demo_model.py), which exists here in all three
 engines' formats: our Meta-format directory (bf16), a Hugging Face safetensors copy made from it once
@@ -18,6 +19,14 @@ What is measured (every engine generates greedily, exactly N tokens: stop tokens
     decode tok/s     batch 1, 128 new tokens after a 16-token prompt
     batch-8 tok/s    8 prompts of 16 tokens, 128 new tokens each: 8 * 128 tokens in total
     decode@2000      batch 1, 32 new tokens after a 2000-token prompt (cost late in a long context)
+
+Speculative decoding (prompt lookup, `--speculate N`, decoding.py) is its own section, never mixed
+into the numbers above: a request whose answer copies its input ("Repeat the following passage
+exactly: ..." in the model's chat format, ~150 words), greedy, SPECULATIVE_TOKENS new tokens, run
+plainly and with up to N drafts per pass, by ours and by Hugging Face (`prompt_lookup_num_tokens`;
+llama-cpp-python's generator has no prompt lookup). Drafts make tokens arrive in bursts (HF's
+first burst comes with its first verification), so this section counts new tokens over the whole
+call, prefill included, plain and speculative alike; ours also reports how many drafts it kept.
 
 Each engine notes when its first new token is ready (ours: the first call of the decode step; HF:
 its streamer; llama.cpp: the first token its generator yields). The time before it is the prefill;
@@ -70,6 +79,19 @@ MB = 1024 * 1024
 
 HF_DIR_NAME = "smollm2-135m-instruct-hf-bf16"  # next to the demo model in its cache
 
+# The speculative section: a request grounded in its input, which the answer copies.
+DEFAULT_SPECULATE = 10  # drafts per pass: Saxena's `num_pred_tokens=10`, also HF's documented example
+SPECULATIVE_TOKENS = 128  # fewer than the passage's ~170 tokens: every new token is still copying
+COPY_REQUEST = "Repeat the following passage exactly:\n\n"
+PASSAGE = ("The river begins as a thin stream high in the mountains, where snow melts each spring and runs "
+           "down over smooth grey stones. By the time it reaches the valley it has gathered the water of a dozen "
+           "smaller brooks, and it moves slowly past farms, orchards and the old stone mill that once ground the "
+           "grain of the whole district. Children swim in its shallow bends in summer, and in autumn the "
+           "fishermen wait on its banks for the salmon that return from the sea. Further on, the river widens "
+           "and turns brown with the soil it carries, until at last it passes under the long iron bridge of the "
+           "harbour town and disappears into the grey water of the bay, where the tide takes it out to the "
+           "open ocean.")
+
 
 @dataclass(frozen=True)
 class EngineSpec:
@@ -100,6 +122,24 @@ class Timing:
     batch: int
     prompt_len: int
     new_tokens: int
+
+
+@dataclass(frozen=True)
+class SpeculativeRun:
+    """The speculative section's generation: `prompt` (ids), `new_tokens`, up to `speculate` drafts per pass."""
+
+    prompt: list[int]
+    speculate: int
+    new_tokens: int = SPECULATIVE_TOKENS
+
+
+def copy_request_prompt(ckpt_dir: Path) -> list[int]:
+    """The ids of "Repeat the following passage exactly: PASSAGE", a user turn in the model's chat format."""
+    from chat_format import chat_format_for
+    from tokenizer import Tokenizer
+
+    chat_format = chat_format_for(Tokenizer(Path(ckpt_dir) / "tokenizer.model"), required=True)
+    return chat_format.encode_dialog_prompt([{"role": "user", "content": COPY_REQUEST + PASSAGE}])
 
 
 @dataclass(frozen=True)
@@ -177,17 +217,19 @@ class OurEngine:
         started = time.perf_counter()
         self.llama = LLaMa.build(paths["ckpt_dir"], max_seq_len=MAX_SEQ_LEN, max_batch_size=BATCH_SIZE,
                                  device="cpu", dtype="bfloat16", quantize=spec.quantize, compile=spec.compile,
-                                 progress=False)
+                                 progress=False, threads=threads)  # build sets the thread count itself
         self.load_s = time.perf_counter() - started
         self.greedy = SamplingParams(temperature=0)
         self.first_token = first_token
 
-    def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
+    def generate(self, prompts: list[list[int]], new_tokens: int, speculate: int = 0) -> dict:
         # The engine's own decode loop: it ends rows only when told to, so exactly `new_tokens` are
         # made (no stop token cuts a run short). Its first step comes once the prefill is done and
         # the first new token sampled.
-        for _ in self.llama.decode(prompts, new_tokens, self.greedy):
+        decoding = self.llama.decode(prompts, new_tokens, self.greedy, speculate=speculate)
+        for _ in decoding:
             self.first_token.mark()
+        return {"drafted": decoding.drafted, "accepted": decoding.accepted}
 
 
 class HFEngine:
@@ -218,12 +260,13 @@ class HFEngine:
 
         self.streamer_class = Streamer
 
-    def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
+    def generate(self, prompts: list[list[int]], new_tokens: int, speculate: int = 0) -> dict:
         ids = self.torch.tensor(prompts)
         with self.torch.inference_mode():
             self.model.generate(ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=new_tokens,
                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                                streamer=self.streamer_class())
+                                streamer=self.streamer_class(), prompt_lookup_num_tokens=speculate or None)
+        return {}  # HF does not say how many drafts it kept
 
 
 class LlamaCppEngine:
@@ -236,14 +279,15 @@ class LlamaCppEngine:
                                    n_threads=threads, n_threads_batch=threads, verbose=False)
         self.load_s = time.perf_counter() - started
 
-    def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
-        if len(prompts) != 1:
-            raise ValueError("llama-cpp-python generates one sequence at a time")
+    def generate(self, prompts: list[list[int]], new_tokens: int, speculate: int = 0) -> dict:
+        if len(prompts) != 1 or speculate:
+            raise ValueError("llama-cpp-python generates one sequence at a time, without prompt lookup")
         self.llm.reset()  # forget the previous prompt: otherwise its cached prefix would be reused
         for count, _ in enumerate(self.llm.generate(prompts[0], top_k=1, temp=0.0), start=1):
             self.first_token.mark()
             if count == new_tokens:
                 break
+        return {}
 
 
 ENGINES = {"ours": OurEngine, "hf": HFEngine, "llamacpp": LlamaCppEngine}
@@ -263,10 +307,10 @@ def worker_main(spec_json: str) -> int:
             break
         first_token.at = None
         started = time.perf_counter()
-        engine.generate(command["prompts"], command["new_tokens"])
+        drafts = engine.generate(command["prompts"], command["new_tokens"], command.get("speculate", 0))
         ended = time.perf_counter()
         first_token_s = (first_token.at or ended) - started  # one new token: the whole run is prefill
-        reply({"seconds": ended - started, "first_token_s": first_token_s, "peak_rss_mb": peak_rss_mb()})
+        reply({"seconds": ended - started, "first_token_s": first_token_s, "peak_rss_mb": peak_rss_mb(), **drafts})
     return 0
 
 
@@ -293,7 +337,10 @@ class Worker:
         return json.loads(line)
 
     def time(self, timing: Timing, vocab_size: int) -> dict:
-        command = {"op": "generate", "prompts": prompts_for(timing, vocab_size), "new_tokens": timing.new_tokens}
+        return self.time_prompts(prompts_for(timing, vocab_size), timing.new_tokens)
+
+    def time_prompts(self, prompts: list[list[int]], new_tokens: int, speculate: int = 0) -> dict:
+        command = {"op": "generate", "prompts": prompts, "new_tokens": new_tokens, "speculate": speculate}
         self.process.stdin.write(json.dumps(command) + "\n")
         self.process.stdin.flush()
         return self.receive()
@@ -319,13 +366,35 @@ class EngineResult:
     peak_rss_mb: float = 0.0
     metrics: dict = field(default_factory=dict)  # Metric.key -> median tok/s (None: not supported)
     runs: dict = field(default_factory=dict)  # Metric.key -> tok/s of every timed run
+    # The speculative section, apart from the metrics: COPY_KEYS -> median tok/s, and (ours) "drafted"
+    # and "accepted" drafts (greedy: every run drafts alike); empty when it did not run.
+    speculative: dict = field(default_factory=dict)
+
+
+COPY_KEYS = {False: "plain_copy_tok_s", True: "speculative_copy_tok_s"}  # by whether the run speculates
 
 
 def supports(spec: EngineSpec, timing: Timing) -> bool:
     return not (spec.kind == "llamacpp" and timing.batch > 1)
 
 
-def measure(specs: list[EngineSpec], paths: dict, threads: int, repeats: int, vocab_size: int) -> list[EngineResult]:
+def supports_speculation(spec: EngineSpec) -> bool:
+    return spec.kind in ("ours", "hf")
+
+
+def time_speculative(worker: "Worker", result: EngineResult, run: SpeculativeRun, record: bool) -> None:
+    """The copy request, plainly and with drafts: new tokens over the whole call (see the top of this file)."""
+    for speculates, key in COPY_KEYS.items():
+        answer = worker.time_prompts([run.prompt], run.new_tokens, run.speculate if speculates else 0)
+        result.peak_rss_mb = answer["peak_rss_mb"]
+        if record:
+            result.runs.setdefault(key, []).append(run.new_tokens / answer["seconds"])
+            if speculates and "drafted" in answer:
+                result.speculative.update(drafted=answer["drafted"], accepted=answer["accepted"])
+
+
+def measure(specs: list[EngineSpec], paths: dict, threads: int, repeats: int, vocab_size: int,
+            speculative: Optional[SpeculativeRun] = None) -> list[EngineResult]:
     workers, results = [], []
     try:
         for spec in specs:  # loading one at a time: each load has the machine to itself
@@ -346,6 +415,9 @@ def measure(specs: list[EngineSpec], paths: dict, threads: int, repeats: int, vo
                     if round_ > 0:
                         rate = metric.rate(answer["first_token_s"], answer["seconds"])
                         result.runs.setdefault(metric.key, []).append(rate)
+            for worker, result in zip(workers, results):
+                if speculative is not None and supports_speculation(worker.spec):
+                    time_speculative(worker, result, speculative, record=round_ > 0)
     finally:
         for worker in workers:
             worker.close()
@@ -353,6 +425,9 @@ def measure(specs: list[EngineSpec], paths: dict, threads: int, repeats: int, vo
         for metric in METRICS:
             runs = result.runs.get(metric.key)
             result.metrics[metric.key] = statistics.median(runs) if runs else None
+        for key in COPY_KEYS.values():
+            if key in result.runs:
+                result.speculative[key] = statistics.median(result.runs[key])
     return results
 
 
@@ -438,16 +513,38 @@ def machine_description(threads: int) -> dict:
             "load_average": os.getloadavg(), **versions}
 
 
-def format_table(results: list[EngineResult]) -> str:
-    columns = [("load s", lambda r: f"{r.load_s:.2f}"), ("load RSS MB", lambda r: f"{r.load_rss_mb:.0f}"),
-               ("peak RSS MB", lambda r: f"{r.peak_rss_mb:.0f}"), ("first call s", lambda r: f"{r.first_call_s:.2f}")]
-    columns += [(m.label, lambda r, k=m.key: "n/a" if r.metrics[k] is None else f"{r.metrics[k]:.1f}") for m in METRICS]
-    header = ["engine"] + [c[0] for c in columns]
-    rows = [[r.name] + [fmt(r) for _, fmt in columns] for r in results]
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in [header] + rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def format_table(results: list[EngineResult]) -> str:
+    columns = [("load s", lambda r: f"{r.load_s:.2f}"), ("load RSS MB", lambda r: f"{r.load_rss_mb:.0f}"),
+               ("peak RSS MB", lambda r: f"{r.peak_rss_mb:.0f}"), ("first call s", lambda r: f"{r.first_call_s:.2f}")]
+    columns += [(m.label, lambda r, k=m.key: "n/a" if r.metrics[k] is None else f"{r.metrics[k]:.1f}") for m in METRICS]
+    rows = [[r.name] + [fmt(r) for _, fmt in columns] for r in results]
+    return markdown_table(["engine"] + [c[0] for c in columns], rows)
+
+
+def format_speculative(results: list[EngineResult], run: SpeculativeRun) -> str:
+    """The speculative section: plain and speculative tok/s of each engine that ran it, and drafts kept."""
+    title = (f"Speculative decoding (prompt lookup, up to {run.speculate} drafts per pass): greedy, {run.new_tokens} "
+             f"new tokens copying a {len(PASSAGE.split())}-word passage ({len(run.prompt)}-token prompt); new tokens "
+             f"/ whole call, prefill included")
+    rows = []
+    for r in results:
+        if not r.speculative:
+            continue
+        plain, fast = r.speculative[COPY_KEYS[False]], r.speculative[COPY_KEYS[True]]
+        kept = "n/a"
+        if r.speculative.get("drafted"):
+            drafted, accepted = r.speculative["drafted"], r.speculative["accepted"]
+            kept = f"{accepted}/{drafted} ({accepted / drafted:.0%})"
+        rows.append([r.name, f"{plain:.1f}", f"{fast:.1f}", f"{fast / plain:.2f}x", kept])
+    header = ["engine", "plain tok/s", "speculative tok/s", "speedup", "drafts kept"]
+    return title + "\n\n" + markdown_table(header, rows)
 
 
 def format_targets(evaluations: list[dict]) -> str:
@@ -508,6 +605,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--peers", default="hf,llamacpp", help="peers to run: hf, llamacpp (comma-separated; '' for none)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the median is shown)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for every engine")
+    parser.add_argument("--speculate", type=int, default=DEFAULT_SPECULATE, metavar="N",
+                        help="the speculative-decoding section: up to N prompt-lookup drafts per pass (0: skip it)")
     parser.add_argument("--json", metavar="PATH", help="write all results as JSON to PATH ('-': stdout)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one engine
     return parser.parse_args(argv)
@@ -542,13 +641,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return worker_main(args.worker)
     if args.repeats < 1 or args.threads < 1:
         raise SystemExit("error: --repeats and --threads must be >= 1")
+    if args.speculate < 0:
+        raise SystemExit(f"error: --speculate must be >= 0 (0 skips the speculative section), got {args.speculate}")
     if args.json and args.json != "-" and not Path(args.json).resolve().parent.is_dir():
         raise SystemExit(f"error: --json {args.json}: the directory {Path(args.json).resolve().parent} does not exist")
     specs = chosen_specs(args)
     paths = prepare_paths()
     vocab_size = json.loads((Path(paths["ckpt_dir"]) / "params.json").read_text())["vocab_size"]
     machine = machine_description(args.threads)
-    results = measure(specs, paths, args.threads, args.repeats, vocab_size)
+    speculative = SpeculativeRun(copy_request_prompt(paths["ckpt_dir"]), args.speculate) if args.speculate else None
+    results = measure(specs, paths, args.threads, args.repeats, vocab_size, speculative)
     machine["load_average_after"] = os.getloadavg()
 
     by_name = {r.name: r for r in results}
@@ -560,6 +662,8 @@ def main(argv: Optional[list[str]] = None) -> int:
              f"{machine['llama_cpp'] or '(not installed)'}; median of {args.repeats} after a warm-up; "
              f"load average {machine['load_average'][0]:.1f} before, {machine['load_average_after'][0]:.1f} after")
     report = f"{title}\n\n{format_table(results)}\n\nTargets (issue 6), ours / peer in this run:\n{format_targets(evaluations)}"
+    if speculative is not None:
+        report += f"\n\n{format_speculative(results, speculative)}"
     if args.json != "-":
         print(report)
     if args.json:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Optional, TextIO
 
 from chat_format import DialogError, Message
+from decoding import check_speculate
 from inference import LLaMa
 from sampling import SamplingParams, refuse_loose_sampling_keywords, sampling_or_default
 from streaming import FINISH_LENGTH, TextStream
@@ -91,10 +92,13 @@ class ChatSession:
         system_prompt: Optional[str] = None,
         max_gen_len: int = DEFAULT_CHAT_MAX_GEN_LEN,
         sampling: Optional[SamplingParams] = None,
+        speculate: int = 0,
         **loose_sampling_keywords,
     ):
         refuse_loose_sampling_keywords("ChatSession", loose_sampling_keywords)
+        check_speculate(speculate, batch_size=1)
         self.llama = llama
+        self.speculate = speculate  # prompt-lookup drafts per pass (decoding.py); 0 = off
         self.chat_format = llama.required_chat_format()
         if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 1:
             raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
@@ -161,7 +165,7 @@ class ChatSession:
         seed = None if self.sampling.seed is None else self.sampling.seed + self.n_answers
         self.n_answers += 1
         stream = self.llama.stream(prompt, max_gen_len, replace(self.sampling, seed=seed),
-                                   stop_tokens=self.chat_format.stop_tokens, reuse_cache=True)
+                                   stop_tokens=self.chat_format.stop_tokens, reuse_cache=True, speculate=self.speculate)
         return Answer(self, user_message, stream, notices)
 
 

@@ -66,8 +66,9 @@ from memory import (  # noqa: F401  (re-exported: the memory plan's names have a
     release_file_pages,
     release_scratch_memory,
 )
-from model import EMBEDDING_KEY, OUTPUT_KEY, ModelArgs, RopeScaling, Transformer, expected_shapes
-from quantize import PLAIN, linear_layer_names, linear_storage, make_linear
+from model import (EMBEDDING_KEY, FUSED_PROJECTIONS, OUTPUT_KEY, ModelArgs, RopeScaling, Transformer, expected_shapes,
+                   fused_name)
+from quantize import INT4, PLAIN, CpuFeatures, cpu_features, linear_layer_names, linear_storage, make_linear
 
 PARAMS_FILE = "params.json"
 SHARD_GLOB = "consolidated.*.pth"
@@ -135,10 +136,26 @@ def choose_device(device: Union[str, torch.device, None] = None) -> torch.device
     return chosen
 
 
-def choose_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
-    """The dtype asked for, or the default for the device: fp16 on GPUs, bf16 on CPU."""
+def choose_dtype(
+    dtype: Union[str, torch.dtype, None], device: torch.device, quantize: Optional[str] = None,
+    features: Optional[CpuFeatures] = None,
+) -> torch.dtype:
+    """The dtype asked for, or the default for the device and the quantization:
+
+    * GPUs: float16; but bfloat16 for int4 on CUDA, the only activation dtype its kernel takes.
+    * CPUs: bfloat16 where the CPU computes it natively (AVX-512 BF16, AMX; `features`, None: this
+      CPU's); without that, oneDNN emulates bf16 matmuls with float32 ones and float32 itself is
+      faster (measured ~3x for a 512-token prefill, and faster decoding too, on an Ice Lake Xeon:
+      docs/benchmarks.md), so unquantized models compute in float32 there, at twice the memory for
+      the weights (`fit_default_dtype` falls back to bf16 where float32 would not fit).
+    """
     if dtype is None:
-        return torch.bfloat16 if device.type == "cpu" else torch.float16
+        if device.type == "cuda":
+            return torch.bfloat16 if quantize == INT4 else torch.float16
+        if device.type != "cpu":
+            return torch.float16
+        features = features if features is not None else cpu_features()
+        return torch.bfloat16 if features.native_bf16 or quantize is not None else torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPE_NAMES.values():
             raise ValueError(f"unsupported dtype {dtype}: use float32, bfloat16 or float16")
@@ -146,6 +163,32 @@ def choose_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> 
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
     return DTYPE_NAMES[dtype]
+
+
+def fit_default_dtype(
+    chosen: torch.dtype, asked: Union[str, torch.dtype, None], args: ModelArgs, quantize: Optional[str],
+    device: torch.device, available_bytes: Optional[int] = None,
+) -> torch.dtype:
+    """A float32 that `choose_dtype` chose by default (not asked for) becomes bfloat16 when the
+    model would not fit in memory in float32: half the bytes, and what the user asked for by default."""
+    if asked is not None or chosen != torch.float32:
+        return chosen
+    if plan_memory(args, chosen, quantize, device, available_bytes).fits():
+        return chosen
+    return torch.bfloat16
+
+
+def dtype_note(asked: Union[str, torch.dtype, None], chosen: torch.dtype, device: torch.device,
+               features: Optional[CpuFeatures] = None) -> str:
+    """Why the dtype is what it is, for the "loaded ..." line: empty when it was asked for or is the usual default."""
+    if asked is not None or device.type != "cpu":
+        return ""
+    features = features if features is not None else cpu_features()
+    if chosen == torch.float32:
+        return "float32: this CPU has no native bf16 (emulated bf16 is slower than float32)"
+    if not features.native_bf16:
+        return "bfloat16 (float32 would not fit in memory, or the model is quantized)"
+    return ""
 
 
 def usable_cpus() -> int:
@@ -262,6 +305,19 @@ def check_path_argument(name: str, value: object, optional: bool = False) -> Non
     if not isinstance(value, (str, os.PathLike)):
         also = " or None" if optional else ""
         raise TypeError(f"{name} must be a path (str or pathlib.Path){also}, got {type(value).__name__} {value!r}")
+
+
+def check_build_arguments(
+    ckpt_dir: object, tokenizer_path: object, max_seq_len: object, max_batch_size: object, **flags: object
+) -> None:
+    """LLaMa.build's arguments checked where they come in: each error starts with the argument's name."""
+    check_path_argument("ckpt_dir", ckpt_dir)
+    check_path_argument("tokenizer_path", tokenizer_path, optional=True)
+    check_size_argument("max_seq_len", max_seq_len)
+    check_size_argument("max_batch_size", max_batch_size)
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def leaves_vocab_to_tokenizer(params: dict) -> bool:
@@ -522,6 +578,7 @@ def load_transformer(
     compile: bool = False,
     needs_gradients: bool = False,
     available_bytes: Optional[int] = None,
+    fuse_projections: bool = False,
 ) -> Transformer:
     """Build a Transformer from every consolidated.NN.pth shard of `ckpt_dir`, on `device` in `dtype`.
 
@@ -531,6 +588,8 @@ def load_transformer(
     compiled (`compile=True`) or differentiated (`needs_gradients=True`: plain nn.Linear). Before
     anything is loaded, the memory plan (weights + KV cache) is checked against `available_bytes`
     (None: what the device has free now), and a model that will not fit is refused with suggestions.
+    fuse_projections: join wq|wk|wv and w1|w3 into one layer each as they are read
+    (`ModelArgs.fused_projections`); the checkpoint is still read, and checked, under Meta's names.
     """
     storage = linear_storage(device, dtype, quantize, compile, needs_gradients)
     checkpoint = ShardedCheckpoint(ckpt_dir, args)
@@ -538,12 +597,19 @@ def load_transformer(
     check_memory(plan_memory(args, dtype, quantize, device, available_bytes), args, dtype, quantize)
 
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(replace(args, fused_projections=fuse_projections))
     linear_layers = set(linear_layer_names(model))
     loaded = {}
+    fusing = FusedWeights() if fuse_projections else None
     for name in tqdm(checkpoint.names(), desc=f"loading {checkpoint.dir.name}", unit="tensor", disable=not progress):
         tensor = checkpoint.read(name)
         module_name = name.removesuffix(".weight")
+        pieces = checkpoint.pieces(name)
+        if fusing is not None and fused_name(name) is not None:
+            joined = fusing.add(name, tensor, pieces)
+            if joined is None:
+                continue  # the fused layer still waits for another of its parts
+            module_name, tensor, pieces = joined
         if module_name in linear_layers:
             # The layer as `storage` says, on the target device, in place of the (shapes-only)
             # nn.Linear; its tensors join the state dict under the layer's name.
@@ -555,12 +621,33 @@ def load_transformer(
         else:
             kept = {name: tensor.to(device=device, dtype=dtype)}  # no copy if nothing changes
         loaded.update(kept)
-        pieces = checkpoint.pieces(name)
         if not any(shares_memory(t, pieces) for t in kept.values()):
             release_file_pages(pieces)  # copied out: the file's pages need not stay in our memory
     model.load_state_dict(loaded, strict=True, assign=True)
     model.setup_caches(device, dtype)
     return model.eval()
+
+
+class FusedWeights:
+    """Collects the weights of a fused projection as the loader reads them (model.FUSED_PROJECTIONS).
+
+    `add` keeps each part until its fused layer has them all, then hands back the layer's name, its
+    weight (the parts' rows, in order: wq, wk, wv or w1, w3) and the file pieces they came from.
+    """
+
+    def __init__(self):
+        self.waiting: dict[str, dict[int, tuple[torch.Tensor, list[torch.Tensor]]]] = {}
+
+    def add(self, name: str, tensor: torch.Tensor, pieces: list[torch.Tensor]):
+        fused_module, index = fused_name(name)
+        parts = self.waiting.setdefault(fused_module, {})
+        parts[index] = (tensor, pieces)
+        if len(parts) < len(FUSED_PROJECTIONS[fused_module.split(".", 2)[2]]):
+            return None
+        del self.waiting[fused_module]
+        ordered = [parts[i] for i in range(len(parts))]
+        weight = torch.cat([t for t, _ in ordered])  # (sum of the parts' N, K)
+        return fused_module, weight, [piece for _, part_pieces in ordered for piece in part_pieces]
 
 
 def shares_memory(tensor: torch.Tensor, mapped: list[torch.Tensor]) -> bool:

@@ -23,7 +23,7 @@ import torch
 from chat import DEFAULT_CHAT_MAX_GEN_LEN, ChatSession, enable_line_editing, run_chat
 from checkpoint import CheckpointError, choose_threads, usable_cpus
 from inference import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, Generation, LLaMa
-from quantize import SCHEMES
+from quantize import INT4, INT8, PLAIN, PREPACKED, SCHEMES, W8A8, cpu_features
 from sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, NO_REPETITION_PENALTY, SAMPLING_KEYWORDS, SamplingParams
 from streaming import GenerationRow
 from tensor_parallel import TensorParallel, init_from_torchrun, main_rank_first
@@ -105,6 +105,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "default: none)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step: faster tokens after a slow first one")
+    parser.add_argument("--speculate", type=int, default=0, metavar="N",
+                        help="speculative decoding by prompt lookup: draft up to N tokens per step from the text "
+                        "so far, verified in one pass; faster when the answer repeats its prompt, the same greedy "
+                        "output; prompts then run one at a time (default: 0, off)")
     return parser.parse_args(argv)
 
 
@@ -122,6 +126,8 @@ def check_cli_args(args: argparse.Namespace) -> SamplingParams:
                         ("--max-batch-size", args.max_batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.speculate < 0:
+        raise ValueError(f"--speculate must be >= 0 (0 = off, N = draft up to N tokens per step), got {args.speculate}")
     if args.chat and (args.prompt or args.echo or args.logprobs):
         raise ValueError("--prompt, --echo and --logprobs are for completions; with --chat, type your messages")
     if args.system is not None and not args.chat:
@@ -138,6 +144,25 @@ def flag_spelling(message: str) -> str:
     """A SamplingParams or threads error ("top_p must be ...") as the command line spells it ("--top-p must be ...")."""
     keyword, _, rest = message.partition(" ")
     return f"--{keyword.replace('_', '-')} {rest}" if keyword in (*SAMPLING_KEYWORDS, "threads") else message
+
+
+# What each storage of the linear layers (quantize.linear_storage) means, for the "loaded ..." line.
+STORAGE_WORDS = {
+    PLAIN: "linear layers plain",
+    PREPACKED: "linear layers prepacked for oneDNN",
+    INT8: "linear layers int8 (weight-only)",
+    INT4: "linear layers int4 (weight-only, head int8)",
+    W8A8: "linear layers w8a8 (int8 x uint8 matmuls; head and w2 weight-only int8)",
+}
+
+
+def how_it_runs(llama: LLaMa) -> str:
+    """Device (with the CPU's features), dtype and how the linear layers are stored, as chosen by `LLaMa.build`."""
+    device = f"cpu {cpu_features().name}" if llama.device.type == "cpu" else str(llama.device)
+    dtype = str(next(llama.model.parameters()).dtype).removeprefix("torch.")
+    if llama.dtype_note:
+        dtype = llama.dtype_note
+    return f"{device}; {dtype}; {STORAGE_WORDS.get(llama.linear_storage, llama.linear_storage)}"
 
 
 def oversubscribed_note(threads: int) -> Optional[str]:
@@ -159,7 +184,7 @@ def oversubscribed_note(threads: int) -> Optional[str]:
 def run_chat_cli(llama: LLaMa, args: argparse.Namespace, sampling: SamplingParams, ckpt_dir: Union[str, Path]) -> int:
     """--chat: the interactive chat of chat.py, with the command line's sampling settings."""
     session = ChatSession(llama, system_prompt=args.system, max_gen_len=args.max_gen_len or DEFAULT_CHAT_MAX_GEN_LEN,
-                          sampling=sampling)
+                          sampling=sampling, speculate=args.speculate)
     enable_line_editing()
     return run_chat(session, banner=f"chatting with {ckpt_dir} ({session.chat_format.name} chat format, "
                                     f"max_seq_len {llama.args.max_seq_len})")
@@ -270,9 +295,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                             threads=args.threads)
         if is_main:
             ranks = "" if tp is None else f", {tp.world_size} ranks"
-            quantized = f", linear layers {args.quantize}" if args.quantize else ""
-            print(f"loaded {ckpt_dir} in {time.perf_counter() - started:.1f}s "
-                  f"({llama.device}, {next(llama.model.parameters()).dtype}{quantized}{ranks}, "
+            print(f"loaded {ckpt_dir} in {time.perf_counter() - started:.1f}s ({how_it_runs(llama)}{ranks}, "
                   f"{torch.get_num_threads()} threads)", file=sys.stderr)
             note = oversubscribed_note(torch.get_num_threads())
             if note:
@@ -289,7 +312,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         printer = CompletionPrinter(labels, out, after) if stream else None
         started = time.perf_counter()  # so that tokens/s is the speed of generating, not of compiling
         generations = llama.generate(prompt_tokens, max_gen_len, sampling, logprobs=args.logprobs, echo=args.echo,
-                                     stop_tokens=stop_tokens, on_step=printer.show if printer else None)
+                                     stop_tokens=stop_tokens, on_step=printer.show if printer else None,
+                                     speculate=args.speculate)
     except (CheckpointError, TokenizerFileError, ValueError, OSError) as e:
         rank = "" if tp is None else f"[rank {tp.rank}] "
         print(f"{rank}error: {e}", file=sys.stderr)

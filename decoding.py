@@ -27,20 +27,53 @@ sequence run again, layer by layer, to name the first layer whose output is not 
 The KV cache outlives one run: `KVCacheRecord` remembers which ids row 0 of the cache holds, so a
 chat's next turn can skip the prefix it already computed (`reuse_cache=True`).
 
-Shapes: B batch, P longest prompt, V vocabulary.
+**Speculative decoding by prompt lookup** (`speculate=N`; Saxena 2023, "Prompt Lookup Decoding";
+Hugging Face's `prompt_lookup_num_tokens`, llama.cpp's `lookup` example). A decode step of a small
+batch is bound by reading the weights, not by arithmetic: a pass over T = 1 + k tokens costs
+little more than a pass over one. So guess the next k tokens cheaply, run them through the model
+in one pass, and keep the guesses the model agrees with:
+
+1. **Draft** (`prompt_lookup_draft`): when the text repeats what came before (a passage to copy,
+   code to edit, a summary that quotes its source), the last few tokens have occurred earlier, and
+   what followed them then is a good guess for what follows now. No draft model is needed.
+2. **Verify**: the newest token and the k drafts go through the model at their positions; the
+   logits of column i score the token of column i + 1, so one pass scores every draft and the
+   token after the last one. Draft i is checked against the distribution its column gets
+   (`sampling.verify_draft`): greedy keeps it if it is the argmax; sampling keeps it with
+   probability p(draft) and otherwise draws from p without it, which leaves the output
+   distribution unchanged (`sampling.accept_or_resample`). At the first rejected draft, the
+   model's own token takes its place; if every draft is kept, the last column gives one more
+   token for free. A pass thus yields 1 to k + 1 tokens, and greedy output is the plain loop's.
+3. **The KV cache needs no undo.** It is indexed by position: the pass wrote keys/values for
+   every draft, and those of rejected drafts are simply wrong for the text as it now stands. The
+   next pass starts at the first rejected column and overwrites them; attention reads only the
+   cache up to the end of the pass that is running (`KVCache.update`), so a stale entry beyond it
+   is never looked at before it is rewritten.
+
+Each draft is still yielded as its own `DecodeStep` (a caller cannot tell speculation from plain
+decoding, apart from the speed). Batch size 1 only: rows would accept different numbers of drafts
+and fall out of step. The T > 1 verification passes call the model directly: a compiled decode
+step (`compile=True`) is used for the passes that have no draft. `drafted` and `accepted` count
+the drafts.
+
+Shapes: B batch, P longest prompt, V vocabulary, k drafts.
 """
 
+import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from model import Transformer
-from sampling import SamplingParams, sample
+from sampling import SamplingParams, sample, verify_draft
 
 # Padding positions are masked out, so any valid id will do as filler.
 FILLER_TOKEN_ID = 0
+# The longest n-gram a prompt-lookup draft matches on: Saxena's `max_ngram_size=3` (HF's
+# `max_matching_ngram_size` defaults to 2). Longer matches are rarer but predict better.
+PROMPT_LOOKUP_MAX_NGRAM = 3
 
 
 class NonFiniteLogitsError(ValueError):
@@ -84,20 +117,56 @@ class DecodeStep:
     seen: Optional[torch.Tensor]  # (B, V) bool: the ids each row held before this step (repetition penalty on)
 
 
+def check_speculate(speculate: object, batch_size: int) -> None:
+    """speculate: an int >= 0 (0 = off), and speculation only for a batch of one prompt."""
+    if not isinstance(speculate, int) or isinstance(speculate, bool) or speculate < 0:
+        raise ValueError(f"speculate must be an integer >= 0 (0 = off, N = draft up to N tokens per pass), "
+                         f"got {speculate!r}")
+    if speculate and batch_size > 1:
+        raise ValueError(f"speculative decoding runs one prompt at a time, got a batch of {batch_size}: decode "
+                         f"them one by one (generate does), or set speculate=0")
+
+
+def prompt_lookup_draft(tokens: Sequence[int], num_draft: int, max_ngram: int = PROMPT_LOOKUP_MAX_NGRAM) -> list[int]:
+    """Up to `num_draft` ids that may follow `tokens`, copied from earlier in them ([] if none match).
+
+    The last n ids, for n = max_ngram down to 1, are looked for earlier in `tokens`, the most
+    recent occurrence first (the nearest context is the likeliest to be continuing); the ids that
+    followed that occurrence are the draft. A longer n-gram is tried first: its continuation is
+    more often right. The occurrence may overlap the last n ids (in "a b a b a" the last "a b a"
+    occurred at 0 and is followed by "b a"), so a repeating pattern continues itself. Saxena's
+    notebook and Hugging Face take the earliest occurrence instead.
+    """
+    tokens = list(tokens)
+    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+        ngram = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):  # the last n ids themselves never count
+            if tokens[start] == ngram[0] and tokens[start : start + n] == ngram:
+                return tokens[start + n : start + n + num_draft]
+    return []
+
+
 class Decoding:
     """One run of the decode loop over a batch: iterate it once for its DecodeSteps.
 
     `llama` is the engine (`inference.LLaMa`): its model, decode step (eager or compiled), device,
     KV cache record and, under tensor parallelism, the hook that keeps every rank's tokens equal.
     Readable once iteration has begun: `reused_tokens` (leading prompt ids taken from the KV
-    cache) and, after the prefill, `prompt_logprobs`.
+    cache) and, after the prefill, `prompt_logprobs`. speculate=N (one prompt only): draft up to N
+    tokens per forward pass by prompt lookup (see the top of this file); `drafted` and `accepted`
+    count the drafts proposed and kept so far.
     """
 
     def __init__(
         self, llama, prompt_tokens: list[list[int]], max_gen_len: int, sampling: SamplingParams,
         generator: Optional[torch.Generator], logprobs: bool, prompt_logprobs: bool, reuse_cache: bool,
+        speculate: int = 0,
     ):
+        check_speculate(speculate, len(prompt_tokens))
         self.llama = llama
+        self.speculate = speculate
+        self.drafted = 0  # draft tokens that went through a verification pass
+        self.accepted = 0  # of those, the ones the model kept
         self.prompt_tokens = [list(p) for p in prompt_tokens]
         self.sampling = sampling
         self.generator = generator
@@ -151,18 +220,30 @@ class Decoding:
             record.tokens = tokens[0, : self.prompt_len].tolist()
         return logits
 
-    def _forward_column(self, tokens: torch.Tensor, cur_pos: int, pad_lens: Optional[torch.Tensor],
-                        cache_owner: int) -> torch.Tensor:
-        """The logits (B, V) after column `cur_pos` (just sampled) goes through the model."""
+    def _forward_columns(self, tokens: torch.Tensor, start: int, drafts: list[int], pad_lens: Optional[torch.Tensor],
+                         cache_owner: int) -> torch.Tensor:
+        """The logits (B, 1 + k, V) after column `start` (just sampled) and the k `drafts` after it go
+        through the model: row i scores column start + 1 + i. Without drafts, one decode step."""
         record = self.llama.kv_cache
         if record.writes != cache_owner:
             raise RuntimeError(
                 "another generation ran while this one was paused and overwrote the KV cache: "
                 "finish (or drop) one stream before starting the next"
             )
-        logits = self.llama.decode_step(self.llama.model, tokens[:, cur_pos : cur_pos + 1], cur_pos, pad_lens)
-        if tokens.shape[0] == 1 and pad_lens is None:
-            record.tokens.append(int(tokens[0, cur_pos]))
+        end = start + 1 + len(drafts)
+        single_row = tokens.shape[0] == 1 and pad_lens is None
+        if single_row:  # from `start` on, the cache is being rewritten (after rejected drafts: overwritten)
+            del record.tokens[start:]
+        if drafts:  # a verification pass: every column's logits, by the model itself (not the decode step)
+            tokens[:, start + 1 : end] = torch.tensor(drafts, device=tokens.device)
+            logits = self.llama.model(tokens[:, start:end], start, pad_lens)  # (B, 1 + k, V)
+        else:
+            step = self.llama.decode_step(self.llama.model, tokens[:, start:end], start, pad_lens)  # (B, V)
+            logits = step[:, None]  # (B, 1, V)
+        if single_row:
+            # Rejected drafts too: the cache does hold their keys/values, which are right for these ids
+            # (a position's keys/values depend only on the ids up to it).
+            record.tokens += tokens[0, start:end].tolist()
         return logits
 
     # The whole loop runs under inference mode (a decorated generator: on for each step, off again
@@ -179,23 +260,48 @@ class Decoding:
         if self.want_prompt_logprobs:
             # log p(token t | tokens before t) for the prompt: logits at t - 1 score token t.
             self.prompt_logprobs = log_prob_of(logits[:, :-1], tokens[:, 1 : self.prompt_len]).tolist()  # (B, P - 1)
-        logits = logits[:, -1]  # (B, V)
+        logits = logits[:, -1:]  # (B, 1, V): the scores of column P
+        drafts: list[int] = []  # proposed ids of the columns after the first one `logits` scores
         batch_rows = torch.arange(tokens.shape[0], device=llama.device)
         cache_owner = llama.kv_cache.writes  # the prefill that filled the cache for these tokens
-        for cur_pos in range(self.prompt_len, self.total_len):
-            if not torch.isfinite(logits).all():  # (B, V): cheap next to the forward pass that made them
-                raise NonFiniteLogitsError(self._non_finite_message(tokens, cur_pos, pad_lens))
-            next_token = sample(logits, self.sampling, seen, self.generator)  # (B,)
-            if llama.tensor_parallel is not None:
-                next_token = llama.tensor_parallel.broadcast_from_main(next_token)  # ranks stay in lockstep
-            tokens[:, cur_pos] = next_token
-            yield DecodeStep(cur_pos, next_token, log_prob_of(logits, next_token) if self.logprobs else None,
-                             logits, seen)
-            if seen is not None:
-                seen[batch_rows, next_token] = True
-            if cur_pos + 1 == self.total_len:
-                return  # no room for another token: its logits are not needed
-            logits = self._forward_column(tokens, cur_pos, pad_lens, cache_owner)
+        cur_pos = self.prompt_len
+        while True:
+            # logits (B, 1 + k, V): row i scores column cur_pos + i, for which drafts[i] was proposed
+            # (i < k); the last row scores the column after the drafts. Without speculation, k = 0.
+            for draft, column_logits in zip(drafts + [None], logits.unbind(dim=1)):  # column_logits: (B, V)
+                if not torch.isfinite(column_logits).all():  # cheap next to the forward pass that made them
+                    raise NonFiniteLogitsError(self._non_finite_message(tokens, cur_pos, pad_lens))
+                if draft is None:
+                    next_token = sample(column_logits, self.sampling, seen, self.generator)  # (B,)
+                else:
+                    proposed = torch.tensor([draft], device=llama.device)  # (B,): speculation has B = 1
+                    next_token = verify_draft(column_logits, proposed, self.sampling, seen, self.generator)
+                if llama.tensor_parallel is not None:
+                    next_token = llama.tensor_parallel.broadcast_from_main(next_token)  # ranks stay in lockstep
+                tokens[:, cur_pos] = next_token
+                logprobs = log_prob_of(column_logits, next_token) if self.logprobs else None
+                yield DecodeStep(cur_pos, next_token, logprobs, column_logits, seen)
+                if seen is not None:
+                    seen[batch_rows, next_token] = True
+                cur_pos += 1
+                rejected = draft is not None and int(next_token[0]) != draft
+                self.accepted += draft is not None and not rejected
+                if cur_pos == self.total_len:
+                    return  # no room for another token: its logits are not needed
+                if rejected:
+                    break  # the later rows scored a text that is not this one: draft again from here
+            # Columns up to cur_pos - 1 are decided; draft the ones after, within the room left.
+            drafts = self._draft(tokens, cur_pos)
+            self.drafted += len(drafts)
+            logits = self._forward_columns(tokens, cur_pos - 1, drafts, pad_lens, cache_owner)
+
+    def _draft(self, tokens: torch.Tensor, cur_pos: int) -> list[int]:
+        """Prompt-lookup drafts for columns cur_pos, cur_pos + 1, ...: none without speculation, and
+        never past the last column of this run."""
+        if not self.speculate:
+            return []
+        room = self.total_len - cur_pos
+        return prompt_lookup_draft(tokens[0, :cur_pos].tolist(), min(self.speculate, room))
 
 
     def _non_finite_message(self, tokens: torch.Tensor, cur_pos: int, pad_lens: Optional[torch.Tensor]) -> str:
@@ -274,15 +380,61 @@ COMPILE_OPTIONS = {
 }
 
 
-def compile_decode_step(step):
+def compile_decode_step(step, static_cache: bool = False):
     """`step` compiled by torch.compile (Inductor): the ops of a whole decode step fused into a few
     generated kernels, with far less Python per token.
 
     dynamic=True: start_pos grows by one each step and the attended part of the KV cache with it;
     compiling once for symbolic sizes avoids a recompile per position. A ragged batch (padding
     mask) compiles a second graph the first time it is seen.
+
+    static_cache=True (the default on CUDA, see `LLaMa.build`): the step of `static_decode_step`,
+    whose shapes never change, compiled with mode="reduce-overhead": on CUDA, the whole step is
+    captured once as a CUDA graph and replayed for every token (one launch instead of hundreds of
+    kernel launches, which bound a small model's decoding). The model's KV cache must be zeroed.
     """
     # RoPE multiplies complex numbers, for which Inductor generates no code: those few ops run as
     # ordinary PyTorch calls inside the compiled step. That is expected, so its warning is not shown.
     warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
-    return torch.compile(step, dynamic=True, options=COMPILE_OPTIONS)
+    if static_cache:
+        compiled = torch.compile(own_copy(step), dynamic=False, mode="reduce-overhead")
+        return static_decode_step(compiled)
+    return torch.compile(own_copy(step), dynamic=True, options=COMPILE_OPTIONS)
+
+
+def static_decode_step(step):
+    """The decode step for a static KV cache: `step` (`decode_step` or its compiled version) gets the
+    position as a 0-d tensor, so that it is data, not a shape (model.KVCache.update); called as
+    `decode_step` is, with an int."""
+    def run(model: Transformer, tokens: torch.Tensor, start_pos: int, pad_lens: Optional[torch.Tensor]) -> torch.Tensor:
+        return step(model, tokens, torch.tensor(start_pos, device=tokens.device), pad_lens)
+    return run
+
+
+def own_copy(function: types.FunctionType) -> types.FunctionType:
+    """A copy of `function` with its own code object, for one engine to compile.
+
+    torch.compile keeps the graphs it compiled on the function's *code object*, and picks one by
+    its guards. The guards on modules are skipped (COMPILE_OPTIONS), so nothing would tell two
+    models apart: a second engine compiled from the same `decode_step` would run the first one's
+    graph, with the first model's frozen weights or (another kind of layer) a KeyError. With a code
+    object of its own, every engine compiles, and keeps, its own graphs.
+    """
+    return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+
+
+def choose_static_cache(static_cache: Optional[bool], device: torch.device, compile: bool) -> bool:
+    """Whether to decode with a static KV cache: as asked, else only where it pays (compiled, on CUDA)."""
+    if static_cache is None:
+        return compile and device.type == "cuda"
+    if not isinstance(static_cache, bool):
+        raise ValueError(f"static_cache must be True, False or None, got {static_cache!r}")
+    return static_cache
+
+
+def make_decode_step(compile: bool, static_cache: bool):
+    """The decode step an engine runs: eager or compiled, with today's KV cache or a static one."""
+    if compile:
+        return compile_decode_step(decode_step, static_cache)
+    return static_decode_step(decode_step) if static_cache else decode_step

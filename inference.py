@@ -12,6 +12,9 @@ What happens between a prompt and its text (Meta's `generation.py`, restructured
    `max_gen_len` tokens were made. The stop token itself is not part of the output (streaming.py
    keeps each row's tokens, text and finish reason).
 
+`speculate=N` drafts up to N tokens by prompt lookup and verifies them in one pass (decoding.py):
+faster where the output repeats its input, the same greedy output. One prompt at a time.
+
 On top of `generate` sit `text_completion` (text in, text out) and `chat_completion` (dialogs in,
 assistant messages out). Batches larger than `max_batch_size` are split into several runs, one
 after the other. `stream` and `chat_stream` yield text pieces as they come; with
@@ -33,13 +36,14 @@ import torch
 
 from chat_format import ChatFormat, Dialog, DialogError, Message, chat_format_for
 from checkpoint import (
+    check_build_arguments,
     check_checkpoint_dir,
-    check_path_argument,
-    check_size_argument,
     check_vocab_matches,
     choose_device,
     choose_dtype,
     choose_threads,
+    dtype_note,
+    fit_default_dtype,
     load_model_args,
     load_transformer,
     read_params,
@@ -48,11 +52,14 @@ from decoding import (  # noqa: F401 (decode_step, log_prob_of: importable from 
     DecodeStep,
     Decoding,
     KVCacheRecord,
-    compile_decode_step,
+    check_speculate,
+    choose_static_cache,
     decode_step,
     log_prob_of,
+    make_decode_step,
 )
 from model import ModelArgs, Transformer
+from quantize import linear_storage
 from sampling import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
@@ -73,6 +80,9 @@ from streaming import (  # noqa: F401 (FINISH_*: importable from here as before)
 )
 from tokenizer import InvalidTextError, Tokenizer
 
+# The engine multiplies wq|wk|wv and w1|w3 as one matmul each (model.ModelArgs.fused_projections):
+# the same numbers, in fewer calls.
+FUSE_PROJECTIONS = True
 DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_MAX_BATCH_SIZE = 4
 
@@ -91,6 +101,9 @@ class LLaMa:
         self.tensor_parallel = tensor_parallel  # None: the whole model is in this process
         self.kv_cache = KVCacheRecord()  # which ids the KV cache holds, for `reuse_cache`
         self.decode_step = decode_step  # or its compiled version: see `build(compile=True)`
+        # What `build` chose, for the "loaded ..." line: the linear layers' storage (quantize.py) and,
+        # when the dtype was chosen for this CPU, why.
+        self.linear_storage, self.dtype_note = None, ""
 
     @staticmethod
     def build(
@@ -106,6 +119,7 @@ class LLaMa:
         quantize: Optional[str] = None,
         compile: bool = False,
         threads: Optional[int] = None,
+        static_cache: Optional[bool] = None,
     ) -> "LLaMa":
         """Load a Meta checkpoint dir (params.json, consolidated.*.pth, tokenizer.model).
 
@@ -116,7 +130,9 @@ class LLaMa:
         quantize: None, "int8" or "int4": weight-only quantization of the linear layers while
         loading (quantize.py). compile: `torch.compile` the decode step (the first generation then
         takes longer while it compiles). threads: CPU threads torch computes with (process-wide);
-        None: every CPU this process may use (`checkpoint.usable_cpus`).
+        None: every CPU this process may use (`checkpoint.usable_cpus`). static_cache: decode with the
+        KV cache at fixed shapes (model.KVCache.update), which lets a compiled step run as one CUDA
+        graph; None: on with compile on CUDA, off elsewhere (on a CPU it reads the whole cache each step).
         """
         check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
                               load_model=load_model, progress=progress, compile=compile)
@@ -125,26 +141,33 @@ class LLaMa:
                 raise ValueError("quantize and compile are not supported with tensor parallel yet: run without them")
             device = tensor_parallel.device
         device = choose_device(device)
-        dtype = choose_dtype(dtype, device)
+        asked_dtype = dtype
+        dtype = choose_dtype(dtype, device, quantize)
+        linear_storage(device, dtype, quantize, compile)  # a scheme this device cannot run is refused now
         torch.set_num_threads(choose_threads(threads))
         ckpt_dir = check_checkpoint_dir(ckpt_dir)
         read_params(ckpt_dir)  # a missing or broken params.json is reported before the tokenizer is read
         tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else ckpt_dir / "tokenizer.model"
         tokenizer = Tokenizer(tokenizer_path)
         args = load_model_args(ckpt_dir, max_seq_len, max_batch_size, vocab_size=tokenizer.n_words)
+        dtype = fit_default_dtype(dtype, asked_dtype, args, quantize, device)
         if tensor_parallel is not None:
             tensor_parallel.check_args(args)  # e.g. a world size that does not divide n_kv_heads, on every rank
         model = None
         if load_model and tensor_parallel is None:
             model = load_transformer(ckpt_dir, args, device, dtype, progress=progress, quantize=quantize,
-                                     compile=compile)
+                                     compile=compile, fuse_projections=FUSE_PROJECTIONS)
         elif load_model:
             model = tensor_parallel.load_transformer(ckpt_dir, args, dtype, progress)
         # After loading: a params.json that disagrees with its own weights is named as that first.
         check_vocab_matches(tokenizer.n_words, tokenizer_path, args)
         llama = LLaMa(model, tokenizer, args, device, tensor_parallel)
-        if compile and model is not None:
-            llama.decode_step = compile_decode_step(decode_step)
+        llama.linear_storage = linear_storage(device, dtype, quantize, compile)
+        llama.dtype_note = dtype_note(asked_dtype, dtype, device)
+        static_cache = choose_static_cache(static_cache, device, compile)
+        if static_cache and model is not None:
+            model.setup_caches(device, dtype, zeroed=True)  # attended to whole: see model.KVCache.update
+        llama.decode_step = make_decode_step(compile, static_cache)
         return llama
 
     # ----------------------------------------------------------------------------------------
@@ -160,6 +183,7 @@ class LLaMa:
         prompt_logprobs: bool = False,
         reuse_cache: bool = False,
         generator: Optional[torch.Generator] = None,
+        speculate: int = 0,
     ) -> "Decoding":
         """The decode loop over one batch (at most max_batch_size prompts): iterate the result for
         one `DecodeStep` per new column of tokens. Nothing runs until iteration starts.
@@ -171,6 +195,7 @@ class LLaMa:
         those of the prompt tokens once the prefill has run. reuse_cache (one prompt only): skip
         the prompt's longest prefix that the KV cache already holds (`kv_cache_tokens`).
         generator: the random generator to draw with (default: one seeded with sampling.seed).
+        speculate (one prompt only): draft up to this many tokens per pass by prompt lookup (0: off).
         """
         sampling = sampling_or_default(sampling, "decode")
         self.check_can_generate(prompt_tokens, max_gen_len)
@@ -181,7 +206,8 @@ class LLaMa:
             raise ValueError("reuse_cache is for a single prompt (the KV cache rows of a batch are not kept)")
         if generator is None:
             generator = self.random_generator(sampling.seed)
-        return Decoding(self, prompt_tokens, max_gen_len, sampling, generator, logprobs, prompt_logprobs, reuse_cache)
+        return Decoding(self, prompt_tokens, max_gen_len, sampling, generator, logprobs, prompt_logprobs, reuse_cache,
+                        speculate)
 
     def check_can_generate(self, prompt_tokens: list[list[int]], max_gen_len: int) -> None:
         if self.model is None:
@@ -236,6 +262,7 @@ class LLaMa:
         echo: bool = False,
         stop_tokens: Optional[AbstractSet[int]] = None,
         on_step: Optional[Callable[[list[GenerationRow]], None]] = None,
+        speculate: int = 0,
         **loose_sampling_keywords,
     ) -> list[Generation]:
         """Continue each list of prompt ids; one `Generation` per prompt, in order.
@@ -246,18 +273,20 @@ class LLaMa:
         log-probabilities. stop_tokens: ids that end a row (not part of the output); default:
         the tokenizer's. on_step: called after every step with the `GenerationRow` of every prompt
         started so far (those of earlier batches finished), to show completions while they are made.
+        speculate: prompt-lookup drafts per pass (decoding.py); the prompts then run one at a time.
         """
         refuse_loose_sampling_keywords("generate", loose_sampling_keywords)
         sampling = sampling_or_default(sampling, "generate")
         self.check_can_generate(prompt_tokens, max_gen_len)
+        check_speculate(speculate, batch_size=1)
         stop_tokens = self.tokenizer.stop_tokens if stop_tokens is None else stop_tokens
         generator = self.random_generator(sampling.seed)  # one for all batches: a seed fixes the whole run
         results, rows_so_far = [], []
-        batch_size = self.args.max_batch_size
+        batch_size = 1 if speculate else self.args.max_batch_size
         for start in range(0, len(prompt_tokens), batch_size):
             batch = prompt_tokens[start : start + batch_size]
             decoding = self.decode(batch, max_gen_len, sampling, logprobs=logprobs,
-                                   prompt_logprobs=logprobs and echo, generator=generator)
+                                   prompt_logprobs=logprobs and echo, generator=generator, speculate=speculate)
             rows = [GenerationRow(TextTracker(self.tokenizer, sampling.stop)) for _ in batch]
             rows_so_far += rows
             for _ in follow(decoding, rows, stop_tokens):
@@ -293,6 +322,7 @@ class LLaMa:
         sampling: Optional[SamplingParams] = None,
         stop_tokens: Optional[AbstractSet[int]] = None,
         reuse_cache: bool = False,
+        speculate: int = 0,
         **loose_sampling_keywords,
     ) -> TextStream:
         """Complete one prompt (text, or token ids), yielding text pieces as tokens come.
@@ -304,6 +334,7 @@ class LLaMa:
         `text_completion` would return it). With reuse_cache=True, the prompt's longest prefix that
         the KV cache already holds from the previous call (`kv_cache_tokens`) is not run again:
         in a chat, only the new turn goes through the model. Nothing runs until iteration starts.
+        speculate: prompt-lookup drafts per pass, as in `decode`.
         """
         refuse_loose_sampling_keywords("stream", loose_sampling_keywords)
         sampling = sampling_or_default(sampling, "stream")
@@ -315,7 +346,7 @@ class LLaMa:
             raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if max_gen_len is None:
             max_gen_len = max(1, self.args.max_seq_len - len(prompt_tokens))
-        decoding = self.decode([prompt_tokens], max_gen_len, sampling, reuse_cache=reuse_cache)
+        decoding = self.decode([prompt_tokens], max_gen_len, sampling, reuse_cache=reuse_cache, speculate=speculate)
         stop_tokens = self.tokenizer.stop_tokens if stop_tokens is None else stop_tokens
         return TextStream(decoding, self.tokenizer, sampling.stop, stop_tokens)
 
@@ -372,14 +403,15 @@ class LLaMa:
         top_k: Optional[int] = None,
         repetition_penalty: float = NO_REPETITION_PENALTY,
         stop: Optional[Sequence[str]] = None,
+        speculate: int = 0,
     ) -> tuple[list[list[int]], list[str]]:
         """Complete each prompt: (out_tokens, out_text).
 
         out_tokens[i] are the generated ids of prompt i (after the prompt, or including it if echo),
         out_text[i] their decoded text, ending before the first `stop` string if one appears.
         max_gen_len None: as much as max_seq_len leaves room for. temperature 0 is greedy; seed makes
-        sampling reproducible; top_k and repetition_penalty as in sampling.py. Log-probabilities
-        come from `generate(..., logprobs=True)`.
+        sampling reproducible; top_k and repetition_penalty as in sampling.py; speculate as in
+        `generate`. Log-probabilities come from `generate(..., logprobs=True)`.
         """
         if logprobs:
             raise ValueError("text_completion returns (out_tokens, out_text); for log-probabilities use "
@@ -387,7 +419,7 @@ class LLaMa:
         sampling = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed, stop)
         prompt_tokens = self.encode_prompts(prompts)
         max_gen_len = self.args.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        generations = self.generate(prompt_tokens, max_gen_len, sampling, echo=echo)
+        generations = self.generate(prompt_tokens, max_gen_len, sampling, echo=echo, speculate=speculate)
         return [g.tokens for g in generations], [g.text for g in generations]
 
     def chat_completion(
@@ -401,6 +433,7 @@ class LLaMa:
         top_k: Optional[int] = None,
         repetition_penalty: float = NO_REPETITION_PENALTY,
         stop: Optional[Sequence[str]] = None,
+        speculate: int = 0,
     ) -> list[Message]:
         """The assistant's answer to each dialog: [{"role": "assistant", "content": ...}, ...].
 
@@ -409,7 +442,7 @@ class LLaMa:
         written in the model's chat format (chat_format.py) and the answer ends at the format's
         end-of-turn token. With logprobs=True each answer also has "tokens" (the text each generated
         token adds, see `token_texts`) and "logprobs" (their log-probabilities), as Meta's. A returned message
-        can be appended to its dialog as it is, to continue the conversation.
+        can be appended to its dialog as it is, to continue the conversation. speculate: as in `generate`.
         """
         sampling = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed, stop)
         if not isinstance(dialogs, (list, tuple)) or len(dialogs) == 0:
@@ -427,7 +460,7 @@ class LLaMa:
                 raise InvalidTextError(f"dialog {i}: {e}") from None
         max_gen_len = self.args.max_seq_len - 1 if max_gen_len is None else max_gen_len
         generations = self.generate(prompt_tokens, max_gen_len, sampling, logprobs=logprobs,
-                                    stop_tokens=chat_format.stop_tokens)
+                                    stop_tokens=chat_format.stop_tokens, speculate=speculate)
         answers: list[Message] = []
         for g in generations:
             answer = {"role": "assistant", "content": g.text}
@@ -436,19 +469,6 @@ class LLaMa:
                 answer["logprobs"] = g.logprobs
             answers.append(answer)
         return answers
-
-
-def check_build_arguments(
-    ckpt_dir: object, tokenizer_path: object, max_seq_len: object, max_batch_size: object, **flags: object
-) -> None:
-    """LLaMa.build's arguments checked where they come in: each error starts with the argument's name."""
-    check_path_argument("ckpt_dir", ckpt_dir)
-    check_path_argument("tokenizer_path", tokenizer_path, optional=True)
-    check_size_argument("max_seq_len", max_seq_len)
-    check_size_argument("max_batch_size", max_batch_size)
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 # Names this module had before the command line moved to cli.py and the stop strings to sampling.py.

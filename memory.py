@@ -52,10 +52,11 @@ class MemoryPlan:
     activations: int  # an estimate of the largest temporaries of one forward pass
     available: Optional[int]  # free memory on the device now (None: unknown, nothing is checked)
     device: torch.device
+    attention_scores: int = 0  # CUDA: the score matrices a padded batch's prefill stores (see below)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations
+        return self.weights + self.kv_cache + self.activations + self.attention_scores
 
     def fits(self) -> bool:
         return self.available is None or self.total <= self.available
@@ -100,6 +101,20 @@ def activations_bytes(args: ModelArgs, dtype: torch.dtype, max_seq_len: int) -> 
     return tokens * per_token + args.max_batch_size * args.vocab_size * LOGITS_DTYPE.itemsize
 
 
+# The math attention kernel holds the float32 scores and their softmax at once.
+SCORE_MATRICES = 2
+
+
+def attention_scores_bytes(args: ModelArgs, device: torch.device, max_seq_len: int) -> int:
+    """A padded batch's prefill on CUDA: with a padding mask PyTorch's fused kernels fall back to the
+    math one, which stores float32 (B, H, T, S) scores (the unpadded prompt uses the causal flash path,
+    model.Attention, and stores none). On a CPU the fused kernel takes the mask and stores none either."""
+    if device.type != "cuda" or args.max_batch_size == 1:
+        return 0
+    scores = args.max_batch_size * args.n_heads * max_seq_len * max_seq_len * torch.float32.itemsize
+    return SCORE_MATRICES * scores
+
+
 def available_memory(device: torch.device) -> Optional[int]:
     """Bytes free on `device` now, or None where we cannot tell."""
     if device.type == "cuda":
@@ -123,6 +138,7 @@ def plan_memory(
         weights=weights_bytes(args, dtype, quantize),
         kv_cache=kv_cache_bytes(args, dtype, args.max_seq_len),
         activations=activations_bytes(args, dtype, args.max_seq_len),
+        attention_scores=attention_scores_bytes(args, device, args.max_seq_len),
         available=available if available is not None else available_memory(device),
         device=device,
     )

@@ -35,7 +35,7 @@ Parameter names are Meta's (``tok_embeddings``, ``wq wk wv wo``, ``w1 w2 w3``, `
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,11 @@ class ModelArgs:
     # Not in params.json: how attention is computed. False: PyTorch's fused kernel (fast, the default);
     # True: the explicit `scaled_dot_product_attention` below (slow, the documented reference).
     reference_attention: bool = False
+    # Not in params.json: how the projections that read the same input are multiplied. False: Meta's
+    # separate wq, wk, wv and w1, w3 (the reference); True: one matmul for wq|wk|wv (`wqkv`) and one
+    # for w1|w3 (`w13`): the same numbers in fewer, larger matmuls. The loader joins Meta's weights
+    # (checkpoint.load_transformer), so a checkpoint keeps Meta's names either way.
+    fused_projections: bool = False
 
     # Derived sizes, computed once in __post_init__.
     head_dim: int = field(init=False)
@@ -249,15 +254,31 @@ class KVCache(nn.Module):
         head_dim: int,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
+        zeroed: bool = False,
     ):
         super().__init__()
         shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("cache_k", torch.empty(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("cache_v", torch.empty(shape, device=device, dtype=dtype), persistent=False)
+        allocate = torch.zeros if zeroed else torch.empty  # zeroed: for the static use, see `update`
+        self.register_buffer("cache_k", allocate(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("cache_v", allocate(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new keys/values (B, K, T, D) at start_pos; return all filled ones (B, K, S, D)."""
+    def update(
+        self, start_pos: Union[int, torch.Tensor], xk: torch.Tensor, xv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values (B, K, T, D) at start_pos; return all filled ones (B, K, S, D).
+
+        start_pos may also be a 0-d tensor: the *static* use (CUDA graphs, `decoding.static_decode_step`).
+        Then the write goes to positions given as data, and the whole cache comes back (S =
+        max_seq_len), its unwritten positions masked by the caller: every step has the same shapes,
+        so one captured graph serves every position. The cache must then be zeroed (`zeroed=True`),
+        since masked positions still get multiplied by 0, and uninitialised memory may hold NaN.
+        """
         batch_size, _, seqlen, _ = xk.shape
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos + torch.arange(seqlen, device=xk.device)  # (T,)
+            self.cache_k[:batch_size].index_copy_(2, positions, xk)
+            self.cache_v[:batch_size].index_copy_(2, positions, xv)
+            return self.cache_k[:batch_size], self.cache_v[:batch_size]  # (B, K, max_seq_len, D)
         end_pos = start_pos + seqlen
         self.cache_k[:batch_size, :, start_pos:end_pos] = xk
         self.cache_v[:batch_size, :, start_pos:end_pos] = xv
@@ -296,25 +317,35 @@ class Attention(nn.Module):
         self.n_rep = args.n_rep
         self.head_dim = args.head_dim
         self.reference_attention = args.reference_attention
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.fused = args.fused_projections
+        # Rows of the queries, keys and values in the output of wq, wk, wv (or of their fusion wqkv).
+        self.qkv_sizes = [args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.n_kv_heads * args.head_dim]
+        if self.fused:
+            self.wqkv = nn.Linear(args.dim, sum(self.qkv_sizes), bias=False)  # the rows of wq, then wk, then wv
+        else:
+            self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+            self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+            self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache = KVCache(args.max_batch_size, args.max_seq_len, args.n_kv_heads, args.head_dim)
 
-    def setup_cache(self, device: torch.device, dtype: torch.dtype) -> None:
-        """A fresh (unwritten) KV cache on `device` in `dtype`."""
+    def setup_cache(self, device: torch.device, dtype: torch.dtype, zeroed: bool = False) -> None:
+        """A fresh (unwritten, or with `zeroed` all-zero) KV cache on `device` in `dtype`."""
         args = (self.cache.cache_k.shape[0], self.cache.cache_k.shape[2], self.n_kv_heads, self.head_dim)
-        self.cache = KVCache(*args, device=device, dtype=dtype)
+        self.cache = KVCache(*args, device=device, dtype=dtype, zeroed=zeroed)
 
     def queries_keys_values(
         self, x: torch.Tensor, freqs_cis: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> queries (B, H, T, D), keys and values (B, K, T, D), RoPE applied, heads first."""
         batch_size, seqlen, _ = x.shape  # (B, T, C)
-        xq = self.wq(x).view(batch_size, seqlen, self.n_heads, self.head_dim)  # (B, T, H, D)
-        xk = self.wk(x).view(batch_size, seqlen, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
-        xv = self.wv(x).view(batch_size, seqlen, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        if self.fused:
+            xq, xk, xv = self.wqkv(x).split(self.qkv_sizes, dim=-1)  # one matmul: (B, T, H*D + 2*K*D), split
+        else:
+            xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)  # (B, T, H * D), (B, T, K * D), (B, T, K * D)
+        xq = xq.view(batch_size, seqlen, self.n_heads, self.head_dim)  # (B, T, H, D)
+        xk = xk.view(batch_size, seqlen, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        xv = xv.view(batch_size, seqlen, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
         # Heads first: every head is an independent attention over the sequence.
         return xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (B, H|K, T, D)
@@ -322,12 +353,22 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
     ) -> torch.Tensor:
+        """x (B, T, C) at positions start_pos ... -> (B, T, C). mask: from `causal_mask`, or None:
+        nothing to mask for one decoded token (T = 1), plain causal attention for a prompt (T > 1)."""
         batch_size, seqlen, _ = x.shape  # (B, T, C)
         xq, xk, xv = self.queries_keys_values(x, freqs_cis)  # (B, H|K, T, D)
         keys, values = self.cache.update(start_pos, xk, xv)  # (B, K, S, D): only the filled part
         if self.reference_attention:
+            if mask is None and seqlen > 1:  # plainly causal (see `causal_mask`): written out here
+                mask = causal_mask(seqlen, start_pos, None, x.device, x.dtype)
             keys, values = repeat_kv(keys, self.n_rep), repeat_kv(values, self.n_rep)  # (B, H, S, D)
             output = scaled_dot_product_attention(xq, keys, values, mask)  # (B, H, T, D)
+        elif mask is None and seqlen > 1:
+            # A prompt from position 0 with no padding (see `causal_mask`): plainly causal, which the
+            # kernel applies itself (`is_causal`), skipping the blocks above the diagonal. On CUDA this
+            # keeps the flash kernel; an explicit mask would send it to the math one, which stores the
+            # whole float32 (B, H, T, S) score matrix.
+            output = F.scaled_dot_product_attention(xq, keys, values, is_causal=True, enable_gqa=True)
         elif seqlen == 1:
             # Decoding. The n_rep query heads that share a K/V head are n_rep queries to that one
             # head: (B, H, 1, D) -> (B, K, n_rep, D). The same numbers, but the kernel sees K heads of
@@ -371,14 +412,22 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Ten
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, fused: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.fused = fused  # see ModelArgs.fused_projections
+        if fused:
+            self.w13 = nn.Linear(dim, 2 * hidden_dim, bias=False)  # the rows of w1, then of w3
+        else:
+            self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+            self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, F) inside, (B, T, C) out
+        if self.fused:
+            gate, up = self.w13(x).chunk(2, dim=-1)  # one matmul: (B, T, 2F), halved
+        else:
+            gate, up = self.w1(x), self.w3(x)  # (B, T, F) each
+        return self.w2(F.silu(gate) * up)  # (B, T, C)
 
 
 class TransformerBlock(nn.Module):
@@ -386,7 +435,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, args.fused_projections)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
@@ -403,7 +452,8 @@ class TransformerBlock(nn.Module):
 
 
 def causal_mask(
-    seqlen: int, start_pos: int, pad_lens: Optional[torch.Tensor], device: torch.device, dtype: torch.dtype
+    seqlen: int, start_pos: Union[int, torch.Tensor], pad_lens: Optional[torch.Tensor], device: torch.device,
+    dtype: torch.dtype, n_keys: Optional[int] = None,
 ) -> Optional[torch.Tensor]:
     """The additive attention mask for T new tokens after `start_pos` cached ones: (B or 1, 1, T, S).
 
@@ -415,12 +465,15 @@ def causal_mask(
     Ragged batches are left-padded: row b begins with pad_lens[b] padding positions, which no real
     token may look at. A padding token looks only at itself, so that its row is never all -inf
     (that would give NaN, and NaN leaks through `0 * value` into real rows in the next layer).
+
+    A static KV cache (`KVCache.update` with a position tensor) is attended to whole: n_keys =
+    max_seq_len columns, of which those after the new tokens are masked like any later position.
     """
-    if seqlen == 1 and pad_lens is None:
+    if seqlen == 1 and pad_lens is None and n_keys is None:
         return None
-    total = start_pos + seqlen
-    query_pos = torch.arange(start_pos, total, device=device)[:, None]  # (T, 1)
-    key_pos = torch.arange(total, device=device)[None, :]  # (1, S)
+    n_keys = n_keys if n_keys is not None else start_pos + seqlen  # S
+    query_pos = (start_pos + torch.arange(seqlen, device=device))[:, None]  # (T, 1)
+    key_pos = torch.arange(n_keys, device=device)[None, :]  # (1, S)
     allowed = (key_pos <= query_pos)[None]  # (1, T, S)
     if pad_lens is not None:
         key_is_real = key_pos >= pad_lens[:, None, None]  # (B, 1, S)
@@ -446,14 +499,14 @@ class Transformer(nn.Module):
             args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling_args
         )  # (max_seq_len, D/2)
 
-    def setup_caches(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Allocate every layer's KV cache on `device` in `dtype`.
+    def setup_caches(self, device: torch.device, dtype: torch.dtype, zeroed: bool = False) -> None:
+        """Allocate every layer's KV cache on `device` in `dtype` (`zeroed`: for a static cache).
 
         Needed once after building the model on the "meta" device (shapes only, no memory) and
         loading the weights into it with `load_state_dict(..., assign=True)`.
         """
         for layer in self.layers:
-            layer.attention.setup_cache(device, dtype)
+            layer.attention.setup_cache(device, dtype, zeroed)
 
     def rope_table(self, device: torch.device) -> torch.Tensor:
         """freqs_cis on `device` (moved there once, then reused)."""
@@ -463,12 +516,14 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, tokens: torch.Tensor, start_pos: int, pad_lens: Optional[torch.Tensor] = None, last_only: bool = False
+        self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], pad_lens: Optional[torch.Tensor] = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, V) in float32 for tokens (B, T) placed at positions start_pos ... start_pos+T-1.
 
         Call it once with the whole prompt (start_pos = 0), then once per new token (T = 1,
-        start_pos = tokens so far). `pad_lens` (B,) gives the number of left-padding positions of
+        start_pos = tokens so far). start_pos as a 0-d tensor uses the KV cache statically (see
+        `KVCache.update`): the same shapes at every position, for CUDA graphs. `pad_lens` (B,) gives the number of left-padding positions of
         each row in a ragged batch: they are masked out, and each row's positions count from its
         first real token, so a padded prompt is rotated exactly as it would be alone.
 
@@ -477,17 +532,25 @@ class Transformer(nn.Module):
         makes a long prefill markedly cheaper.
         """
         batch_size, seqlen = tokens.shape
-        if start_pos + seqlen > self.args.max_seq_len:
+        static_cache = isinstance(start_pos, torch.Tensor)  # see KVCache.update
+        if not static_cache and start_pos + seqlen > self.args.max_seq_len:
             raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len={self.args.max_seq_len}")
         if batch_size > self.args.max_batch_size:
             raise ValueError(f"batch of {batch_size} exceeds max_batch_size={self.args.max_batch_size}")
         h = self.tok_embeddings(tokens)  # (B, T, C)
 
-        positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)[None, :]  # (1, T)
+        positions = (start_pos + torch.arange(seqlen, device=tokens.device))[None, :]  # (1, T)
         if pad_lens is not None:
             positions = (positions - pad_lens[:, None]).clamp(min=0)  # (B, T); padding -> position 0
         freqs_cis = self.rope_table(tokens.device)[positions]  # (B or 1, T, D/2)
-        mask = causal_mask(seqlen, start_pos, pad_lens, tokens.device, h.dtype)
+        # No mask tensor where attention's own `is_causal` says the same: a prompt from position 0
+        # without padding (and a single decoded token needs none at all).
+        if static_cache:  # the whole cache is attended to: mask what is not there yet
+            mask = causal_mask(seqlen, start_pos, pad_lens, tokens.device, h.dtype, n_keys=self.args.max_seq_len)
+        elif start_pos == 0 and pad_lens is None:
+            mask = None  # plainly causal
+        else:
+            mask = causal_mask(seqlen, start_pos, pad_lens, tokens.device, h.dtype)
 
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask)
@@ -531,6 +594,25 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     shapes["norm.weight"] = (dim,)
     shapes[OUTPUT_KEY] = (vocab, dim)
     return shapes
+
+
+# Fused projections (ModelArgs.fused_projections): each fused layer, and Meta's layers whose rows it
+# holds, in order.
+FUSED_PROJECTIONS = {
+    "attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
+    "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3"),
+}
+
+
+def fused_name(name: str) -> Optional[tuple[str, int]]:
+    """For a Meta weight that a fused model holds inside a fused layer ("layers.3.attention.wk.weight"):
+    that layer's name ("layers.3.attention.wqkv") and the weight's place in it (1). None for the others."""
+    module_name = name.removesuffix(".weight")
+    for fused, parts in FUSED_PROJECTIONS.items():
+        for index, part in enumerate(parts):
+            if module_name.endswith("." + part):
+                return module_name.removesuffix(part) + fused, index
+    return None
 
 
 # Names this module had before params.json's -1 got resolved where params.json is read.

@@ -8,6 +8,8 @@ four storages the model's linear layers get, and builds each layer with `make_li
     PREPACKED    PackedLinear     bf16 on a CPU with oneDNN, not compiled (the default there)
     INT8         Int8Linear       quantize="int8"
     INT4         Int4Linear       quantize="int4" (the output head stays Int8Linear: `layer_storage`)
+    W8A8         W8A8Linear       quantize="w8a8": int8 weights *and* activations (CPUs with VNNI/AMX);
+                                  the head and the FFN's w2 stay Int8Linear (`layer_storage`)
 
 A new way to store weights (say, one chosen per CPU) is one more constant here, one more branch
 in `linear_storage` and in `make_linear`; no loader changes.
@@ -41,6 +43,23 @@ schemes; Dettmers et al. 2022 and Frantar et al. 2022 study why weights tolerate
 The quantized layers hold their tensors as buffers under the linear layer's name (``wq.weight``
 int8 plus ``wq.scales``), so a quantized model still has Meta's names and loads strictly.
 
+* **w8a8**: int8 weights as above, and the *activations* quantized too, per row of x (each token on
+  its own), at run time. Then the matmul itself runs on integers: CPUs with int8 dot-product
+  instructions (AVX-512 VNNI, AVX-VNNI, AMX) multiply-add 8-bit numbers several times faster than
+  floats, and this is how llama.cpp gets its speed on CPUs. Each row m of x gets an asymmetric
+  8-bit code (uint8: the kernel's fast case is unsigned x signed):
+
+      lo = min(0, min_k x[m, k]),  hi = max(0, max_k x[m, k]),  a[m] = (hi - lo) / 255,
+      z[m] = round(-lo / a[m]),   u[m, k] = round(x[m, k] / a[m]) + z[m] in [0, 255],   x ~ (u - z) * a
+
+  and the product, with the integer part summed exactly in int32 by ``torch._int_mm``:
+
+      y[m, n] = a[m] * s[n] * (sum_k u[m, k] q[n, k]  -  z[m] * sum_k q[n, k])
+
+  ``sum_k q[n, k]`` is a constant of the weight, computed once at load. (lo <= 0 <= hi makes 0 exact,
+  so padding and ReLU-like zeros stay exact; Jacob et al. 2018 give the scheme, Dettmers et al. 2022
+  why per-token scales matter.)
+
 Use it while loading (``checkpoint.load_transformer(..., quantize="int8")``: each weight is
 quantized as it is read, so the model never exists in full precision), or on a model already in
 memory (``quantize_model(model, "int4")``).
@@ -52,6 +71,9 @@ call (storage PREPACKED: the default for bf16 on CPU, unless the model is to be 
 Shape legend: N output features (rows of W), K input features, G group size, M rows of x.
 """
 
+import platform
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -63,10 +85,13 @@ PLAIN = "plain"  # nn.Linear, its weight in the model's dtype: the reference, an
 PREPACKED = "prepacked"  # PackedLinear: bf16 in oneDNN's blocked layout (CPU)
 INT8 = "int8"
 INT4 = "int4"
-SCHEMES = (INT8, INT4)
+W8A8 = "w8a8"
+SCHEMES = (INT8, INT4, W8A8)
 STORAGES = (PLAIN, PREPACKED, *SCHEMES)
+CPU_ONLY_SCHEMES = (W8A8,)
 
 INT8_MAX = 127  # symmetric: -127 ... 127, so that +x and -x round to opposite values
+UINT8_MAX = 255  # w8a8 activations: 0 ... 255 around a per-row zero point
 INT4_LEVELS = 16  # q in 0 ... 15
 INT4_MIDPOINT = 8  # the kernels compute (q - 8) * scale + zero
 DEFAULT_INT4_GROUP_SIZE = 32  # llama.cpp's Q4 block size; the demo model's weights come in these blocks
@@ -74,16 +99,107 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 kernels accept
 INT4_ROWS_MULTIPLE = 16  # the CPU packing works on tiles of 16 output rows
 # The CUDA packing splits K into tiles of 16 * inner_k_tiles (2, 4 or 8); the CPU kernel ignores it.
 INT4_INNER_K_TILES = 2
-# Scales of all-zero rows or groups would be 0 (and 0/0 = NaN): any tiny positive number works.
+# Scales of all-zero rows or groups would be 0 (and 0/0 = NaN): any tiny positive number works, as
+# long as the dtype the scale is stored in holds it (1e-10 is 0 in float16, whose smallest normal
+# number is 6e-5): see `min_scale`.
 MIN_SCALE = 1e-10
+
+
+def min_scale(dtype: torch.dtype) -> float:
+    """The smallest scale stored in `dtype`: MIN_SCALE, or the dtype's smallest normal number if larger."""
+    return max(MIN_SCALE, torch.finfo(dtype).tiny)
 # Quantize this many rows at a time: bounds the float32 working copy (Llama 3's 128256-row output
 # head would need 2 GB at once).
 ROWS_PER_CHUNK = 4096
 OUTPUT_HEAD = "output"  # Meta's name of the final linear layer
+# w8a8 rounds each token's activations to 256 levels. Two layers read activations where that is too
+# coarse: the feed-forward's w2 (silu(w1 x) * w3 x has a few entries far larger than the rest, and
+# the rest fall into a handful of levels), and the output head, whose errors go straight into the
+# logits. On the demo model with every layer in w8a8, perplexity rose 2-3% over bf16 and top-1
+# agreement with bf16 was 89-91%; with these two weight-only (int8 weights, float activations),
+# perplexity equals bf16's within 0.5% and agreement is 92% (tests/test_quantize.py).
+DOWN_PROJECTION = "feed_forward.w2"
 
 
 class QuantizationError(ValueError):
     """A model or layer that cannot be quantized as asked; the message says what to do instead."""
+
+
+# --------------------------------------------------------------------------------------------
+# What this CPU does fast
+# --------------------------------------------------------------------------------------------
+
+CPUINFO = Path("/proc/cpuinfo")
+# x86 flags (Linux's names) of int8 dot-product instructions: what makes w8a8's integer matmul fast.
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+# ... and of bf16 arithmetic: without one, oneDNN emulates bf16 matmuls with float32 ones.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """The instructions that decide which kernels are fast here. Read once by `cpu_features`;
+    tests pass made-up ones to check the decisions for CPUs they do not run on."""
+
+    name: str  # e.g. "x86_64: AVX512 (avx512_vnni amx_int8)", for the "loaded ..." line and bench
+    native_bf16: bool  # bf16 matmuls in hardware (AVX-512 BF16, AMX); else emulated, ~3x slower than fp32
+    int8_dot: bool  # int8 dot products in hardware (AVX-512 VNNI, AVX-VNNI, AMX): w8a8 runs
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them ("avx512_vnni", ...); empty elsewhere."""
+    if not CPUINFO.is_file():
+        return set()
+    for line in CPUINFO.read_text(errors="replace").splitlines():
+        if line.startswith(("flags", "Features")):  # x86 / arm64
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def cpu_features() -> CpuFeatures:
+    """This CPU's features, from PyTorch's own CPU probe (cpuinfo) and, on Linux, /proc/cpuinfo."""
+    flags = cpu_flags()
+    amx = torch.cpu._is_amx_tile_supported()
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or amx or any(f in flags for f in NATIVE_BF16_FLAGS)
+    int8_dot = torch.cpu._is_vnni_supported() or amx or any(f in flags for f in INT8_DOT_FLAGS)
+    shown = " ".join(f for f in (*INT8_DOT_FLAGS, *NATIVE_BF16_FLAGS) if f in flags)
+    name = f"{platform.machine()}: {torch.backends.cpu.get_cpu_capability()}" + (f" ({shown})" if shown else "")
+    return CpuFeatures(name=name, native_bf16=native_bf16, int8_dot=int8_dot)
+
+
+# PyTorch's CUDA int4 kernel (`_weight_int4pack_mm`) needs Ampere (compute capability 8.0) or newer.
+INT4_MIN_CUDA_CAPABILITY = (8, 0)
+
+
+def check_scheme_runs_here(
+    scheme: Optional[str], device: torch.device, dtype: torch.dtype, features: Optional[CpuFeatures] = None,
+    cuda_capability: Optional[tuple[int, int]] = None,
+) -> None:
+    """Refuse a scheme this device cannot run, naming what to use instead. `features` (a CPU's) and
+    `cuda_capability` (a GPU's): None asks the hardware; tests pass others."""
+    if scheme == INT4 and device.type == "mps":
+        raise QuantizationError("--quantize int4 has no MPS kernel in PyTorch's int4 layout here: use --quantize int8")
+    if scheme == INT4 and device.type == "cuda":
+        capability = cuda_capability if cuda_capability is not None else torch.cuda.get_device_capability(device)
+        if tuple(capability) < INT4_MIN_CUDA_CAPABILITY:
+            raise QuantizationError(
+                f"--quantize int4 on CUDA needs a GPU of compute capability 8.0 (Ampere) or newer; this one is "
+                f"sm{capability[0]}{capability[1]}: use --quantize int8")
+        if dtype != torch.bfloat16:
+            raise QuantizationError(
+                f"--quantize int4 on CUDA computes in bfloat16 (PyTorch's int4 kernel takes bf16 activations and "
+                f"scales), not {str(dtype).removeprefix('torch.')}: use --dtype bfloat16 (the default with int4)")
+    if scheme not in CPU_ONLY_SCHEMES:
+        return
+    if device.type != "cpu":
+        raise QuantizationError(f"--quantize {scheme} runs on CPUs only (integer matmuls with oneDNN): "
+                                f"on {device.type} use --quantize int8 or int4")
+    features = features if features is not None else cpu_features()
+    if not features.int8_dot:
+        raise QuantizationError(
+            f"--quantize {scheme} needs a CPU with int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or "
+            f"AMX); this one ({features.name}) has none, so it would be slower than weight-only int8: use "
+            f"--quantize int8")
 
 
 def check_scheme(scheme: Optional[str]) -> Optional[str]:
@@ -94,8 +210,13 @@ def check_scheme(scheme: Optional[str]) -> Optional[str]:
 
 
 def layer_storage(module_name: str, storage: str) -> str:
-    """The storage of one linear layer when the model's is `storage`: int4 keeps the output head in int8."""
-    return INT8 if storage == INT4 and module_name == OUTPUT_HEAD else storage
+    """The storage of one linear layer when the model's is `storage`: int4 keeps the output head in
+    int8; w8a8 keeps the output head and the feed-forward's down projection in weight-only int8."""
+    if storage == INT4 and module_name == OUTPUT_HEAD:
+        return INT8
+    if storage == W8A8 and (module_name == OUTPUT_HEAD or module_name.endswith(DOWN_PROJECTION)):
+        return INT8
+    return storage
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +232,7 @@ def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
         rows = weight[start : start + ROWS_PER_CHUNK].float()
         # Round the scale to its storage dtype *first*, and divide by the rounded value: q is then the
         # best integer for the scale the kernel will actually multiply by.
-        row_scales = (rows.abs().amax(dim=1) / INT8_MAX).clamp(min=MIN_SCALE).to(dtype)
+        row_scales = (rows.abs().amax(dim=1) / INT8_MAX).clamp(min=min_scale(dtype)).to(dtype)
         scales[start : start + ROWS_PER_CHUNK] = row_scales
         q[start : start + ROWS_PER_CHUNK] = (rows / row_scales.float()[:, None]).round().clamp(-INT8_MAX, INT8_MAX)
     return q, scales
@@ -137,6 +258,51 @@ class Int8Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The float weight (N, K) this layer multiplies by, in float32 (for tests and inspection)."""
         return self.weight.float() * self.scales.float()[:, None]
+
+
+# --------------------------------------------------------------------------------------------
+# w8a8: int8 weights, and activations quantized per token as they arrive
+# --------------------------------------------------------------------------------------------
+
+
+def quantize_activations(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, K) -> u uint8 (M, K), scales a (M, 1) and zero points z (M, 1) in float32: x ~ (u - z) * a."""
+    rows = rows.float()
+    low = rows.amin(dim=1, keepdim=True).clamp(max=0)  # (M, 1): the range always holds 0
+    high = rows.amax(dim=1, keepdim=True).clamp(min=0)
+    scales = ((high - low) / UINT8_MAX).clamp(min=MIN_SCALE)  # (M, 1)
+    zeros = (-low / scales).round()  # (M, 1), in 0 ... 255
+    codes = (rows / scales).round().add(zeros).clamp(0, UINT8_MAX).to(torch.uint8)  # (M, K)
+    return codes, scales, zeros
+
+
+class W8A8Linear(nn.Module):
+    """Stands in for nn.Linear(K, N, bias=False): int8 weights, activations quantized per row of x,
+    the matmul in integers (`torch._int_mm`, oneDNN's VNNI/AMX kernels on a CPU)."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)  # (N, K) int8, as Int8Linear's
+        self.register_buffer("scales", scales)  # (N,) float32
+        # sum_k q[n, k]: exact in float32 (|sum| <= 127 * K, far below 2^24 for any Llama)
+        self.register_buffer("weight_sums", weight.sum(dim=1, dtype=torch.int32).float())  # (N,)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> "W8A8Linear":
+        return cls(*quantize_int8(weight, torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # (M, K)
+        codes, x_scales, x_zeros = quantize_activations(rows)  # (M, K) uint8, (M, 1), (M, 1)
+        # (M, K) @ (K, N): the transposed view of q, which oneDNN reads in place.
+        sums = torch._int_mm(codes, self.weight.t())  # (M, N) int32
+        y = (sums.float() - x_zeros * self.weight_sums) * x_scales * self.scales  # (M, N)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight (N, K), in float32 (the activations' rounding is not in it)."""
+        return self.weight.float() * self.scales[:, None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +335,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int, dtype: torch.dtype) -> 
     for start in range(0, out_features, ROWS_PER_CHUNK):
         groups = weight[start : start + ROWS_PER_CHUNK].float().reshape(-1, n_groups, group_size)  # (n, K/G, G)
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (n, K/G)
-        scales = ((high - low) / (INT4_LEVELS - 1)).clamp(min=MIN_SCALE).to(dtype)
+        scales = ((high - low) / (INT4_LEVELS - 1)).clamp(min=min_scale(dtype)).to(dtype)
         zeros = (low + INT4_MIDPOINT * scales.float()).to(dtype)
         # As for int8: quantize against the rounded scale and zero that the kernel will use.
         level0 = zeros.float() - INT4_MIDPOINT * scales.float()  # the value of q = 0
@@ -260,6 +426,8 @@ def linear_bytes(out_features: int, in_features: int, storage: Optional[str], dt
         return out_features * in_features * itemsize
     if storage == INT8:
         return out_features * in_features + out_features * itemsize  # 1 byte per weight + scales
+    if storage == W8A8:
+        return out_features * in_features + 2 * out_features * torch.float32.itemsize  # + scales, weight sums
     n_groups = in_features // DEFAULT_INT4_GROUP_SIZE
     return out_features * in_features // 2 + n_groups * out_features * 2 * itemsize  # + scales and zeros
 
@@ -280,10 +448,14 @@ def linear_storage(
     quantize: Optional[str] = None,
     compile: bool = False,
     needs_gradients: bool = False,
+    features: Optional[CpuFeatures] = None,
+    cuda_capability: Optional[tuple[int, int]] = None,
 ) -> str:
     """How the linear layers of a model on `device` in `dtype` are stored: one of STORAGES.
 
-    quantize: None, "int8" or "int4" (asked for by the user: always honoured). compile: the model
+    quantize: None or one of SCHEMES (asked for by the user: always honoured, or refused where it
+    cannot run: w8a8 needs a CPU with int8 dot products, int4 on CUDA an sm80+ GPU and bfloat16;
+    `features` and `cuda_capability`, None: this machine's). compile: the model
     will be `torch.compile`d, which cannot trace the opaque prepacked weight (it packs its own
     copy). needs_gradients: attribution (interpret.py) differentiates through every layer, which
     only nn.Linear allows. This only decides: nothing is allocated, so a CUDA device can be asked
@@ -296,6 +468,7 @@ def linear_storage(
                 f"quantize={quantize!r} with needs_gradients: quantized layers have no gradients; "
                 f"load without quantize to compute attributions"
             )
+        check_scheme_runs_here(quantize, torch.device(device), dtype, features, cuda_capability)
         return quantize
     if needs_gradients or compile:
         return PLAIN
@@ -321,6 +494,8 @@ def make_linear(
         return Int8Linear.from_float(weight, dtype)
     if storage == INT4:
         return Int4Linear.from_float(weight, dtype, name=name)
+    if storage == W8A8:
+        return W8A8Linear.from_float(weight)
     raise ValueError(f"unknown linear storage {storage!r}: use one of {', '.join(STORAGES)}")
 
 

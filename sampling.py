@@ -21,6 +21,12 @@ The order (penalty, temperature, top-k, top-p) is Hugging Face `generate`'s, who
 processors serve as the reference in tests/test_sampling.py. Greedy decoding applies the
 repetition penalty too, then takes the argmax.
 
+Speculative decoding (decoding.py) asks a different question of the same distribution: a draft
+token x was *proposed* for this position; keep it, or draw another? `verify_draft` answers it
+with the rule of Leviathan et al. 2023 ("Fast Inference from Transformers via Speculative
+Decoding", sec. 2.3) and Chen et al. 2023, which leaves the distribution of the output unchanged
+(see `accept_or_resample`). Greedy: keep x if it is the argmax.
+
 Shapes: B batch, V vocabulary.
 """
 
@@ -242,6 +248,55 @@ def sample(
     if params.greedy:
         return torch.argmax(stages.logits, dim=-1)
     return draw(stages.final, generator)
+
+
+def accept_or_resample(
+    probs: torch.Tensor, draft: torch.Tensor, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Keep each row's draft token with probability p(draft), else draw from p without it: (B,) ids.
+
+    probs: (B, V), the sampler's final distribution p (what `sample` would draw from); draft: (B,).
+    The rule of speculative sampling (Leviathan et al. 2023, sec. 2.3; Chen et al. 2023, alg. 2)
+    for a draft that came from a distribution q: accept x with probability min(1, p(x) / q(x)),
+    else draw from norm(max(0, p - q)). A draft copied from the text (prompt lookup, decoding.py)
+    is a point mass, q = one-hot(x), so the rule becomes: accept x with probability p(x); else
+    draw from p with x removed, renormalised. The output is then distributed exactly as p:
+
+        P(out = x) = p(x)                                       (accepted)
+        P(out = y) = (1 - p(x)) * p(y) / (1 - p(x)) = p(y)      for y != x (rejected, then drawn)
+
+    So the draft changes how many forward passes a token costs, never which tokens come out (in
+    distribution). The returned id equals the draft exactly when it was accepted.
+    """
+    p_draft = probs.gather(-1, draft[:, None]).squeeze(-1)  # (B,)
+    u = torch.rand(p_draft.shape, generator=generator, device=probs.device)  # (B,) uniform in [0, 1)
+    residual = probs.scatter(-1, draft[:, None], 0.0)  # (B, V): p with the draft removed
+    # A row whose whole mass is on the draft keeps it: p(draft) is 1 there, but may be stored as 1 - 1e-7.
+    rejected = (u >= p_draft) & (residual.sum(dim=-1) > 0)  # (B,)
+    tokens = draft.clone()
+    if rejected.any():
+        leftover = residual[rejected]  # (R, V)
+        tokens[rejected] = draw(leftover / leftover.sum(dim=-1, keepdim=True), generator)
+    return tokens
+
+
+def verify_draft(
+    logits: torch.Tensor,
+    draft: torch.Tensor,
+    params: SamplingParams,
+    seen: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """The next token of every row, given that `draft` (B,) was proposed for it: (B, V) logits -> (B,) ids.
+
+    Greedy: the argmax, as `sample` (the draft is kept when it is the argmax). Sampling:
+    `accept_or_resample` on the same final distribution `sample` draws from. Either way the draft
+    was accepted exactly where the returned id equals it.
+    """
+    stages = sampler_stages(logits, params, seen)
+    if params.greedy:
+        return torch.argmax(stages.logits, dim=-1)
+    return accept_or_resample(stages.final, draft, generator)
 
 
 def sample_next_token(

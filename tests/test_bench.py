@@ -85,12 +85,30 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def test_a_whole_measurement_of_our_engine_runs_in_its_worker_process(tiny_ckpt):
-    """Every metric of the table, through the real worker protocol (a subprocess per engine), on a
-    tiny model: each comes back as a positive rate, and memory as a positive number of MB."""
+    """Every metric of the table and the speculative section, through the real worker protocol (a
+    subprocess per engine), on a tiny model: each comes back as a positive rate, memory as a positive
+    number of MB, and the drafts as counts."""
+    run = bench.SpeculativeRun(prompt=[1] + [400, 500, 600] * 5, speculate=3, new_tokens=8)
     [measured] = bench.measure([bench.OUR_CONFIGS["int8"]], {"ckpt_dir": tiny_ckpt}, threads=1, repeats=1,
-                               vocab_size=LLAMA2_VOCAB_SIZE)
+                               vocab_size=LLAMA2_VOCAB_SIZE, speculative=run)
     assert measured.name == "ours int8"
     assert set(measured.metrics) == {m.key for m in bench.METRICS}
     assert all(rate > 0 for rate in measured.metrics.values()), measured.metrics
+    assert set(measured.speculative) == {*bench.COPY_KEYS.values(), "drafted", "accepted"}
+    assert all(measured.speculative[key] > 0 for key in bench.COPY_KEYS.values())
+    assert measured.speculative["drafted"] >= measured.speculative["accepted"] >= 0
     assert measured.load_rss_mb > 0 and measured.peak_rss_mb >= measured.load_rss_mb
     json.dumps(measured.__dict__)  # what --json writes
+
+
+def test_the_speculative_section_is_its_own_table_of_plain_and_speculative_rates():
+    ours = result("ours bf16")
+    ours.speculative = {"plain_copy_tok_s": 40.0, "speculative_copy_tok_s": 100.0, "drafted": 120, "accepted": 90}
+    peer = result("HF bf16")
+    peer.speculative = {"plain_copy_tok_s": 25.0, "speculative_copy_tok_s": 50.0}
+    section = bench.format_speculative([ours, result("llama.cpp Q4_1"), peer], bench.SpeculativeRun([1] * 200, 10))
+    lines = section.splitlines()
+    assert "up to 10 drafts" in lines[0] and "200-token prompt" in lines[0]
+    assert [line.split("|")[1].strip() for line in lines[4:]] == ["ours bf16", "HF bf16"]  # llama.cpp did not run it
+    assert "| 2.50x" in lines[4] and "90/120 (75%)" in lines[4]
+    assert "| 2.00x" in lines[5] and "n/a" in lines[5]

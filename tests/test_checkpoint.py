@@ -295,3 +295,57 @@ def local_imports(module: str) -> set[str]:
 @pytest.mark.parametrize("module", ALLOWED_LOCAL_IMPORTS)
 def test_loading_files_import_only_what_stands_before_them(module):
     assert local_imports(module) <= ALLOWED_LOCAL_IMPORTS[module]
+
+
+# --------------------------------------------------------------------------------------------
+# The dtype, chosen per device, CPU and quantization
+# --------------------------------------------------------------------------------------------
+
+from checkpoint import choose_dtype, dtype_note, fit_default_dtype, load_model_args  # noqa: E402
+from quantize import CpuFeatures, QuantizationError, linear_storage  # noqa: E402
+
+BF16_CPU = CpuFeatures(name="x86_64: AVX512 (amx_bf16)", native_bf16=True, int8_dot=True)
+NO_BF16_CPU = CpuFeatures(name="x86_64: AVX512 (avx512_vnni)", native_bf16=False, int8_dot=True)
+CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")  # only asked about
+
+
+@pytest.mark.parametrize("device, quantize, features, expected", [
+    (CPU, None, BF16_CPU, torch.bfloat16),  # the design card's CPU default, where the CPU computes it
+    (CPU, None, NO_BF16_CPU, torch.float32),  # emulated bf16 is slower than float32
+    (CPU, "int8", NO_BF16_CPU, torch.bfloat16),  # quantized: the activations stay bf16
+    (CUDA, None, None, torch.float16),
+    (CUDA, "int8", None, torch.float16),
+    (CUDA, "int4", None, torch.bfloat16),  # the CUDA int4 kernel takes bf16 only
+    (MPS, None, None, torch.float16),
+])
+def test_default_dtype_is_chosen_per_device_cpu_features_and_quantization(device, quantize, features, expected):
+    assert choose_dtype(None, device, quantize, features) == expected
+
+
+def test_an_asked_dtype_is_always_honoured():
+    assert choose_dtype("bfloat16", CPU, None, NO_BF16_CPU) == torch.bfloat16
+    assert choose_dtype("float16", CUDA, "int4") == torch.float16  # and then refused by linear_storage, below
+
+
+def test_a_default_float32_that_would_not_fit_falls_back_to_bfloat16_and_says_why():
+    args = ModelArgs(**TINY, vocab_size=LLAMA2_VOCAB_SIZE, max_seq_len=64, max_batch_size=1)
+    from memory import plan_memory
+    fp32_bytes = plan_memory(args, torch.float32, None, CPU, None).total
+    bf16_bytes = plan_memory(args, torch.bfloat16, None, CPU, None).total
+    between = (fp32_bytes + bf16_bytes) // 2
+    assert fit_default_dtype(torch.float32, None, args, None, CPU, available_bytes=between) == torch.bfloat16
+    assert fit_default_dtype(torch.float32, None, args, None, CPU, available_bytes=fp32_bytes) == torch.float32
+    assert fit_default_dtype(torch.float32, "float32", args, None, CPU, available_bytes=between) == torch.float32
+    assert "no native bf16" in dtype_note(None, torch.float32, CPU, NO_BF16_CPU)
+    assert "would not fit" in dtype_note(None, torch.bfloat16, CPU, NO_BF16_CPU)
+    assert dtype_note(None, torch.bfloat16, CPU, BF16_CPU) == "" and dtype_note("float32", torch.float32, CPU) == ""
+
+
+def test_int4_on_cuda_needs_ampere_and_bfloat16_and_is_refused_on_mps_naming_what_works():
+    assert linear_storage(CUDA, torch.bfloat16, "int4", cuda_capability=(8, 0)) == "int4"
+    with pytest.raises(QuantizationError, match=r"--quantize int4 on CUDA needs .* 8.0 .* sm75: use --quantize int8"):
+        linear_storage(CUDA, torch.bfloat16, "int4", cuda_capability=(7, 5))
+    with pytest.raises(QuantizationError, match=r"int4 on CUDA computes in bfloat16 .* not float16: use --dtype bfloat16"):
+        linear_storage(CUDA, torch.float16, "int4", cuda_capability=(9, 0))
+    with pytest.raises(QuantizationError, match=r"--quantize int4 has no MPS kernel.*use --quantize int8"):
+        linear_storage(MPS, torch.float16, "int4")

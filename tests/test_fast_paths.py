@@ -5,7 +5,7 @@
 * last-position-only logits against the last row of all logits;
 * decoding late in a long context (position ~2000, through the KV cache) against a full recompute;
 * prepacked bf16 linear layers against `F.linear`;
-* the compiled decode step against the eager one.
+* the compiled decode step against the eager one, also beside speculative decoding's passes.
 
 Tiny random-weight models keep these fast; the compiled test compiles one small graph.
 """
@@ -16,13 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_transformer
+from checkpoint import load_model_args, load_transformer
 from conftest import LLAMA2_TOKENIZER
 from inference import LLaMa
 from model import ModelArgs, Transformer
-from quantize import PackedLinear, prepacking_helps
+from quantize import PackedLinear, cpu_features, prepacking_helps
 from sampling import SamplingParams
-from tiny import write_tiny_llama2_checkpoint
+from tiny import replay_prompt, write_tiny_llama2_checkpoint
 
 VOCAB_SIZE = 256
 SMALL = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, vocab_size=VOCAB_SIZE)
@@ -116,7 +116,7 @@ def tiny_ckpt(tmp_path_factory):
 @pytest.mark.skipif(not prepacking_helps(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bf16 here")
 def test_bf16_on_cpu_is_prepacked_by_default_and_gives_the_same_logits_as_nn_linear(tiny_ckpt):
     llama = LLaMa.build(tiny_ckpt, max_seq_len=64, device="cpu", dtype="bfloat16", progress=False)
-    assert isinstance(llama.model.layers[0].attention.wq, PackedLinear)
+    assert isinstance(llama.model.layers[0].attention.wqkv, PackedLinear)  # fused: wq|wk|wv
     assert isinstance(llama.model.output, PackedLinear)
     plain = load_transformer(tiny_ckpt, llama.args, torch.device("cpu"), torch.bfloat16, progress=False,
                              needs_gradients=True)  # gradients need nn.Linear: never prepacked
@@ -145,6 +145,35 @@ def test_compiled_decode_gives_the_eager_greedy_tokens_and_logprobs(tiny_ckpt):
     assert compiled_tokens == eager_tokens
     for got, expected in zip(compiled_logprobs, eager_logprobs):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-4)
+    # Speculative decoding (tests/test_speculative.py) calls the model itself for its verification
+    # passes, beside the compiled step, which serves the passes that have no draft.
+    prompt = replay_prompt(eager, prompts[0])
+    expected = [int(step.tokens[0]) for step in eager.decode([prompt], 20, SamplingParams(temperature=0))]
+    decoding = compiled.decode([prompt], 20, SamplingParams(temperature=0), speculate=4)
+    assert [int(step.tokens[0]) for step in decoding] == expected
+    assert decoding.drafted > decoding.accepted > 0
+
+
+def test_compiled_engines_of_different_models_and_kinds_side_by_side_each_give_their_eager_tokens(
+        tiny_ckpt, tmp_path):
+    """torch.compile keeps graphs per function and the module guards are skipped: without a compiled
+    step of its own, a second engine ran the first one's graph (KeyError: 'weight' for another kind of
+    layer; for the same kind, silently the first model's frozen weights)."""
+    other_ckpt = write_tiny_llama2_checkpoint(tmp_path / "other", LLAMA2_TOKENIZER, seed=1)  # other weights
+    kwargs = dict(max_seq_len=32, max_batch_size=1, device="cpu", dtype="float32", progress=False)
+    kinds = [(tiny_ckpt, None), (other_ckpt, None), (tiny_ckpt, "int8"), (tiny_ckpt, "int4")]
+    if cpu_features().int8_dot:
+        kinds.append((tiny_ckpt, "w8a8"))
+    compiled = [LLaMa.build(ckpt, compile=True, quantize=quantize, **kwargs) for ckpt, quantize in kinds]
+    eager = [LLaMa.build(ckpt, quantize=quantize, **kwargs) for ckpt, quantize in kinds]
+    prompt = [compiled[0].tokenizer.encode("Hello, my name is", bos=True, eos=False)]
+
+    def greedy(llama):
+        return llama.generate(prompt, 6, SamplingParams(temperature=0))[0].tokens
+
+    compiled_tokens = [greedy(llama) for llama in compiled]  # each compiled after the others exist
+    assert compiled_tokens == [greedy(llama) for llama in eager]
+    assert compiled_tokens[0] != compiled_tokens[1]  # the two models differ, so the test can tell them apart
 
 
 def test_warm_up_compiles_every_graph_a_generation_needs(tiny_ckpt):
@@ -176,3 +205,78 @@ def test_cli_compile_reports_compiling_apart_and_prints_what_eager_prints(tiny_c
     compiled = capsys.readouterr()
     assert compiled.out == eager.out
     assert "compiled in" in compiled.err and "compiled in" not in eager.err
+
+
+# --------------------------------------------------------------------------------------------
+# Fused projections: wq|wk|wv and w1|w3 as one matmul each
+# --------------------------------------------------------------------------------------------
+
+
+def test_fused_layers_hold_metas_weights_row_by_row(tiny_ckpt):
+    args = load_model_args(tiny_ckpt, 32, 1)
+    fused = load_transformer(tiny_ckpt, args, torch.device("cpu"), torch.float32, progress=False,
+                             fuse_projections=True)
+    meta = torch.load(tiny_ckpt / "consolidated.00.pth", weights_only=True)
+    attention, feed_forward = fused.layers[1].attention, fused.layers[1].feed_forward
+    assert not hasattr(attention, "wq") and not hasattr(feed_forward, "w1")
+    expected_qkv = torch.cat([meta[f"layers.1.attention.{w}.weight"] for w in ("wq", "wk", "wv")])
+    expected_13 = torch.cat([meta[f"layers.1.feed_forward.{w}.weight"] for w in ("w1", "w3")])
+    assert torch.equal(attention.wqkv.weight, expected_qkv) and torch.equal(feed_forward.w13.weight, expected_13)
+
+
+@pytest.mark.parametrize("dtype, quantize", [
+    (torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "int8"), (torch.bfloat16, "int4"),
+    pytest.param(torch.bfloat16, "w8a8", marks=pytest.mark.skipif(not cpu_features().int8_dot, reason="no VNNI")),
+])
+def test_fused_and_separate_projections_give_the_same_logits(tiny_ckpt, dtype, quantize):
+    """Every output row is the same dot product either way; quantization is per row (or per token,
+    the same input for all the fused parts), so only a matmul kernel's summation order can differ."""
+    args = load_model_args(tiny_ckpt, 32, 2)
+    kwargs = dict(progress=False, quantize=quantize)
+    separate = load_transformer(tiny_ckpt, args, torch.device("cpu"), dtype, **kwargs)
+    fused = load_transformer(tiny_ckpt, args, torch.device("cpu"), dtype, fuse_projections=True, **kwargs)
+    tokens = torch.randint(0, args.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    # A few steps of the dtype: fused, a kernel may sum in another order, and a rounding difference
+    # in a hidden state grows through the layers (float32: none seen; a wrong fusion is off by O(1)).
+    step = 4 * torch.finfo(dtype).eps
+    torch.testing.assert_close(fused(tokens, 0), separate(tokens, 0), rtol=step, atol=step)
+    torch.testing.assert_close(fused(tokens[:, :1], 7), separate(tokens[:, :1], 7), rtol=step, atol=step)  # decoding
+
+
+# --------------------------------------------------------------------------------------------
+# The static KV cache (fixed shapes for CUDA graphs), on a CPU
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_static_kv_cache_gives_the_same_tokens_and_logprobs_as_todays_cache(tiny_ckpt, compile):
+    """The static step writes at a position tensor and attends to the whole (zeroed) cache under a
+    mask; the result must be the dynamic step's, for a ragged batch too (padding masks)."""
+    prompts = ["Hello, my name is", "1 2 3", "The quick brown fox jumps over"]
+    kwargs = dict(max_seq_len=48, max_batch_size=4, device="cpu", dtype="float32", progress=False)
+    dynamic = LLaMa.build(tiny_ckpt, **kwargs)
+    static = LLaMa.build(tiny_ckpt, static_cache=True, compile=compile, **kwargs)
+    assert torch.equal(static.model.layers[0].attention.cache.cache_k, torch.zeros_like(
+        static.model.layers[0].attention.cache.cache_k))  # zeroed: masked positions are multiplied by 0
+
+    def greedy(llama, batch):
+        generations = llama.generate(llama.encode_prompts(batch), 12, SamplingParams(temperature=0), logprobs=True)
+        return [g.tokens for g in generations], [g.logprobs for g in generations]
+
+    for batch in (prompts[:1], prompts):
+        expected_tokens, expected_logprobs = greedy(dynamic, batch)
+        tokens, logprobs = greedy(static, batch)
+        assert tokens == expected_tokens
+        for got, expected in zip(logprobs, expected_logprobs):
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_static_cache_is_on_by_default_only_for_compiled_cuda():
+    from decoding import choose_static_cache
+
+    assert choose_static_cache(None, torch.device("cuda"), compile=True)
+    assert not choose_static_cache(None, torch.device("cuda"), compile=False)
+    assert not choose_static_cache(None, torch.device("cpu"), compile=True)
+    assert choose_static_cache(True, torch.device("cpu"), compile=False)
+    with pytest.raises(ValueError, match="static_cache must be True, False or None, got 'yes'"):
+        choose_static_cache("yes", torch.device("cpu"), compile=False)

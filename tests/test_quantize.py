@@ -22,8 +22,9 @@ from checkpoint import MemoryPlanError, load_model_args, load_transformer, plan_
 from conftest import LLAMA2_TOKENIZER
 from cli import main
 from inference import LLaMa
-from quantize import (INT4, INT4_MIDPOINT, INT8, PLAIN, PREPACKED, Int4Linear, Int8Linear, PackedLinear,
-                      QuantizationError, linear_storage, make_linear, prepacking_helps, quantize_int4, quantize_model)
+from quantize import (INT4, INT4_MIDPOINT, INT8, PLAIN, PREPACKED, W8A8, CpuFeatures, Int4Linear, Int8Linear,
+                      PackedLinear, QuantizationError, W8A8Linear, cpu_features, linear_storage, make_linear,
+                      prepacking_helps, quantize_int4, quantize_int8, quantize_model)
 from tiny import (LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint,
                   write_tiny_llama2_checkpoint)
 
@@ -55,6 +56,47 @@ def test_int8_layer_multiplies_by_its_dequantized_weight_which_is_within_half_a_
     torch.testing.assert_close(layer(x), x @ layer.dequantize().T, rtol=1e-5, atol=1e-4)
     half_step = layer.scales[:, None] / 2
     assert ((layer.dequantize() - weight).abs() <= half_step * (1 + 1e-5)).all()
+
+
+HAS_INT8_DOT = cpu_features().int8_dot
+needs_int8_dot = pytest.mark.skipif(not HAS_INT8_DOT, reason="w8a8 needs int8 dot-product instructions (VNNI/AMX)")
+
+
+def per_row_uint8_reference(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32 rounded as w8a8 rounds it, in float64: per row, 256 levels spanning
+    [min(0, min x), max(0, max x)], with 0 one of them. The levels are picked in float32, as the
+    layer picks them: in float64 a value next to a .5 tie could round to the other neighbour."""
+    low, high = x.min(dim=1, keepdim=True).values.clamp(max=0), x.max(dim=1, keepdim=True).values.clamp(min=0)
+    step = (high - low) / 255
+    zero = torch.round(-low / step)
+    codes = torch.clamp(torch.round(x / step) + zero, 0, 255)
+    return (codes.double() - zero.double()) * step.double()
+
+
+@needs_int8_dot
+@pytest.mark.parametrize("rows", [1, 7, 64], ids=["decode", "ragged", "prefill"])
+def test_w8a8_layer_equals_rounded_activations_times_the_int8_weight(rows):
+    """The integer matmul with its scales applied after is exactly (to float32 rounding) the float
+    product of the per-row-rounded activations and the dequantized int8 weight."""
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 128, generator=generator)
+    layer = W8A8Linear.from_float(weight)
+    x = torch.randn(rows, 128, generator=generator) * torch.linspace(0.1, 10, rows)[:, None]  # rows of different scales
+    expected = per_row_uint8_reference(x) @ layer.dequantize().double().T
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-4)
+    # ... and close to the unquantized product: each row's error is bounded by its own step.
+    assert (layer(x) - x @ weight.T).abs().max() < 0.05 * (x @ weight.T).abs().max()
+    assert torch.equal(layer.weight, Int8Linear.from_float(weight, torch.float32).weight)  # int8's weights
+
+
+@needs_int8_dot
+def test_w8a8_keeps_the_input_dtype_and_shape_and_an_all_zero_row_gives_zeros():
+    layer = W8A8Linear.from_float(torch.randn(32, 64))
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    x[0, 1] = 0
+    y = layer(x)
+    assert y.shape == (2, 3, 32) and y.dtype == torch.bfloat16
+    assert torch.equal(y[0, 1], torch.zeros(32, dtype=torch.bfloat16))
 
 
 def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -101,11 +143,38 @@ HAS_ONEDNN_BF16 = prepacking_helps(CPU, torch.bfloat16)
     (CUDA, torch.bfloat16, {}, PLAIN),  # prepacking is oneDNN's, a CPU library
     (CPU, torch.bfloat16, dict(quantize="int8"), INT8),
     (CPU, torch.bfloat16, dict(quantize="int4", compile=True), INT4),
-    (CUDA, torch.float16, dict(quantize="int4"), INT4),
+    (CUDA, torch.bfloat16, dict(quantize="int4", cuda_capability=(8, 0)), INT4),  # the CUDA int4 kernel: bf16, sm80+
     ("cpu", torch.float32, dict(quantize="int8"), INT8),
 ])
 def test_linear_storage_is_decided_from_device_dtype_quantize_compile_and_gradients(device, dtype, options, expected):
     assert linear_storage(device, dtype, **options) == expected
+
+
+VNNI_CPU = CpuFeatures(name="x86_64: AVX512 (avx512_vnni)", native_bf16=False, int8_dot=True)
+OLD_CPU = CpuFeatures(name="x86_64: AVX2", native_bf16=False, int8_dot=False)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_w8a8_is_chosen_on_a_cpu_with_int8_dot_products_eager_or_compiled(compile):
+    assert linear_storage(CPU, torch.bfloat16, quantize=W8A8, compile=compile, features=VNNI_CPU) == W8A8
+
+
+def test_w8a8_is_refused_where_it_cannot_run_naming_what_to_use_instead():
+    with pytest.raises(QuantizationError, match=r"--quantize w8a8 needs a CPU with int8 dot-product .*"
+                                                r"this one \(x86_64: AVX2\) has none.*use --quantize int8"):
+        linear_storage(CPU, torch.bfloat16, quantize=W8A8, features=OLD_CPU)
+    with pytest.raises(QuantizationError, match=r"--quantize w8a8 runs on CPUs only .* on cuda use --quantize int8"):
+        linear_storage(CUDA, torch.float16, quantize=W8A8)
+
+
+def test_cpu_features_are_read_from_this_machine_consistently_with_linux():
+    features = cpu_features()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " avx512_vnni" in flags or " amx_int8" in flags:
+        assert features.int8_dot
+    if " avx512_bf16" in flags or " amx_bf16" in flags:
+        assert features.native_bf16
+    assert torch.backends.cpu.get_cpu_capability() in features.name
 
 
 def test_linear_storage_refuses_quantizing_a_model_that_needs_gradients_or_an_unknown_scheme():
@@ -117,14 +186,17 @@ def test_linear_storage_refuses_quantizing_a_model_that_needs_gradients_or_an_un
 
 @pytest.mark.parametrize("storage, layer_type", [
     (PLAIN, torch.nn.Linear), (INT8, Int8Linear), (INT4, Int4Linear),
+    pytest.param(W8A8, W8A8Linear, marks=needs_int8_dot),
     pytest.param(PREPACKED, PackedLinear, marks=pytest.mark.skipif(not HAS_ONEDNN_BF16, reason="no oneDNN bf16 here")),
 ])
-def test_make_linear_builds_the_storage_asked_for_and_int4_keeps_the_head_in_int8(storage, layer_type):
+def test_make_linear_builds_the_storage_asked_for_and_keeps_the_head_in_int8_for_int4_and_w8a8(storage, layer_type):
     weight = torch.randn(96, 128)
     layer = make_linear("layers.0.feed_forward.w1", weight, storage, torch.bfloat16)
     assert type(layer) is layer_type
     head = make_linear("output", weight, storage, torch.bfloat16)
-    assert type(head) is (Int8Linear if storage == INT4 else layer_type)
+    assert type(head) is (Int8Linear if storage in (INT4, W8A8) else layer_type)
+    down = make_linear("layers.0.feed_forward.w2", weight, storage, torch.bfloat16)
+    assert type(down) is (Int8Linear if storage == W8A8 else layer_type)
     x = torch.randn(2, 128, dtype=torch.bfloat16)
     assert layer(x).shape == (2, 96) and layer(x).dtype == torch.bfloat16
 
@@ -158,7 +230,7 @@ def tiny_bf16_ckpt(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("tiny-bf16"), state_dict, params, LLAMA2_TOKENIZER)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", pytest.param("w8a8", marks=needs_int8_dot)])
 def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tiny_bf16_ckpt, scheme):
     args = tiny_args(tiny_bf16_ckpt)
     while_loading = load_transformer(tiny_bf16_ckpt, args, CPU, torch.bfloat16, progress=False, quantize=scheme)
@@ -166,15 +238,18 @@ def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tiny_bf16_c
     loaded = load_transformer(tiny_bf16_ckpt, args, CPU, torch.bfloat16, progress=False, needs_gradients=True)
     afterwards = quantize_model(loaded, scheme)
     assert not any(isinstance(m, torch.nn.Linear) for m in while_loading.modules())
-    assert isinstance(while_loading.output, Int8Linear)  # the head stays int8, also in the int4 scheme
-    expected_block_layer = Int8Linear if scheme == "int8" else Int4Linear
-    assert isinstance(while_loading.layers[0].feed_forward.w2, expected_block_layer)
+    assert isinstance(while_loading.output, Int8Linear)  # the head stays int8 (weight-only) in int4 and w8a8
+    expected_block_layer = {"int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear}[scheme]
+    assert isinstance(while_loading.layers[0].feed_forward.w1, expected_block_layer)
+    # w8a8 keeps the down projection weight-only: its input's outliers need more than 8 bits a token
+    assert isinstance(while_loading.layers[0].feed_forward.w2, Int8Linear if scheme == "w8a8" else expected_block_layer)
     tokens = torch.randint(0, LLAMA2_VOCAB_SIZE, (2, 9), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(while_loading(tokens, 0), afterwards(tokens, 0), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype, scheme", [(torch.float32, None), (torch.bfloat16, None),
-                                           (torch.bfloat16, "int8"), (torch.bfloat16, "int4")])
+                                           (torch.bfloat16, "int8"), (torch.bfloat16, "int4"),
+                                           pytest.param(torch.bfloat16, "w8a8", marks=needs_int8_dot)])
 def test_memory_plan_counts_exactly_the_bytes_of_the_loaded_model(tiny_ckpt, dtype, scheme):
     args = tiny_args(tiny_ckpt, max_seq_len=48, max_batch_size=3)
     plan = plan_memory(args, dtype, scheme, CPU)
@@ -228,7 +303,7 @@ def bf16_reference(demo_ckpt):
     return perplexity_and_argmax(llama, TEXT)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", pytest.param("w8a8", marks=needs_int8_dot)])
 def test_quantized_demo_model_stays_within_the_stated_tolerance_of_bf16(demo_ckpt, bf16_reference, scheme):
     llama = LLaMa.build(demo_ckpt, max_seq_len=512, max_batch_size=1, device="cpu", dtype="bfloat16",
                         quantize=scheme, progress=False)
@@ -274,7 +349,8 @@ def demo_ckpt_bf16(smollm2_gguf, tmp_path_factory):
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from Linux's /proc")
-@pytest.mark.parametrize("quantize", ["", "int8", "int4"], ids=["bf16-prepacked", "bf16-to-int8", "bf16-to-int4"])
+@pytest.mark.parametrize("quantize", ["", "int8", "int4", pytest.param("w8a8", marks=needs_int8_dot)],
+                         ids=["bf16-prepacked", "bf16-to-int8", "bf16-to-int4", "bf16-to-w8a8"])
 def test_loading_the_bf16_demo_model_keeps_peak_rss_within_the_budget(demo_ckpt_bf16, quantize):
     """The same budget on the checkpoint bench.py loads, where it is tightest (311 MB: 704 MB allowed).
     Three loads each, since freed working memory left in malloc's arenas made the peak vary from run
@@ -285,3 +361,28 @@ def test_loading_the_bf16_demo_model_keeps_peak_rss_within_the_budget(demo_ckpt_
                                 capture_output=True, text=True, cwd=Path(__file__).parent.parent, check=True)
         peak_bytes = json.loads(result.stdout.strip().splitlines()[-1])["peak_kb"] * 1024
         assert peak_bytes <= 1.3 * checkpoint_bytes + 300 * 2**20, (peak_bytes / 2**20, checkpoint_bytes / 2**20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_an_all_zero_row_or_group_quantizes_to_zeros_with_a_nonzero_scale_in_every_dtype(dtype):
+    """A scale of 1e-10 is 0 in float16: 0 / 0 would be NaN. The smallest scale is one the dtype holds."""
+    weight = torch.randn(32, 64)
+    weight[3] = 0
+    q, scales = quantize_int8(weight, dtype)
+    assert (scales > 0).all() and torch.equal(q[3], torch.zeros(64, dtype=torch.int8))
+    q4, scales_and_zeros = quantize_int4(weight, 32, dtype)
+    assert (scales_and_zeros[..., 0] > 0).all() and torch.isfinite(scales_and_zeros).all()
+    dequantized = (q4[3].float() - INT4_MIDPOINT) * scales_and_zeros[:, 3, 0].float().repeat_interleave(32) \
+        + scales_and_zeros[:, 3, 1].float().repeat_interleave(32)
+    assert dequantized.abs().max() <= scales_and_zeros[:, 3, 0].float().max()  # zero within one step
+
+
+def test_memory_plan_counts_the_math_kernels_score_matrices_for_a_padded_batch_on_cuda_only(tiny_ckpt):
+    args = tiny_args(tiny_ckpt, max_seq_len=48, max_batch_size=3)
+    on_cuda = plan_memory(args, torch.float16, None, CUDA, available=2**40)  # given: the GPU is not asked
+    on_cpu = plan_memory(args, torch.float16, None, CPU, available=2**40)
+    scores = 3 * args.n_heads * 48 * 48 * 4  # float32 (B, H, T, S)
+    assert on_cuda.attention_scores == 2 * scores and on_cpu.attention_scores == 0
+    assert on_cuda.total == on_cpu.total + 2 * scores
+    single = plan_memory(tiny_args(tiny_ckpt, max_seq_len=48, max_batch_size=1), torch.float16, None, CUDA, 2**40)
+    assert single.attention_scores == 0  # one row is never padded: the causal flash path stores none

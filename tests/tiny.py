@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from model import ModelArgs
+from sampling import SamplingParams
 
 LLAMA2_VOCAB_SIZE = 32000  # tests/data/llama2-tokenizer.model
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5, rope_theta=10000.0)
@@ -72,8 +73,28 @@ def write_checkpoint(out_dir: Path, state_dict: dict, params: dict, tokenizer_pa
     return out_dir
 
 
-def write_tiny_llama2_checkpoint(out_dir: Path, tokenizer_path: Path) -> Path:
-    """The TINY model with seed-0 random weights as a Meta checkpoint for the Llama 2 tokenizer at
-    `tokenizer_path`; params.json says vocab_size -1, as Meta's Llama 2 ones do."""
-    hf = hf_model(TINY, LLAMA2_VOCAB_SIZE)
+def write_tiny_llama2_checkpoint(out_dir: Path, tokenizer_path: Path, seed: int = 0) -> Path:
+    """The TINY model with random weights (from `seed`) as a Meta checkpoint for the Llama 2 tokenizer
+    at `tokenizer_path`; params.json says vocab_size -1, as Meta's Llama 2 ones do."""
+    hf = hf_model(TINY, LLAMA2_VOCAB_SIZE, seed=seed)
     return write_checkpoint(out_dir, meta_state_dict(hf, TINY), {**TINY, "vocab_size": -1}, tokenizer_path)
+
+
+# A prompt for speculative decoding (tests/test_speculative.py): the model's own continuation of a
+# text, this many tokens with every CHANGED_EVERY-th one changed, is replayed to it.
+REPLAYED_TOKENS = 24
+CHANGED_EVERY = 6
+
+
+def replay_prompt(llama, text: str) -> list[int]:
+    """A prompt that `llama` (an inference.LLaMa) will partly repeat: the text, the model's own greedy
+    continuation of it with every CHANGED_EVERY-th token changed, then the text again. The model
+    continues the second copy much as it did the first, so drafts copied from the altered
+    continuation are both kept and rejected. (A random model's own text rarely repeats itself, so
+    prompt lookup would otherwise find few drafts.)"""
+    (prompt,) = llama.encode_prompts([text])
+    greedy = SamplingParams(temperature=0)
+    continuation = [int(step.tokens[0]) for step in llama.decode([prompt], REPLAYED_TOKENS, greedy)]
+    altered = [(t + 1) % llama.args.vocab_size if i % CHANGED_EVERY == CHANGED_EVERY - 1 else t
+               for i, t in enumerate(continuation)]
+    return prompt + altered + prompt[1:]  # the text again, without a second BOS
