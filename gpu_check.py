@@ -1,13 +1,13 @@
 """One prepared device check: every way the engine can run on a GPU, against a CPU fp32 reference.
 
-    python gpu_check.py                              # a machine with one CUDA GPU: the demo model, ~3 minutes
-    python gpu_check.py --device cpu --tokens 8 --configs fp32,bf16,int8-bf16,int4-bf16   # on the CPU
-    python gpu_check.py --out run.json --time-budget 200 --configs fp16,int4-bf16
+    python gpu_check.py                              # one CUDA GPU, the demo model: 3-4 minutes
+    python gpu_check.py --device cpu --tokens 8 --configs fp32,bf16,int8-bf16,int4   # on the CPU
+    python gpu_check.py --out run.json --time-budget 200 --configs fp16,int4
 
 The tests run on CPUs only. This script is what to run the first time a GPU is at hand: one command,
 one JSON file (`--out`, written atomically after every configuration, so a run cut short still leaves
 what it measured), one table on the terminal. It answers four questions per configuration (a row of
-`CONFIGURATIONS`: a dtype and `LLaMa.build`'s quantize / compile keywords):
+`CONFIGURATIONS`: a dtype and `LLaMa.build`'s quantize / compile / static_cache keywords):
 
 1. **Same tokens?** The demo model completes a few fixed prompts greedily (64 new tokens each),
    once on the CPU in float32 (the reference, computed in this same run, on the path the test suite
@@ -21,16 +21,17 @@ what it measured), one table on the terminal. It answers four questions per conf
    before each clock reading), and the speed of a 1,024-token prefill.
 3. **Which attention kernel?** `F.scaled_dot_product_attention` picks a backend (flash, memory
    efficient, cuDNN, math) from the inputs' dtype, shapes and mask. The profiler names the aten op it
-   ran, so the prefill and one decode step are profiled and each op name is mapped to its backend.
+   ran, so the prefill and one decode step are profiled and each op name is mapped to its backend
+   (none, when no op was dispatched: a replayed CUDA graph launches its kernels directly).
 4. **Memory as planned?** `torch.cuda.max_memory_allocated()` over the whole configuration against
    `memory.plan_memory` (weights + KV cache + activations), and the bytes allocated by loading
    against the plan's weights + KV cache. (CUDA only: the CPU has no such counter.)
 
 Each configuration runs inside try/except: a failure is recorded as its error line and the next one
 runs. A requirement it cannot meet (int4 on a GPU older than sm80, bf16 where the GPU has none) is
-recorded as "skipped: ..." instead. When `--time-budget` seconds have passed, the configurations
-not yet started are skipped with a note. A new way to build the model (a CUDA-graphs mode of
-`compile`, say) is one more row in `CONFIGURATIONS`.
+recorded as "skipped: ..." instead (so is w8a8 anywhere but on a CPU with int8 dot products). When
+`--time-budget` seconds have passed, the configurations not yet started are skipped with a note. A
+new way to build the model is one more row in `CONFIGURATIONS`.
 """
 
 import argparse
@@ -52,6 +53,7 @@ from checkpoint import CheckpointError, choose_device
 from cli import DEMO_PROMPTS, WARM_UP_TOKENS
 from inference import LLaMa
 from memory import plan_memory
+from quantize import cpu_features
 from sampling import SamplingParams
 from tokenizer import TokenizerFileError
 
@@ -61,7 +63,7 @@ DEFAULT_OUT = "gpu_check.json"
 # On a CPU, PyTorch's int8/int4 kernels are fast with bf16 activations only (over 10x slower per
 # matmul in fp16 or fp32 on a Sapphire Rapids Xeon), so the CPU smoke test runs the rows that finish
 # in a minute or two.
-CPU_SMOKE_TEST = "python gpu_check.py --device cpu --tokens 8 --configs fp32,bf16,int8-bf16,int4-bf16"
+CPU_SMOKE_TEST = "python gpu_check.py --device cpu --tokens 8 --configs fp32,bf16,int8-bf16,int4"
 # The whole run should end within 5 minutes on one GPU: loading, the CPU reference and the report
 # take well under the minute this leaves.
 DEFAULT_TIME_BUDGET_S = 240.0
@@ -106,12 +108,21 @@ def needs_int4_kernel(device: torch.device) -> Optional[str]:
     return None
 
 
+def needs_cpu_int8_dot(device: torch.device) -> Optional[str]:
+    """Why w8a8 (integer matmuls with oneDNN) cannot run on `device` (None: it can)."""
+    if device.type != "cpu":
+        return "skipped: w8a8 runs on CPUs only"
+    if not cpu_features().int8_dot:
+        return "skipped: this CPU has no int8 dot-product instructions (VNNI, AMX)"
+    return None
+
+
 @dataclass(frozen=True)
 class Configuration:
     """One row of the check: the dtype, the other keywords of `LLaMa.build`, and what it needs."""
 
     name: str  # as typed after --configs
-    dtype: torch.dtype
+    dtype: Optional[torch.dtype]  # None: the engine's default for the device and the quantization
     build: dict = field(default_factory=dict)  # e.g. {"quantize": "int4"}, {"compile": True}
     needs: tuple[Callable[[torch.device], Optional[str]], ...] = ()  # each returns why not, or None
 
@@ -122,10 +133,13 @@ CONFIGURATIONS = [
     Configuration("fp32", torch.float32),
     Configuration("int8-fp16", torch.float16, {"quantize": "int8"}),
     Configuration("int8-bf16", torch.bfloat16, {"quantize": "int8"}, needs=(needs_bf16,)),  # the CPU's default
-    Configuration("int4-bf16", torch.bfloat16, {"quantize": "int4"}, needs=(needs_bf16, needs_int4_kernel)),
-    # What `--quantize int4` gets by default on a GPU (fp16): the CUDA kernel takes bf16 only.
-    Configuration("int4-fp16", torch.float16, {"quantize": "int4"}, needs=(needs_int4_kernel,)),
-    Configuration("fp16-compile", torch.float16, {"compile": True}),  # compiles for ~1 minute
+    # `--quantize int4` with the default dtype: bf16 on CUDA, whose int4 kernel takes nothing else.
+    Configuration("int4", None, {"quantize": "int4"}, needs=(needs_bf16, needs_int4_kernel)),
+    Configuration("w8a8", None, {"quantize": "w8a8"}, needs=(needs_cpu_int8_dot,)),  # CPUs only
+    # On CUDA, compile=True decodes with the static KV cache as one CUDA graph (mode "reduce-overhead");
+    # static_cache=False keeps today's cache and a dynamic-shape graph. Each compiles for ~1 minute.
+    Configuration("fp16-compile", torch.float16, {"compile": True}),
+    Configuration("fp16-compile-dynamic", torch.float16, {"compile": True, "static_cache": False}),
 ]
 
 
@@ -268,9 +282,15 @@ def prefill_check(llama: LLaMa, prompt: list[int]) -> dict:
             "decode_sdpa_backends": backends_of(decode_ops), "decode_sdpa_ops": decode_ops}
 
 
+def model_dtype(llama: LLaMa) -> torch.dtype:
+    """The dtype the model computes in (what `LLaMa.build` chose when the configuration left it open)."""
+    return llama.model.norm.weight.dtype
+
+
 def memory_plan(llama: LLaMa, config: Configuration) -> dict:
-    plan = plan_memory(llama.args, config.dtype, config.build.get("quantize"), llama.device)
-    return {"weights": plan.weights, "kv_cache": plan.kv_cache, "activations": plan.activations, "total": plan.total}
+    plan = plan_memory(llama.args, model_dtype(llama), config.build.get("quantize"), llama.device)
+    return {"weights": plan.weights, "kv_cache": plan.kv_cache, "activations": plan.activations,
+            "attention_scores": plan.attention_scores, "total": plan.total}
 
 
 def release_device_memory(device: torch.device) -> int:
@@ -308,6 +328,10 @@ class Workload:
                            device=device, dtype=dtype, progress=False, threads=self.threads, **options)
 
 
+def dtype_name(dtype: Optional[torch.dtype]) -> str:
+    return "default" if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def error_line(error: BaseException) -> str:
     """`TypeName: first line of the message`, cut short; where it was raised comes separately."""
     first = (str(error).strip().splitlines() or [""])[0]
@@ -325,8 +349,7 @@ def raised_at(error: BaseException) -> str:
 
 def run_configuration(config: Configuration, work: Workload) -> dict:
     """Every measurement of one configuration; an error is recorded with what was measured before it."""
-    row = {"name": config.name, "dtype": str(config.dtype).removeprefix("torch."), "build": config.build,
-           "status": "running"}
+    row = {"name": config.name, "dtype": dtype_name(config.dtype), "build": config.build, "status": "running"}
     reason = skip_reason(config, work.device)
     if reason is not None:
         return {**row, "status": "skipped", "note": reason}
@@ -337,6 +360,8 @@ def run_configuration(config: Configuration, work: Workload) -> dict:
         started = time.perf_counter()
         llama = work.build(device, config.dtype, **config.build)
         row["load_s"] = time.perf_counter() - started
+        row["dtype"] = dtype_name(model_dtype(llama))
+        row["linear_storage"] = llama.linear_storage  # how quantize.py stored the linear layers
         if device.type == "cuda":
             row["memory"] = {"plan": memory_plan(llama, config),
                              "allocated_after_load": torch.cuda.memory_allocated(device) - baseline}
@@ -414,13 +439,18 @@ def memory_cell(row: dict) -> str:
     return f"{memory['peak_allocated'] / MIB:.0f} / {memory['plan']['total'] / MIB:.0f}"
 
 
+def backends_cell(backends: list[str]) -> str:
+    # None at all: no attention op was dispatched, e.g. a replayed CUDA graph launches its kernels directly.
+    return ",".join(backends) or "none dispatched"
+
+
 def format_table(rows: list[dict]) -> str:
     header = ["config", "status", "tokens vs CPU fp32", "decode tok/s", "prefill tok/s", "SDPA prefill / decode",
               "peak / plan MiB", "note"]
     lines = []
     for row in rows:
         prefill = row.get("prefill") or {}
-        backends = (f"{','.join(prefill['sdpa_backends'])} / {','.join(prefill['decode_sdpa_backends'])}"
+        backends = (f"{backends_cell(prefill['sdpa_backends'])} / {backends_cell(prefill['decode_sdpa_backends'])}"
                     if prefill else "")
         note = row.get("note") or row.get("error") or ""
         lines.append([row["name"], row["status"], tokens_cell(row), number_cell(row.get("decode_tok_s")),
@@ -536,7 +566,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for config in configs:
         elapsed = time.perf_counter() - started
         if elapsed > args.time_budget:
-            row = {"name": config.name, "dtype": str(config.dtype).removeprefix("torch."), "build": config.build,
+            row = {"name": config.name, "dtype": dtype_name(config.dtype), "build": config.build,
                    "status": "skipped",
                    "note": f"skipped: the time budget ({args.time_budget:g} s) was spent ({elapsed:.0f} s) "
                            f"before it started"}

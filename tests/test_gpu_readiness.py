@@ -29,12 +29,14 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 import gpu_check
+from checkpoint import choose_dtype
 from conftest import LLAMA2_TOKENIZER
 from tiny import write_tiny_llama2_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_TOKENS = 4
-SMOKE_CONFIGS = ["fp32", "bf16", "int4-bf16"]  # no compile: it alone takes a minute on 2 cores
+SMOKE_CONFIGS = ["fp32", "bf16", "int4", "w8a8"]  # no compile: it alone takes a minute on 2 cores
+CPU = torch.device("cpu")
 KNOWN_BACKENDS = {backend for _, backend in gpu_check.SDPA_BACKEND_OPS}
 
 
@@ -64,6 +66,19 @@ def smoke_report(tiny_ckpt, tmp_path_factory):
     return json.loads(out.read_text())
 
 
+def ran(report: dict) -> list[dict]:
+    """The report's rows that ran; every other one must have been skipped for a reason this CPU gives
+    (w8a8 where it has no int8 dot products)."""
+    configs = {c.name: c for c in gpu_check.CONFIGURATIONS}
+    rows = []
+    for row in report["configurations"]:
+        reason = gpu_check.skip_reason(configs[row["name"]], CPU)
+        assert (row["status"], row.get("note")) == (("skipped", reason) if reason else ("ok", None)), row
+        if reason is None:
+            rows.append(row)
+    return rows
+
+
 def test_the_smoke_run_writes_one_finished_report_with_every_field(smoke_report):
     assert smoke_report["finished"] is True
     assert smoke_report["machine"]["device"] == "cpu" and smoke_report["machine"]["torch"] == torch.__version__
@@ -73,8 +88,7 @@ def test_the_smoke_run_writes_one_finished_report_with_every_field(smoke_report)
     assert [len(row) for row in reference] == [SMOKE_TOKENS] * len(settings["prompts"])
     assert len({tuple(row) for row in reference}) == len(reference)  # each prompt made its own completion
     assert [row["name"] for row in smoke_report["configurations"]] == SMOKE_CONFIGS
-    for row in smoke_report["configurations"]:
-        assert row["status"] == "ok", row
+    for row in ran(smoke_report):
         assert row["load_s"] > 0 and row["first_call_s"] > 0 and row["decode_tok_s"] > 0
         greedy_rows = row["greedy"]["rows"]
         assert len(greedy_rows) == len(reference) and all(len(r["tokens"]) == SMOKE_TOKENS for r in greedy_rows)
@@ -101,6 +115,12 @@ def test_a_row_in_another_dtype_is_compared_with_its_own_logits(smoke_report):
     compare the reference with itself, every difference would be 0.)"""
     [bf16] = [row for row in smoke_report["configurations"] if row["name"] == "bf16"]
     assert all(r["max_abs_logit_diff"] > 0 for r in bf16["greedy"]["rows"])
+
+
+def test_a_row_left_to_the_default_dtype_records_the_dtype_the_engine_chose(smoke_report):
+    [int4] = [row for row in smoke_report["configurations"] if row["name"] == "int4"]
+    assert int4["dtype"] == gpu_check.dtype_name(choose_dtype(None, CPU, "int4"))
+    assert int4["linear_storage"] == "int4"
 
 
 def test_configurations_not_started_within_the_time_budget_are_skipped_with_a_note(tiny_ckpt, tmp_path):
@@ -168,9 +188,13 @@ def test_each_attention_op_the_profiler_names_maps_to_its_backend(op, backend):
     assert gpu_check.sdpa_backend(op) == backend
 
 
+def test_w8a8_is_skipped_anywhere_but_on_a_cpu():
+    assert gpu_check.needs_cpu_int8_dot(torch.device("cuda")) == "skipped: w8a8 runs on CPUs only"
+
+
 def test_int4_on_a_gpu_older_than_sm80_is_recorded_as_skipped_not_run(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    [int4] = [c for c in gpu_check.CONFIGURATIONS if c.name == "int4-bf16"]
+    [int4] = [c for c in gpu_check.CONFIGURATIONS if c.name == "int4"]
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     row = gpu_check.run_configuration(int4, gpu_check.Workload(Path("unused"), cuda, [], [], 2, 8, 1))
@@ -215,6 +239,14 @@ def runs_sdpa_with_enable_gqa() -> bool:
     return F.scaled_dot_product_attention(query, key, key, enable_gqa=True).shape == query.shape
 
 
+def runs_int_mm_on_uint8() -> bool:
+    codes, weight = torch.zeros(2, 32, dtype=torch.uint8), torch.zeros(32, 16, dtype=torch.int8)
+    return torch._int_mm(codes, weight).shape == (2, 16)
+
+
+CPU_PROBES = ("_is_vnni_supported", "_is_amx_tile_supported", "_is_avx512_bf16_supported")
+
+
 def has_mkldnn_op(name: str) -> bool:
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch has no oneDNN (mkldnn): quantize.PackedLinear is not used with it")
@@ -230,7 +262,7 @@ class TorchApi:
     needs: str  # the oldest release known to have it
     source: str  # how that is known
     present: Callable[[], bool]  # whether the installed torch has it
-    symbol: Optional[str] = None  # the private or torch.compiler/torch.ops name, as the code spells it
+    symbols: tuple[str, ...] = ()  # its private or torch.compiler/torch.ops names, as the code spells them
 
 
 WHEELS = "the files of PyTorch's release wheels"
@@ -244,46 +276,56 @@ TORCH_APIS = [
     TorchApi("torch._convert_weight_to_int4pack with uint8 [N, K/2] input (CUDA)",
              r"torch\._convert_weight_to_int4pack\(",
              "2.5", "pytorch/pytorch#129940 (in 2.5) changed its input from int32 [N, K] to uint8 [N, K/2]",
-             lambda: "CUDA" in declared_kernels("_convert_weight_to_int4pack"), "torch._convert_weight_to_int4pack"),
+             lambda: "CUDA" in declared_kernels("_convert_weight_to_int4pack"),
+             symbols=("torch._convert_weight_to_int4pack",)),
     TorchApi("torch._weight_int4pack_mm (CUDA)", r"torch\._weight_int4pack_mm\(", "2.4",
              f"{OLDEST_CHECKED}, with a CUDA kernel", lambda: "CUDA" in declared_kernels("_weight_int4pack_mm"),
-             "torch._weight_int4pack_mm"),
+             symbols=("torch._weight_int4pack_mm",)),
     TorchApi("torch._convert_weight_to_int4pack_for_cpu", r"torch\._convert_weight_to_int4pack_for_cpu\(", "2.6",
              f"{WHEELS}: in 2.6.0's native_functions.yaml, not in 2.5.1's",
              lambda: "CPU" in declared_kernels("_convert_weight_to_int4pack_for_cpu"),
-             "torch._convert_weight_to_int4pack_for_cpu"),
+             symbols=("torch._convert_weight_to_int4pack_for_cpu",)),
     TorchApi("torch._weight_int4pack_mm_for_cpu", r"torch\._weight_int4pack_mm_for_cpu\(", "2.6",
              f"{WHEELS}: in 2.6.0's native_functions.yaml, not in 2.5.1's",
-             lambda: "CPU" in declared_kernels("_weight_int4pack_mm_for_cpu"), "torch._weight_int4pack_mm_for_cpu"),
+             lambda: "CPU" in declared_kernels("_weight_int4pack_mm_for_cpu"),
+             symbols=("torch._weight_int4pack_mm_for_cpu",)),
     TorchApi("torch._weight_int8pack_mm (CPU)", r"torch\._weight_int8pack_mm\(", "2.4",
              f"{OLDEST_CHECKED}, with a CPU kernel", lambda: "CPU" in declared_kernels("_weight_int8pack_mm"),
-             "torch._weight_int8pack_mm"),
+             symbols=("torch._weight_int8pack_mm",)),
     TorchApi("torch._weight_int8pack_mm on CUDA (--quantize int8 on a GPU)", r"torch\._weight_int8pack_mm\(", "2.9",
              f"{WHEELS}: 2.9.0's native_functions.yaml declares a CUDA kernel for it, 2.8.0's does not",
              lambda: "CUDA" in declared_kernels("_weight_int8pack_mm")),
     TorchApi("torch.compiler.skip_guard_on_all_nn_modules_unsafe", r"skip_guard_on_all_nn_modules_unsafe", "2.8",
              f"{WHEELS}: torch/compiler/__init__.py defines it in 2.8.0, not in 2.7.1",
              lambda: hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"),
-             "torch.compiler.skip_guard_on_all_nn_modules_unsafe"),
+             symbols=("torch.compiler.skip_guard_on_all_nn_modules_unsafe",)),
     TorchApi('torch.compile(options={"guard_filter_fn": ...})', r'"guard_filter_fn"', "2.8",
              f"{WHEELS}: torch.compile (torch/__init__.py) takes it from options in 2.8.0, not in 2.7.1",
              lambda: "guard_filter_fn" in (torch.compile.__doc__ or "")),
     TorchApi("torch.compiler.reset (gpu_check.py)", r"torch\.compiler\.reset\(", "2.4", OLDEST_CHECKED,
-             lambda: hasattr(torch.compiler, "reset"), "torch.compiler.reset"),
+             lambda: hasattr(torch.compiler, "reset"), symbols=("torch.compiler.reset",)),
     TorchApi("torch.ops.mkldnn._reorder_linear_weight", r"_reorder_linear_weight", "2.4",
              f"{OLDEST_CHECKED} (its inductor calls it)", lambda: has_mkldnn_op("_reorder_linear_weight"),
-             "torch.ops.mkldnn._reorder_linear_weight"),
+             symbols=("torch.ops.mkldnn._reorder_linear_weight",)),
     TorchApi("torch.ops.mkldnn._linear_pointwise", r"_linear_pointwise", "2.4",
              f"{OLDEST_CHECKED} (its inductor calls it)", lambda: has_mkldnn_op("_linear_pointwise"),
-             "torch.ops.mkldnn._linear_pointwise"),
+             symbols=("torch.ops.mkldnn._linear_pointwise",)),
+    TorchApi("torch._int_mm with uint8 activations on a CPU (--quantize w8a8)", r"torch\._int_mm\(", "2.12",
+             f"{WHEELS}: 2.12.0's libtorch_cpu takes 'int8 or uint8' for _int_mm's first argument, 2.11.0's "
+             f"only 'type int8'", runs_int_mm_on_uint8, symbols=("torch._int_mm",)),
+    TorchApi("torch.cpu._is_vnni_supported, _is_amx_tile_supported, _is_avx512_bf16_supported",
+             r"torch\.cpu\._is_", "2.5", f"{WHEELS}: torch/cpu/__init__.py defines them in 2.5.1, not in 2.4.1",
+             lambda: all(hasattr(torch.cpu, name) for name in CPU_PROBES),
+             symbols=tuple(f"torch.cpu.{name}" for name in CPU_PROBES)),
     TorchApi("torch.load(mmap=True)", r"mmap=True", "2.4", OLDEST_CHECKED,
              lambda: "mmap" in torch.load.__doc__),
     TorchApi("Module.load_state_dict(assign=True)", r"assign=True", "2.4", OLDEST_CHECKED,
              lambda: "assign" in torch.nn.Module.load_state_dict.__doc__),
 ]
-# A private torch symbol (not a dunder like torch.__version__), or one of torch.compiler / torch.ops,
-# as the code spells it.
-TORCH_SYMBOL = re.compile(r"torch\.(?:_(?!_)[A-Za-z0-9_]+|compiler\.[A-Za-z_]+|ops\.[A-Za-z_]+\.[A-Za-z0-9_]+)")
+# A private torch symbol anywhere in torch's namespace (torch._int_mm, torch.cpu._is_vnni_supported; not
+# a dunder like torch.__version__), or one of torch.compiler / torch.ops, as the code spells it.
+TORCH_SYMBOL = re.compile(r"torch(?:\.[a-z][A-Za-z0-9]*)*\._(?!_)[A-Za-z0-9_]+|torch\.compiler\.[A-Za-z_]+"
+                          r"|torch\.ops\.[A-Za-z_]+\.[A-Za-z0-9_]+")
 
 
 def our_code() -> str:
@@ -322,6 +364,6 @@ def test_each_api_in_the_table_is_still_used(api):
 
 
 def test_every_private_torch_symbol_the_code_calls_is_in_the_table():
-    listed = {api.symbol for api in TORCH_APIS}
+    listed = {symbol for api in TORCH_APIS for symbol in api.symbols}
     unlisted = sorted(set(TORCH_SYMBOL.findall(our_code())) - listed)
     assert unlisted == [], f"add a row to TORCH_APIS (with the release that introduced it) for {unlisted}"
