@@ -21,8 +21,9 @@ what it measured), one table on the terminal. It answers four questions per conf
    before each clock reading), and the speed of a 1,024-token prefill.
 3. **Which attention kernel?** `F.scaled_dot_product_attention` picks a backend (flash, memory
    efficient, cuDNN, math) from the inputs' dtype, shapes and mask. The profiler names the aten op it
-   ran, so the prefill and one decode step are profiled and each op name is mapped to its backend
-   (none, when no op was dispatched: a replayed CUDA graph launches its kernels directly).
+   ran, so three calls are profiled (the prefill, a ragged batch's prefill, where padding needs a
+   mask, and one decode step) and each op name is mapped to its backend (none, when no op was
+   dispatched: a replayed CUDA graph launches its kernels directly).
 4. **Memory as planned?** `torch.cuda.max_memory_allocated()` over the whole configuration against
    `memory.plan_memory` (weights + KV cache + activations), and the bytes allocated by loading
    against the plan's weights + KV cache. (CUDA only: the CPU has no such counter.)
@@ -136,6 +137,8 @@ CONFIGURATIONS = [
     # `--quantize int4` with the default dtype: bf16 on CUDA, whose int4 kernel takes nothing else.
     Configuration("int4", None, {"quantize": "int4"}, needs=(needs_bf16, needs_int4_kernel)),
     Configuration("w8a8", None, {"quantize": "w8a8"}, needs=(needs_cpu_int8_dot,)),  # CPUs only
+    # The static KV cache uncompiled: what the CUDA graph below runs (its decode attends the whole cache).
+    Configuration("fp16-static", torch.float16, {"static_cache": True}),
     # On CUDA, compile=True decodes with the static KV cache as one CUDA graph (mode "reduce-overhead");
     # static_cache=False keeps today's cache and a dynamic-shape graph. Each compiles for ~1 minute.
     Configuration("fp16-compile", torch.float16, {"compile": True}),
@@ -256,30 +259,33 @@ def backends_of(ops: list[str]) -> list[str]:
     return sorted({backend for backend in map(sdpa_backend, ops) if backend is not None})
 
 
-def prefill_check(llama: LLaMa, prompt: list[int]) -> dict:
-    """Time a prefill of `prompt` and name the attention backends of it and of one decode step after it."""
+def prefill_check(llama: LLaMa, prompt: list[int], ragged_batch: list[list[int]]) -> dict:
+    """Time a prefill of `prompt` and name the attention backends of it, of one decode step after it,
+    and of the prefill of a ragged batch (left-padded: attention gets a padding mask)."""
     device = llama.device
 
-    def prefill() -> None:
-        for _ in llama.decode([prompt], 1, GREEDY):  # the prefill, the first token, no decode step
+    def prefill(prompts: list[list[int]]) -> None:
+        for _ in llama.decode(prompts, 1, GREEDY):  # the prefill, the first token, no decode step
             pass
 
-    prefill()  # warm-up: kernels loaded, workspaces allocated
+    prefill([prompt])  # warm-up: kernels loaded, workspaces allocated
     synchronize(device)
     started = time.perf_counter()
-    prefill()
+    prefill([prompt])
     synchronize(device)
     seconds = time.perf_counter() - started
-    prefill_ops = attention_ops(prefill, device)
+    prefill_ops = attention_ops(lambda: prefill([prompt]), device)
 
     def one_decode_step() -> None:  # position len(prompt), right after the prefill in the KV cache
         with torch.inference_mode():
             llama.decode_step(llama.model, torch.tensor([prompt[-1:]], device=device), len(prompt), None)
 
     decode_ops = attention_ops(one_decode_step, device)
+    padded_ops = attention_ops(lambda: prefill(ragged_batch), device)
     return {"tokens": len(prompt), "seconds": seconds, "tok_s": len(prompt) / seconds,
             "sdpa_backends": backends_of(prefill_ops), "sdpa_ops": prefill_ops,
-            "decode_sdpa_backends": backends_of(decode_ops), "decode_sdpa_ops": decode_ops}
+            "decode_sdpa_backends": backends_of(decode_ops), "decode_sdpa_ops": decode_ops,
+            "padded_sdpa_backends": backends_of(padded_ops), "padded_sdpa_ops": padded_ops}
 
 
 def model_dtype(llama: LLaMa) -> torch.dtype:
@@ -369,7 +375,7 @@ def run_configuration(config: Configuration, work: Workload) -> dict:
         row["first_call_s"] = run.seconds  # with compile=True this includes compiling
         row["greedy"] = compare(work.reference, run)
         row["decode_tok_s"] = decode_rate(llama, work.prompt_tokens[0], work.new_tokens)
-        row["prefill"] = prefill_check(llama, work.prefill_prompt)
+        row["prefill"] = prefill_check(llama, work.prefill_prompt, work.prompt_tokens)
         if device.type == "cuda":
             memory = row["memory"]
             memory["peak_allocated"] = torch.cuda.max_memory_allocated(device) - baseline
@@ -439,19 +445,21 @@ def memory_cell(row: dict) -> str:
     return f"{memory['peak_allocated'] / MIB:.0f} / {memory['plan']['total'] / MIB:.0f}"
 
 
+BACKEND_COLUMNS = ("sdpa_backends", "padded_sdpa_backends", "decode_sdpa_backends")
+
+
 def backends_cell(backends: list[str]) -> str:
     # None at all: no attention op was dispatched, e.g. a replayed CUDA graph launches its kernels directly.
     return ",".join(backends) or "none dispatched"
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["config", "status", "tokens vs CPU fp32", "decode tok/s", "prefill tok/s", "SDPA prefill / decode",
-              "peak / plan MiB", "note"]
+    header = ["config", "status", "tokens vs CPU fp32", "decode tok/s", "prefill tok/s",
+              "SDPA prefill / padded / decode", "peak / plan MiB", "note"]
     lines = []
     for row in rows:
         prefill = row.get("prefill") or {}
-        backends = (f"{backends_cell(prefill['sdpa_backends'])} / {backends_cell(prefill['decode_sdpa_backends'])}"
-                    if prefill else "")
+        backends = " / ".join(backends_cell(prefill[key]) for key in BACKEND_COLUMNS) if prefill else ""
         note = row.get("note") or row.get("error") or ""
         lines.append([row["name"], row["status"], tokens_cell(row), number_cell(row.get("decode_tok_s")),
                       number_cell(prefill.get("tok_s"), 0), backends, memory_cell(row), note])

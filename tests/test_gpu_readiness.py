@@ -95,7 +95,7 @@ def test_the_smoke_run_writes_one_finished_report_with_every_field(smoke_report)
         assert row["greedy"]["identical_rows"] == sum(r["first_divergence"] is None for r in greedy_rows)
         prefill = row["prefill"]
         assert prefill["tokens"] == gpu_check.PREFILL_TOKENS and prefill["tok_s"] > 0
-        for key in ("sdpa_backends", "decode_sdpa_backends"):
+        for key in gpu_check.BACKEND_COLUMNS:
             assert prefill[key] and set(prefill[key]) <= KNOWN_BACKENDS, prefill
         assert "memory" not in row  # CUDA only
 
