@@ -417,10 +417,11 @@ class FeedForward(nn.Module):
         self.fused = fused  # see ModelArgs.fused_projections
         if fused:
             self.w13 = nn.Linear(dim, 2 * hidden_dim, bias=False)  # the rows of w1, then of w3
+            self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
         else:
             self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+            self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
             self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import cli
+import decoding
 import inference
 from conftest import LLAMA2_TOKENIZER
 from inference import LLaMa
@@ -48,13 +49,13 @@ class StepStamps(io.StringIO):
 
 def test_the_first_completion_is_printed_while_it_is_generated(ckpt, monkeypatch):
     steps: list[int] = []
-    eager_step = inference.decode_step
+    eager_step = decoding.decode_step
 
     def counted_step(*args):
         steps.append(1)
         return eager_step(*args)
 
-    monkeypatch.setattr(inference, "decode_step", counted_step)  # LLaMa.build picks up this one
+    monkeypatch.setattr(decoding, "decode_step", counted_step)  # LLaMa.build picks up this one
     out = StepStamps(steps)
     monkeypatch.setattr(sys, "stdout", out)
     assert cli.main(argv(ckpt, "--prompt", "Once upon a time", "--max-gen-len", "20", "--stop", "never")) == 0
