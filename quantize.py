@@ -169,6 +169,15 @@ def cpu_features() -> CpuFeatures:
 
 # PyTorch's CUDA int4 kernel (`_weight_int4pack_mm`) needs Ampere (compute capability 8.0) or newer.
 INT4_MIN_CUDA_CAPABILITY = (8, 0)
+# torch._int_mm takes uint8 activations on a CPU from PyTorch 2.12 (before: int8 only); the rest of
+# the engine runs on older releases (requirements.txt), so w8a8 alone asks for it.
+W8A8_MIN_TORCH = (2, 12)
+
+
+def torch_release(version: str = torch.__version__) -> tuple[int, int]:
+    """(major, minor) of a torch version string such as "2.13.0+cpu"."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
 
 
 def check_scheme_runs_here(
@@ -194,6 +203,10 @@ def check_scheme_runs_here(
     if device.type != "cpu":
         raise QuantizationError(f"--quantize {scheme} runs on CPUs only (integer matmuls with oneDNN): "
                                 f"on {device.type} use --quantize int8 or int4")
+    if torch_release() < W8A8_MIN_TORCH:
+        raise QuantizationError(
+            f"--quantize {scheme} needs PyTorch {'.'.join(map(str, W8A8_MIN_TORCH))} or newer (uint8 activations "
+            f"in torch._int_mm); this is {torch.__version__}: upgrade torch, or use --quantize int8")
     features = features if features is not None else cpu_features()
     if not features.int8_dot:
         raise QuantizationError(

@@ -263,6 +263,7 @@ class TorchApi:
     source: str  # how that is known
     present: Callable[[], bool]  # whether the installed torch has it
     symbols: tuple[str, ...] = ()  # its private or torch.compiler/torch.ops names, as the code spells them
+    gated: bool = False  # only one feature needs it, and refuses to run on an older torch (not the floor)
 
 
 WHEELS = "the files of PyTorch's release wheels"
@@ -312,7 +313,7 @@ TORCH_APIS = [
              symbols=("torch.ops.mkldnn._linear_pointwise",)),
     TorchApi("torch._int_mm with uint8 activations on a CPU (--quantize w8a8)", r"torch\._int_mm\(", "2.12",
              f"{WHEELS}: 2.12.0's libtorch_cpu takes 'int8 or uint8' for _int_mm's first argument, 2.11.0's "
-             f"only 'type int8'", runs_int_mm_on_uint8, symbols=("torch._int_mm",)),
+             f"only 'type int8'", runs_int_mm_on_uint8, symbols=("torch._int_mm",), gated=True),
     TorchApi("torch.cpu._is_vnni_supported, _is_amx_tile_supported, _is_avx512_bf16_supported",
              r"torch\.cpu\._is_", "2.5", f"{WHEELS}: torch/cpu/__init__.py defines them in 2.5.1, not in 2.4.1",
              lambda: all(hasattr(torch.cpu, name) for name in CPU_PROBES),
@@ -343,14 +344,29 @@ def torch_floor() -> Version:
     raise AssertionError("requirements.txt has no torch requirement")
 
 
-@pytest.mark.parametrize("api", TORCH_APIS, ids=lambda api: api.what)
+FLOOR_APIS = [api for api in TORCH_APIS if not api.gated]
+
+
+@pytest.mark.parametrize("api", FLOOR_APIS, ids=lambda api: api.what)
 def test_the_torch_floor_is_at_least_the_release_each_api_needs(api):
     assert torch_floor() >= Version(api.needs), f"{api.what} needs torch {api.needs} ({api.source})"
 
 
 def test_the_torch_floor_is_what_the_newest_api_needs():
     """Raising the floor for another reason is one more row in TORCH_APIS, saying why."""
-    assert torch_floor() == max(Version(api.needs) for api in TORCH_APIS)
+    assert torch_floor() == max(Version(api.needs) for api in FLOOR_APIS)
+
+
+def test_w8a8_asks_for_the_release_its_int_mm_needs_and_refuses_an_older_torch(monkeypatch):
+    """The one API above the floor is gated: w8a8 checks the running torch and says what to do."""
+    import quantize
+
+    (gated,) = [api for api in TORCH_APIS if api.gated]
+    assert Version(".".join(map(str, quantize.W8A8_MIN_TORCH))) == Version(gated.needs) > torch_floor()
+    assert quantize.torch_release("2.11.0+cu126") == (2, 11)
+    monkeypatch.setattr(quantize, "torch_release", lambda: (2, 11))
+    with pytest.raises(quantize.QuantizationError, match=r"w8a8 needs PyTorch 2.12 or newer .* use --quantize int8"):
+        quantize.linear_storage("cpu", torch.bfloat16, "w8a8", features=quantize.CpuFeatures("x", True, True))
 
 
 @pytest.mark.parametrize("api", TORCH_APIS, ids=lambda api: api.what)
