@@ -615,7 +615,7 @@ def load_transformer(
             # nn.Linear; its tensors join the state dict under the layer's name.
             layer = make_linear(module_name, tensor, storage, dtype, device)
             if storage != PLAIN:
-                release_scratch_memory()
+                release_scratch_memory(device)
             model.set_submodule(module_name, layer)
             kept = {f"{module_name}.{key}": t for key, t in layer.state_dict().items()}
         else:

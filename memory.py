@@ -215,8 +215,10 @@ def release_file_pages(mapped: list[torch.Tensor]) -> None:
             _libc.madvise(ctypes.c_void_p(first_page), ctypes.c_size_t(end_page - first_page), mmap.MADV_DONTNEED)
 
 
-def release_scratch_memory() -> None:
-    """Return the heap memory freed after quantizing (or packing) one layer to the OS.
+def release_scratch_memory(device: Optional[torch.device] = None) -> None:
+    """Return the heap memory freed after quantizing (or packing) one layer to the OS (and, for a
+    layer quantized on a GPU, PyTorch's cached GPU blocks: its caching allocator would keep the
+    float32 working copies' blocks reserved, and the memory plan does not count them).
 
     Quantizing a weight makes float32 working copies of it. Once they are freed, glibc's malloc keeps
     the memory for reuse in the arena of whichever thread allocated it, and which arenas PyTorch's
@@ -226,3 +228,5 @@ def release_scratch_memory() -> None:
     """
     if _libc is not None and hasattr(_libc, "malloc_trim"):
         _libc.malloc_trim(0)
+    if device is not None and device.type == "cuda":
+        torch.cuda.empty_cache()
