@@ -92,7 +92,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="prompts run together; more are split into several runs "
                         f"(default: {DEFAULT_MAX_BATCH_SIZE})")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float16 on GPU, bfloat16 on CPU)")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float16 on GPU, bfloat16 with int4 on CUDA; "
+                        "on a CPU bfloat16 where it computes bf16 natively, else float32)")
     parser.add_argument("--threads", type=int,
                         help="CPU threads to compute with (default: every CPU this process may use); on a busy "
                         "machine fewer can be much faster")
@@ -101,8 +102,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--echo", action="store_true", help="print each prompt's tokens with its completion")
     parser.add_argument("--logprobs", action="store_true", help="print each generated token with its log-probability")
     parser.add_argument("--quantize", choices=SCHEMES,
-                        help="weight-only quantization of the linear layers, done while loading (quantize.py; "
-                        "default: none)")
+                        help="quantize the linear layers while loading (quantize.py): int8/int4 weight-only; w8a8 "
+                        "int8 weights and activations, integer matmuls (CPUs with VNNI/AMX); default: none")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step: faster tokens after a slow first one")
     parser.add_argument("--speculate", type=int, default=0, metavar="N",
