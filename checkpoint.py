@@ -66,7 +66,7 @@ from memory import (  # noqa: F401  (re-exported: the memory plan's names have a
     release_file_pages,
     release_scratch_memory,
 )
-from model import (EMBEDDING_KEY, FUSED_PROJECTIONS, OUTPUT_KEY, ModelArgs, RopeScaling, Transformer, expected_shapes,
+from model import (EMBEDDING_KEY, OUTPUT_KEY, FusedPlace, ModelArgs, RopeScaling, Transformer, expected_shapes,
                    fused_name)
 from quantize import INT4, PLAIN, CpuFeatures, cpu_features, linear_layer_names, linear_storage, make_linear
 
@@ -605,8 +605,9 @@ def load_transformer(
         tensor = checkpoint.read(name)
         module_name = name.removesuffix(".weight")
         pieces = checkpoint.pieces(name)
-        if fusing is not None and fused_name(name) is not None:
-            joined = fusing.add(name, tensor, pieces)
+        place = fused_name(name) if fusing is not None else None
+        if place is not None:
+            joined = fusing.add(place, tensor, pieces)
             if joined is None:
                 continue  # the fused layer still waits for another of its parts
             module_name, tensor, pieces = joined
@@ -638,16 +639,15 @@ class FusedWeights:
     def __init__(self):
         self.waiting: dict[str, dict[int, tuple[torch.Tensor, list[torch.Tensor]]]] = {}
 
-    def add(self, name: str, tensor: torch.Tensor, pieces: list[torch.Tensor]):
-        fused_module, index = fused_name(name)
-        parts = self.waiting.setdefault(fused_module, {})
-        parts[index] = (tensor, pieces)
-        if len(parts) < len(FUSED_PROJECTIONS[fused_module.split(".", 2)[2]]):
+    def add(self, place: FusedPlace, tensor: torch.Tensor, pieces: list[torch.Tensor]):
+        parts = self.waiting.setdefault(place.module, {})
+        parts[place.index] = (tensor, pieces)
+        if len(parts) < place.n_parts:
             return None
-        del self.waiting[fused_module]
-        ordered = [parts[i] for i in range(len(parts))]
+        del self.waiting[place.module]
+        ordered = [parts[i] for i in range(place.n_parts)]
         weight = torch.cat([t for t, _ in ordered])  # (sum of the parts' N, K)
-        return fused_module, weight, [piece for _, part_pieces in ordered for piece in part_pieces]
+        return place.module, weight, [piece for _, part_pieces in ordered for piece in part_pieces]
 
 
 def shares_memory(tensor: torch.Tensor, mapped: list[torch.Tensor]) -> bool:

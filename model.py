@@ -35,7 +35,7 @@ Parameter names are Meta's (``tok_embeddings``, ``wq wk wv wo``, ``w1 w2 w3``, `
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -605,14 +605,23 @@ FUSED_PROJECTIONS = {
 }
 
 
-def fused_name(name: str) -> Optional[tuple[str, int]]:
+class FusedPlace(NamedTuple):
+    """Where a Meta weight goes in a fused model: its fused layer, its place there, and how many parts it has."""
+
+    module: str  # "layers.3.attention.wqkv"
+    index: int  # 1 for wk
+    n_parts: int  # 3
+
+
+def fused_name(name: str) -> Optional[FusedPlace]:
     """For a Meta weight that a fused model holds inside a fused layer ("layers.3.attention.wk.weight"):
-    that layer's name ("layers.3.attention.wqkv") and the weight's place in it (1). None for the others."""
+    that layer's name ("layers.3.attention.wqkv"), the weight's place in it (1) and the layer's
+    number of parts (3). None for the others."""
     module_name = name.removesuffix(".weight")
     for fused, parts in FUSED_PROJECTIONS.items():
         for index, part in enumerate(parts):
             if module_name.endswith("." + part):
-                return module_name.removesuffix(part) + fused, index
+                return FusedPlace(module_name.removesuffix(part) + fused, index, len(parts))
     return None
 
 

@@ -71,6 +71,7 @@ call (storage PREPACKED: the default for bf16 on CPU, unless the model is to be 
 Shape legend: N output features (rows of W), K input features, G group size, M rows of x.
 """
 
+import functools
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,8 +157,10 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+@functools.cache
 def cpu_features() -> CpuFeatures:
-    """This CPU's features, from PyTorch's own CPU probe (cpuinfo) and, on Linux, /proc/cpuinfo."""
+    """This CPU's features, from PyTorch's own CPU probe (cpuinfo) and, on Linux, /proc/cpuinfo.
+    Read once per process (a build asks several times: dtype, storage, the "loaded ..." line)."""
     flags = cpu_flags()
     amx = torch.cpu._is_amx_tile_supported()
     native_bf16 = torch.cpu._is_avx512_bf16_supported() or amx or any(f in flags for f in NATIVE_BF16_FLAGS)
