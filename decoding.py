@@ -316,9 +316,15 @@ class Decoding:
             self.llama.kv_cache.writes += 1
             layer = first_non_finite_layer(model, tokens[:, :cur_pos], pad_lens)
             where = f", first in the output of {layer}" if layer is not None else ""
-        why = ("in float16 activations can overflow: run in bfloat16 (--dtype bfloat16, dtype=\"bfloat16\"); "
-               "else its weights hold NaN/inf" if dtype == "float16" else "its weights hold NaN/inf, or overflowed")
-        return f"the checkpoint produced NaN/inf logits at position {cur_pos} ({dtype}{where}): {why}"
+        return f"the checkpoint produced NaN/inf logits at position {cur_pos} ({dtype}{where}): {non_finite_advice(dtype)}"
+
+
+def non_finite_advice(dtype: str) -> str:
+    """What to try when a model in `dtype` ("float16", ...) gives NaN/inf logits."""
+    if dtype == "float16":
+        return ("in float16 activations can overflow: run in bfloat16 (--dtype bfloat16, dtype=\"bfloat16\"); "
+                "else its weights hold NaN/inf")
+    return "its weights hold NaN/inf, or overflowed"
 
 
 def first_non_finite_layer(model: Transformer, tokens: torch.Tensor, pad_lens: Optional[torch.Tensor]) -> Optional[str]:

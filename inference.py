@@ -16,9 +16,10 @@ What happens between a prompt and its text (Meta's `generation.py`, restructured
 faster where the output repeats its input, the same greedy output. One prompt at a time.
 
 On top of `generate` sit `text_completion` (text in, text out) and `chat_completion` (dialogs in,
-assistant messages out). Batches larger than `max_batch_size` are split into several runs, one
-after the other. `stream` and `chat_stream` yield text pieces as they come; with
-`reuse_cache=True` a chat turn runs only its new tokens through the model.
+assistant messages out). A list of prompts is *continuously batched* (batching.py): up to
+`max_batch_size` run at once, and a row that ends is refilled with the next waiting prompt at once.
+`stream` and `chat_stream` yield text pieces as they come; with `reuse_cache=True` a chat turn
+runs only its new tokens through the model.
 
 Sampling settings travel as one `sampling.SamplingParams` value; `text_completion` and
 `chat_completion` keep Meta's keywords (`temperature`, `top_p`, ...) and make that value.
@@ -34,6 +35,7 @@ from typing import AbstractSet, Callable, Optional, Sequence, Union
 
 import torch
 
+from batching import generate_continuously
 from chat_format import ChatFormat, Dialog, DialogError, Message, chat_format_for
 from checkpoint import (
     check_build_arguments,
@@ -254,16 +256,10 @@ class LLaMa:
     # ----------------------------------------------------------------------------------------
 
     def generate(
-        self,
-        prompt_tokens: list[list[int]],
-        max_gen_len: int,
-        sampling: Optional[SamplingParams] = None,
-        logprobs: bool = False,
-        echo: bool = False,
-        stop_tokens: Optional[AbstractSet[int]] = None,
-        on_step: Optional[Callable[[list[GenerationRow]], None]] = None,
-        speculate: int = 0,
-        **loose_sampling_keywords,
+        self, prompt_tokens: list[list[int]], max_gen_len: int, sampling: Optional[SamplingParams] = None,
+        logprobs: bool = False, echo: bool = False, stop_tokens: Optional[AbstractSet[int]] = None,
+        on_step: Optional[Callable[[list[GenerationRow]], None]] = None, speculate: int = 0,
+        continuous: bool = True, **loose_sampling_keywords,
     ) -> list[Generation]:
         """Continue each list of prompt ids; one `Generation` per prompt, in order.
 
@@ -274,12 +270,17 @@ class LLaMa:
         the tokenizer's. on_step: called after every step with the `GenerationRow` of every prompt
         started so far (those of earlier batches finished), to show completions while they are made.
         speculate: prompt-lookup drafts per pass (decoding.py); the prompts then run one at a time.
+        continuous: batch a list continuously (batching.py; prompt i samples with seed + i); False:
+        in static batches of max_batch_size, one after the other (one generator for the whole run).
         """
         refuse_loose_sampling_keywords("generate", loose_sampling_keywords)
         sampling = sampling_or_default(sampling, "generate")
         self.check_can_generate(prompt_tokens, max_gen_len)
         check_speculate(speculate, batch_size=1)
         stop_tokens = self.tokenizer.stop_tokens if stop_tokens is None else stop_tokens
+        if continuous and len(prompt_tokens) > 1 and not speculate and self.tensor_parallel is None:
+            return generate_continuously(self, prompt_tokens, max_gen_len, sampling, logprobs, echo, stop_tokens,
+                                         on_step)
         generator = self.random_generator(sampling.seed)  # one for all batches: a seed fixes the whole run
         results, rows_so_far = [], []
         batch_size = 1 if speculate else self.args.max_batch_size
@@ -474,14 +475,12 @@ class LLaMa:
 # Names this module had before the command line moved to cli.py and the stop strings to sampling.py.
 MOVED_NAMES = {
     "main": "cli.main", "parse_args": "cli.parse_args", "warm_up": "cli.warm_up", "DEMO_PROMPTS": "cli.DEMO_PROMPTS",
-    "DEFAULT_CLI_MAX_GEN_LEN": "cli.DEFAULT_CLI_MAX_GEN_LEN",
-    "DEFAULT_CHAT_MAX_GEN_LEN": "chat.DEFAULT_CHAT_MAX_GEN_LEN",
+    "DEFAULT_CLI_MAX_GEN_LEN": "cli.DEFAULT_CLI_MAX_GEN_LEN", "DEFAULT_CHAT_MAX_GEN_LEN": "chat.DEFAULT_CHAT_MAX_GEN_LEN",
     "check_stop_strings": "sampling.check_stop_strings (or SamplingParams(stop=...))",
     "check_prompts": "LLaMa.encode_prompts", "check_cli_sampling": "cli.check_cli_args",
-    "print_logprobs": "cli.print_logprobs", "run_chat_cli": "cli.run_chat_cli",
-    "WARM_UP_TOKENS": "cli.WARM_UP_TOKENS", "COMPILE_OPTIONS": "decoding.COMPILE_OPTIONS",
-    "FILLER_TOKEN_ID": "decoding.FILLER_TOKEN_ID", "first_stop": "streaming.first_stop",
-    "partial_stop_len": "streaming.partial_stop_len",
+    "print_logprobs": "cli.print_logprobs", "run_chat_cli": "cli.run_chat_cli", "WARM_UP_TOKENS": "cli.WARM_UP_TOKENS",
+    "COMPILE_OPTIONS": "decoding.COMPILE_OPTIONS", "FILLER_TOKEN_ID": "decoding.FILLER_TOKEN_ID",
+    "first_stop": "streaming.first_stop", "partial_stop_len": "streaming.partial_stop_len",
 }
 
 

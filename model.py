@@ -263,26 +263,51 @@ class KVCache(nn.Module):
         self.register_buffer("cache_v", allocate(shape, device=device, dtype=dtype), persistent=False)
 
     def update(
-        self, start_pos: Union[int, torch.Tensor], xk: torch.Tensor, xv: torch.Tensor
+        self, start_pos: Union[int, torch.Tensor], xk: torch.Tensor, xv: torch.Tensor,
+        n_keys: Optional[int] = None, first_row: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new keys/values (B, K, T, D) at start_pos; return all filled ones (B, K, S, D).
+        """Write the new keys/values (B, K, T, D) at start_pos; return the first S positions (B, K, S, D).
 
-        start_pos may also be a 0-d tensor: the *static* use (CUDA graphs, `decoding.static_decode_step`).
-        Then the write goes to positions given as data, and the whole cache comes back (S =
-        max_seq_len), its unwritten positions masked by the caller: every step has the same shapes,
-        so one captured graph serves every position. The cache must then be zeroed (`zeroed=True`),
-        since masked positions still get multiplied by 0, and uninitialised memory may hold NaN.
+        The batch's rows are cache rows first_row ... first_row + B - 1 (continuous batching fills
+        one row at a time, see batching.py; everything else uses rows 0 ... B - 1). S is n_keys when
+        given (the width of the attention mask), else start_pos + T: only the filled part.
+
+        start_pos comes in three kinds:
+        - an int: every row writes positions start_pos ... start_pos + T - 1 (one prompt, or a
+          left-padded batch of them);
+        - a (B,) tensor: row b writes its own positions start_pos[b] ... (continuous batching: the
+          rows are at different points of different texts). The mask then hides, per row, the
+          positions after its own (`causal_mask`);
+        - a 0-d tensor: the *static* use (CUDA graphs, `decoding.static_decode_step`). Then the
+          write goes to positions given as data, and the whole cache comes back (S = max_seq_len),
+          its unwritten positions masked by the caller: every step has the same shapes, so one
+          captured graph serves every position. The cache must then be zeroed (`zeroed=True`),
+          since masked positions still get multiplied by 0, and uninitialised memory may hold NaN.
         """
         batch_size, _, seqlen, _ = xk.shape
+        rows = slice(first_row, first_row + batch_size)
+        if isinstance(start_pos, torch.Tensor) and start_pos.dim() == 1:  # each row at its own positions
+            row_ids = torch.arange(first_row, first_row + batch_size, device=xk.device)[:, None]  # (B, 1)
+            positions = start_pos[:, None] + torch.arange(seqlen, device=xk.device)  # (B, T)
+            # Indexing (B, 1) rows and (B, T) positions picks a (B, T) grid of (K, D) slots.
+            self.cache_k[row_ids, :, positions] = xk.transpose(1, 2)  # (B, T, K, D)
+            self.cache_v[row_ids, :, positions] = xv.transpose(1, 2)
+            return self.cache_k[rows, :, :n_keys], self.cache_v[rows, :, :n_keys]  # (B, K, S, D)
         if isinstance(start_pos, torch.Tensor):
             positions = start_pos + torch.arange(seqlen, device=xk.device)  # (T,)
-            self.cache_k[:batch_size].index_copy_(2, positions, xk)
-            self.cache_v[:batch_size].index_copy_(2, positions, xv)
-            return self.cache_k[:batch_size], self.cache_v[:batch_size]  # (B, K, max_seq_len, D)
+            self.cache_k[rows].index_copy_(2, positions, xk)
+            self.cache_v[rows].index_copy_(2, positions, xv)
+            return self.cache_k[rows], self.cache_v[rows]  # (B, K, max_seq_len, D)
         end_pos = start_pos + seqlen
-        self.cache_k[:batch_size, :, start_pos:end_pos] = xk
-        self.cache_v[:batch_size, :, start_pos:end_pos] = xv
-        return self.cache_k[:batch_size, :, :end_pos], self.cache_v[:batch_size, :, :end_pos]
+        self.cache_k[rows, :, start_pos:end_pos] = xk
+        self.cache_v[rows, :, start_pos:end_pos] = xv
+        return self.cache_k[rows, :, :end_pos], self.cache_v[rows, :, :end_pos]
+
+    def zero(self, row: int, start: int, end: int) -> None:
+        """Set positions start ... end - 1 of one cache row to 0 (batching.py: so that positions a
+        row attends to under its mask hold numbers, never the NaN that uninitialised memory may)."""
+        self.cache_k[row, :, start:end] = 0
+        self.cache_v[row, :, start:end] = 0
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -351,13 +376,16 @@ class Attention(nn.Module):
         return xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (B, H|K, T, D)
 
     def forward(
-        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
+        self, x: torch.Tensor, start_pos: Union[int, torch.Tensor], freqs_cis: torch.Tensor,
+        mask: Optional[torch.Tensor], first_row: int = 0,
     ) -> torch.Tensor:
         """x (B, T, C) at positions start_pos ... -> (B, T, C). mask: from `causal_mask`, or None:
-        nothing to mask for one decoded token (T = 1), plain causal attention for a prompt (T > 1)."""
+        nothing to mask for one decoded token (T = 1), plain causal attention for a prompt (T > 1).
+        first_row: the KV cache row of the batch's first row (see `KVCache.update`)."""
         batch_size, seqlen, _ = x.shape  # (B, T, C)
         xq, xk, xv = self.queries_keys_values(x, freqs_cis)  # (B, H|K, T, D)
-        keys, values = self.cache.update(start_pos, xk, xv)  # (B, K, S, D): only the filled part
+        n_keys = mask.shape[-1] if mask is not None else None  # S: the mask has a column per key
+        keys, values = self.cache.update(start_pos, xk, xv, n_keys, first_row)  # (B, K, S, D)
         if self.reference_attention:
             if mask is None and seqlen > 1:  # plainly causal (see `causal_mask`): written out here
                 mask = causal_mask(seqlen, start_pos, None, x.device, x.dtype)
@@ -441,9 +469,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
+        self, x: torch.Tensor, start_pos: Union[int, torch.Tensor], freqs_cis: torch.Tensor,
+        mask: Optional[torch.Tensor], first_row: int = 0,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, first_row)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -467,15 +496,22 @@ def causal_mask(
     token may look at. A padding token looks only at itself, so that its row is never all -inf
     (that would give NaN, and NaN leaks through `0 * value` into real rows in the next layer).
 
-    A static KV cache (`KVCache.update` with a position tensor) is attended to whole: n_keys =
+    Continuous batching (start_pos a (B,) tensor): row b's tokens are at its own positions
+    start_pos[b] ..., and the keys are the first n_keys positions of every row, as many as the
+    longest row needs. The same rule, per row: a shorter row sees its own positions up to its
+    token, and the columns after it, which belong to no text of its own yet, are masked.
+
+    A static KV cache (`KVCache.update` with a 0-d position tensor) is attended to whole: n_keys =
     max_seq_len columns, of which those after the new tokens are masked like any later position.
     """
-    if seqlen == 1 and pad_lens is None and n_keys is None:
+    per_row = isinstance(start_pos, torch.Tensor) and start_pos.dim() == 1
+    if seqlen == 1 and pad_lens is None and n_keys is None and not per_row:
         return None
     n_keys = n_keys if n_keys is not None else start_pos + seqlen  # S
-    query_pos = (start_pos + torch.arange(seqlen, device=device))[:, None]  # (T, 1)
-    key_pos = torch.arange(n_keys, device=device)[None, :]  # (1, S)
-    allowed = (key_pos <= query_pos)[None]  # (1, T, S)
+    starts = torch.as_tensor(start_pos, device=device).reshape(-1, 1)  # (B or 1, 1)
+    query_pos = (starts + torch.arange(seqlen, device=device))[:, :, None]  # (B or 1, T, 1)
+    key_pos = torch.arange(n_keys, device=device)[None, None, :]  # (1, 1, S)
+    allowed = key_pos <= query_pos  # (B or 1, T, S)
     if pad_lens is not None:
         key_is_real = key_pos >= pad_lens[:, None, None]  # (B, 1, S)
         allowed = (allowed & key_is_real) | (key_pos == query_pos)  # (B, T, S)
@@ -518,29 +554,38 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def forward(
         self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], pad_lens: Optional[torch.Tensor] = None,
-        last_only: bool = False,
+        last_only: bool = False, first_row: int = 0,
     ) -> torch.Tensor:
         """Logits (B, T, V) in float32 for tokens (B, T) placed at positions start_pos ... start_pos+T-1.
 
         Call it once with the whole prompt (start_pos = 0), then once per new token (T = 1,
-        start_pos = tokens so far). start_pos as a 0-d tensor uses the KV cache statically (see
-        `KVCache.update`): the same shapes at every position, for CUDA graphs. `pad_lens` (B,) gives the number of left-padding positions of
+        start_pos = tokens so far). `pad_lens` (B,) gives the number of left-padding positions of
         each row in a ragged batch: they are masked out, and each row's positions count from its
         first real token, so a padded prompt is rotated exactly as it would be alone.
+
+        start_pos as a (B,) tensor places each row at its own position (continuous batching,
+        batching.py: rows that began at different times decode side by side); first_row says
+        which KV cache row the batch's first row is (a new prompt is prefilled into the row that
+        came free). start_pos as a 0-d tensor uses the KV cache statically (see `KVCache.update`):
+        the same shapes at every position, for CUDA graphs.
 
         last_only: return only the last position's logits, (B, 1, V). Generation needs no more, and
         the output head is the largest matmul of a small model (V x C): skipping T - 1 of its rows
         makes a long prefill markedly cheaper.
         """
         batch_size, seqlen = tokens.shape
-        static_cache = isinstance(start_pos, torch.Tensor)  # see KVCache.update
-        if not static_cache and start_pos + seqlen > self.args.max_seq_len:
-            raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len={self.args.max_seq_len}")
-        if batch_size > self.args.max_batch_size:
-            raise ValueError(f"batch of {batch_size} exceeds max_batch_size={self.args.max_batch_size}")
+        static_cache = isinstance(start_pos, torch.Tensor) and start_pos.dim() == 0  # see KVCache.update
+        per_row = isinstance(start_pos, torch.Tensor) and start_pos.dim() == 1
+        last_pos = int(start_pos.max()) + seqlen if per_row else start_pos + seqlen  # one past the last position
+        if not static_cache and last_pos > self.args.max_seq_len:
+            raise ValueError(f"positions up to {last_pos} exceed max_seq_len={self.args.max_seq_len}")
+        if first_row + batch_size > self.args.max_batch_size:
+            raise ValueError(f"batch of {batch_size} from KV cache row {first_row} exceeds "
+                             f"max_batch_size={self.args.max_batch_size}")
         h = self.tok_embeddings(tokens)  # (B, T, C)
 
-        positions = (start_pos + torch.arange(seqlen, device=tokens.device))[None, :]  # (1, T)
+        starts = start_pos[:, None] if per_row else start_pos  # (B, 1), or the same start for every row
+        positions = starts + torch.arange(seqlen, device=tokens.device)[None, :]  # (B or 1, T)
         if pad_lens is not None:
             positions = (positions - pad_lens[:, None]).clamp(min=0)  # (B, T); padding -> position 0
         freqs_cis = self.rope_table(tokens.device)[positions]  # (B or 1, T, D/2)
@@ -548,17 +593,24 @@ class Transformer(nn.Module):
         # without padding (and a single decoded token needs none at all).
         if static_cache:  # the whole cache is attended to: mask what is not there yet
             mask = causal_mask(seqlen, start_pos, pad_lens, tokens.device, h.dtype, n_keys=self.args.max_seq_len)
+        elif per_row:  # as many keys as the longest row has
+            mask = causal_mask(seqlen, start_pos, pad_lens, tokens.device, h.dtype, n_keys=last_pos)
         elif start_pos == 0 and pad_lens is None:
             mask = None  # plainly causal
         else:
             mask = causal_mask(seqlen, start_pos, pad_lens, tokens.device, h.dtype)
 
         for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask)
+            h = layer(h, start_pos, freqs_cis, mask, first_row)
         if last_only:
             h = h[:, -1:]  # (B, 1, C)
         h = self.norm(h)
         return self.output(h).float()  # (B, T or 1, V)
+
+    def zero_cache(self, row: int, start: int, end: int) -> None:
+        """Zero positions start ... end - 1 of KV cache row `row` in every layer (see `KVCache.zero`)."""
+        for layer in self.layers:
+            layer.attention.cache.zero(row, start, end)
 
 
 # --------------------------------------------------------------------------------------------

@@ -102,6 +102,7 @@ NO_TOKEN_ID = -1
 
 # What `decode` puts where bytes do not (yet) form a whole UTF-8 character.
 REPLACEMENT_CHARACTER = "\ufffd"
+SENTENCEPIECE_SPACE = "\u2581"  # "▁", how SentencePiece writes a space inside a piece
 
 
 class TokenizerFileError(ValueError):
@@ -545,6 +546,22 @@ class Tokenizer:
         except KeyError:
             raise ValueError(f"token id not in the vocabulary of {self.model_path}: {i}") from None
         return piece.decode("utf-8", errors="replace")
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes id `i` stands for in the text (b"" for a control token such as <s>): joined over
+        a sequence, they are its UTF-8 text, even where one token holds only part of a character
+        (OpenAI's logprobs "bytes"). SentencePiece: a byte piece '<0xF0>' is that byte, '▁' a space."""
+        self._check_ids([i])
+        if self.sp_model is None:
+            try:
+                return self.model.decode_single_token_bytes(i)
+            except KeyError:
+                raise ValueError(f"token id not in the vocabulary of {self.model_path}: {i}") from None
+        if self.sp_model.IsControl(i):
+            return b""
+        if self.sp_model.IsByte(i):
+            return bytes([int(self.sp_model.id_to_piece(i)[len("<0x"):-len(">")], 16)])
+        return self.sp_model.id_to_piece(i).replace(SENTENCEPIECE_SPACE, " ").encode("utf-8")
 
     def is_control(self, i: int) -> bool:
         """Whether SentencePiece's decode skips id `i` (<s>, </s>); tiktoken decodes every id to text."""

@@ -485,3 +485,22 @@ def test_smollm2_numerals_newer_than_pythons_unicode_tables(demo_ckpt, hf_smollm
     for c in newer:
         for text in (c, " " + c, "x " + c + c):
             assert ours.encode(text, bos=False, eos=False) == hf_smollm2_tokenizer.encode(text, add_special_tokens=False), text
+
+
+EMOJI_TEXT = "Hello wörld 🦙 café, 😊🌍"
+
+
+def test_llama2_token_bytes_join_into_the_text_sentencepiece_decodes(llama2, sp_reference):
+    """Byte pieces (<0xF0> ...) are single bytes of a character; joined, every token's bytes are the
+    text (with SentencePiece's dummy-prefix space in front, which decode drops at the start)."""
+    ids = llama2.encode(EMOJI_TEXT, bos=True, eos=False)
+    assert llama2.token_bytes(ids[0]) == b""  # <s>
+    assert any(len(llama2.token_bytes(i)) == 1 and llama2.token_bytes(i)[0] >= 0x80 for i in ids)  # a byte piece
+    joined = b"".join(llama2.token_bytes(i) for i in ids).decode("utf-8")
+    assert joined == " " + sp_reference.decode(ids)
+
+
+def test_llama3_token_bytes_are_metas_tokenizer_bytes(llama3, meta_tokenizer):
+    ids = llama3.encode(EMOJI_TEXT, bos=True, eos=False)
+    assert [llama3.token_bytes(i) for i in ids] == [meta_tokenizer.model.decode_single_token_bytes(i) for i in ids]
+    assert b"".join(llama3.token_bytes(i) for i in ids[1:]).decode("utf-8") == EMOJI_TEXT
