@@ -36,7 +36,8 @@ request that failed on NaN, its slot is counted as holding none.
 
 `ContinuousBatching` is the scheduler: `submit` requests, call `step` until `busy` is False (or
 `run` a list to the end). `LLaMa.generate` uses it for a list of prompts; server.py runs it in one
-thread for all HTTP clients. It calls the model directly (eager, not a compiled decode step).
+thread for all HTTP clients. Prefills call the model; the decode step is `row_decode_step`, compiled
+when the engine is (`LLaMa.build(compile=True)`).
 
 Shapes: B rows in a step (up to max_batch_size), P a prompt's length, V vocabulary, S keys.
 """
@@ -47,12 +48,18 @@ from typing import AbstractSet, Callable, Iterator, Optional
 
 import torch
 
-from decoding import FILLER_TOKEN_ID, NonFiniteLogitsError, log_prob_of, non_finite_advice
+from decoding import FILLER_TOKEN_ID, NonFiniteLogitsError, compile_decode_step, log_prob_of, non_finite_advice
 from sampling import SamplingParams, sample
 from streaming import Generation, GenerationRow, TextTracker
 
 # torch.Generator.manual_seed takes 64-bit seeds; request i of a seeded list gets seed + i, wrapped.
 SEED_MODULUS = 2**64
+# Positions of a slot's KV cache zeroed at once ahead of what the longest row reads (see `_make_finite`):
+# a write to 30 layers' caches is ~60 small ops, worth doing once per 64 steps rather than every step.
+ZERO_AHEAD = 64
+# A decode step has at least 2 rows (a free one rides along): torch.compile treats a size of 1 as a
+# special case, and a compiled step would compile a second time (about a minute here) for a batch of one.
+MIN_DECODE_ROWS = 2
 
 
 @dataclass(eq=False)
@@ -94,14 +101,13 @@ class ContinuousBatching:
     """The scheduler over `llama` (an `inference.LLaMa`): requests wait in order, run in slots,
     and leave as soon as they end (see the top of this file). Not thread-safe: one thread steps it."""
 
-    def __init__(self, llama, on_finish: Optional[Callable[[Request], None]] = None):
+    def __init__(self, llama):
         self.llama = llama
         self.model = llama.model
         self.max_seq_len = llama.args.max_seq_len
         self.slots: list[Optional[Request]] = [None] * llama.args.max_batch_size
         self.finite_len = [0] * llama.args.max_batch_size  # per slot: positions 0 ... n - 1 hold numbers
         self.waiting: deque[Request] = deque()
-        self.on_finish = on_finish
         # The KV cache's rows are about to be overwritten: a paused stream or a chat's reuse_cache
         # must not trust them any more (decoding.KVCacheRecord).
         llama.kv_cache.tokens = []
@@ -173,6 +179,7 @@ class ContinuousBatching:
         """One pass for every running row, each at its own position; slots below the highest running
         one that are free ride along (their output is ignored)."""
         rows = 1 + max(r.slot for r in self.running)  # B: slots 0 ... rows - 1, a view of the cache
+        rows = min(max(rows, MIN_DECODE_ROWS), len(self.slots))
         tokens = torch.full((rows, 1), FILLER_TOKEN_ID, dtype=torch.long)  # (B, 1)
         positions = torch.zeros(rows, dtype=torch.long)  # (B,): a free slot sits at position 0
         for request in self.running:
@@ -182,17 +189,19 @@ class ContinuousBatching:
         for request in self.running:
             self._make_finite(request.slot, n_keys)
         device = self.llama.device
-        logits = self.model(tokens.to(device), positions.to(device), last_only=True)[:, -1]  # (B, V)
+        logits = self.llama.row_decode_step(self.model, tokens.to(device), positions.to(device), n_keys)  # (B, V)
         for request in self.running:
             request.cached += 1  # its newest token is in the cache now
             self.finite_len[request.slot] = max(self.finite_len[request.slot], request.cached)
             self._take(request, logits[request.slot], changed)
 
     def _make_finite(self, slot: int, n_keys: int) -> None:
-        """Zero the slot's cache positions from where it stops holding numbers up to n_keys."""
+        """Zero the slot's cache positions from where it stops holding numbers up to n_keys (and
+        ZERO_AHEAD positions beyond, so that this happens once every ZERO_AHEAD steps, not every step)."""
         if self.finite_len[slot] < n_keys:
-            self.model.zero_cache(slot, self.finite_len[slot], n_keys)
-            self.finite_len[slot] = n_keys
+            end = min(self.max_seq_len, n_keys + ZERO_AHEAD)
+            self.model.zero_cache(slot, self.finite_len[slot], end)
+            self.finite_len[slot] = end
 
     # ----------------------------------------------------------------------------------------
     # A row's next token, and its end
@@ -238,8 +247,6 @@ class ContinuousBatching:
         request.done = True
         if request not in changed:
             changed.append(request)
-        if self.on_finish is not None:
-            self.on_finish(request)
 
     def _seen_tokens(self, request: Request) -> Optional[torch.Tensor]:
         """(V,) bool: the prompt's ids, for the repetition penalty (None when it is off)."""
@@ -248,6 +255,17 @@ class ContinuousBatching:
         seen = torch.zeros(self.llama.args.vocab_size, dtype=torch.bool, device=self.llama.device)
         seen[torch.tensor(request.prompt_tokens, device=self.llama.device)] = True
         return seen
+
+
+def row_decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """One decode step of rows at their own positions: the logits (B, V) that follow `tokens` (B, 1),
+    row b's token at positions[b], attending to the first n_keys cache positions of each row."""
+    return model(tokens, positions, last_only=True, n_keys=n_keys)[:, -1]
+
+
+def make_row_decode_step(compile: bool):
+    """The row decode step an engine runs: eager, or compiled as the decode step is (decoding.py)."""
+    return compile_decode_step(row_decode_step) if compile else row_decode_step
 
 
 def request_generators(llama, seed: Optional[int], count: int) -> list[Optional[torch.Generator]]:

@@ -12,9 +12,10 @@ How it works (Meta's `generation.py`, restructured):
 3. **Decode**: one token per step. Each step feeds only the newest column (B, 1) at its position,
    and the model attends to the cache for the rest.
 
-`Decoding` is that loop, and the only one in the project: `LLaMa.decode` makes one, and
-generation (`LLaMa.generate`), streaming (`TextStream`), the chat REPL, `interpret.py why` and
-bench.py iterate it. It yields a `DecodeStep` per column *before* that column goes through the
+`Decoding` is that loop for one static batch: `LLaMa.decode` makes one, and streaming
+(`TextStream`), the chat REPL, `interpret.py why`, bench.py and `LLaMa.generate` of one prompt
+iterate it. A list of prompts is scheduled continuously instead (batching.py: rows join and leave
+at every step), with the same prefill, decode step and sampling. It yields a `DecodeStep` per column *before* that column goes through the
 model: a caller that has what it needs (every row at a stop token, enough text) just stops
 iterating, and no forward pass is wasted. Why a row ends is the caller's business (streaming.py).
 

@@ -4,9 +4,9 @@ What happens between a prompt and its text (Meta's `generation.py`, restructured
 
 1. Encode each prompt (tokenizer.py; a dialog through its chat format, chat_format.py).
 2. Run **the decode loop** (decoding.py): the prompts left-padded into one batch, a prefill pass
-   through the model, then one new column of tokens per step, each sampled by sampling.py. It is
-   the only loop in the project: `generate`, `stream`, the chat REPL, `interpret.py why` and
-   `bench.py` all iterate `LLaMa.decode`.
+   through the model, then one new column of tokens per step, each sampled by sampling.py.
+   `stream`, the chat REPL, `interpret.py why` and `bench.py` iterate `LLaMa.decode`; a list of
+   prompts goes through its continuous form, the scheduler of batching.py (see below).
 3. Rows stop independently at one of the tokenizer's stop tokens (or, in a chat, the format's
    end-of-turn tokens), or at an extra stop string; the run ends when every row has stopped or
    `max_gen_len` tokens were made. The stop token itself is not part of the output (streaming.py
@@ -35,7 +35,7 @@ from typing import AbstractSet, Callable, Optional, Sequence, Union
 
 import torch
 
-from batching import generate_continuously
+from batching import generate_continuously, make_row_decode_step, row_decode_step
 from chat_format import ChatFormat, Dialog, DialogError, Message, chat_format_for
 from checkpoint import (
     check_build_arguments,
@@ -103,6 +103,7 @@ class LLaMa:
         self.tensor_parallel = tensor_parallel  # None: the whole model is in this process
         self.kv_cache = KVCacheRecord()  # which ids the KV cache holds, for `reuse_cache`
         self.decode_step = decode_step  # or its compiled version: see `build(compile=True)`
+        self.row_decode_step = row_decode_step  # the same, for rows at their own positions (batching.py)
         # What `build` chose, for the "loaded ..." line: the linear layers' storage (quantize.py) and,
         # when the dtype was chosen for this CPU, why.
         self.linear_storage, self.dtype_note = None, ""
@@ -169,7 +170,7 @@ class LLaMa:
         static_cache = choose_static_cache(static_cache, device, compile)
         if static_cache and model is not None:
             model.setup_caches(device, dtype, zeroed=True)  # attended to whole: see model.KVCache.update
-        llama.decode_step = make_decode_step(compile, static_cache)
+        llama.decode_step, llama.row_decode_step = make_decode_step(compile, static_cache), make_row_decode_step(compile)
         return llama
 
     # ----------------------------------------------------------------------------------------

@@ -508,8 +508,11 @@ def causal_mask(
     if seqlen == 1 and pad_lens is None and n_keys is None and not per_row:
         return None
     n_keys = n_keys if n_keys is not None else start_pos + seqlen  # S
-    starts = torch.as_tensor(start_pos, device=device).reshape(-1, 1)  # (B or 1, 1)
-    query_pos = (starts + torch.arange(seqlen, device=device))[:, :, None]  # (B or 1, T, 1)
+    if per_row:
+        query_pos = start_pos[:, None] + torch.arange(seqlen, device=device)  # (B, T)
+    else:
+        query_pos = (start_pos + torch.arange(seqlen, device=device))[None, :]  # (1, T)
+    query_pos = query_pos[:, :, None]  # (B or 1, T, 1)
     key_pos = torch.arange(n_keys, device=device)[None, None, :]  # (1, 1, S)
     allowed = key_pos <= query_pos  # (B or 1, T, S)
     if pad_lens is not None:
@@ -554,7 +557,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def forward(
         self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], pad_lens: Optional[torch.Tensor] = None,
-        last_only: bool = False, first_row: int = 0,
+        last_only: bool = False, first_row: int = 0, n_keys: Optional[int] = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) in float32 for tokens (B, T) placed at positions start_pos ... start_pos+T-1.
 
@@ -566,7 +569,9 @@ class Transformer(nn.Module):
         start_pos as a (B,) tensor places each row at its own position (continuous batching,
         batching.py: rows that began at different times decode side by side); first_row says
         which KV cache row the batch's first row is (a new prompt is prefilled into the row that
-        came free). start_pos as a 0-d tensor uses the KV cache statically (see `KVCache.update`):
+        came free); n_keys: how many cache positions the rows attend to, at least the longest row's
+        end (default: computed from start_pos, a read of the device; a compiled step is given it).
+        start_pos as a 0-d tensor uses the KV cache statically (see `KVCache.update`):
         the same shapes at every position, for CUDA graphs.
 
         last_only: return only the last position's logits, (B, 1, V). Generation needs no more, and
@@ -576,7 +581,10 @@ class Transformer(nn.Module):
         batch_size, seqlen = tokens.shape
         static_cache = isinstance(start_pos, torch.Tensor) and start_pos.dim() == 0  # see KVCache.update
         per_row = isinstance(start_pos, torch.Tensor) and start_pos.dim() == 1
-        last_pos = int(start_pos.max()) + seqlen if per_row else start_pos + seqlen  # one past the last position
+        if per_row:
+            last_pos = n_keys if n_keys is not None else int(start_pos.max()) + seqlen  # S
+        else:
+            last_pos = start_pos + seqlen  # one past the last position
         if not static_cache and last_pos > self.args.max_seq_len:
             raise ValueError(f"positions up to {last_pos} exceed max_seq_len={self.args.max_seq_len}")
         if first_row + batch_size > self.args.max_batch_size:

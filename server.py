@@ -74,6 +74,7 @@ from openai_api import (
     usage,
 )
 from sampling import SamplingParams
+from streaming import GenerationRow, TextTracker
 from tokenizer import InvalidTextError
 
 DEFAULT_HOST = "127.0.0.1"  # this machine only; --host 0.0.0.0 to serve a network
@@ -82,6 +83,7 @@ DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_QUEUE = 64  # requests that may wait for a row before new ones get 429
 ENGINE_IDLE_POLL_SECONDS = 0.5  # how often an idle engine thread looks whether it should stop
 DISCONNECT_POLL_SECONDS = 0.5  # how often a waiting (non-streaming) handler checks its client
+WARM_UP_TOKENS = 3  # --compile: decode steps run before serving, so that the step is compiled
 MAX_BODY_BYTES = 16 * 2**20  # a request body larger than 16 MiB is refused (413)
 
 
@@ -176,6 +178,8 @@ class Engine:
             return
         text_sent, tokens_sent = self.sent[request]
         row = request.row
+        if row is None:  # refused before it ran
+            row = GenerationRow(TextTracker(self.llama.tokenizer, request.sampling.stop))
         news = News(text=row.text.text[text_sent:], tokens=row.tokens[tokens_sent:],
                     logprobs=row.logprobs[tokens_sent:], top=request.top[tokens_sent:len(row.tokens)])
         self.sent[request] = (len(row.text.text), len(row.tokens))
@@ -547,6 +551,13 @@ class Server:
 # --------------------------------------------------------------------------------------------
 
 
+def warm_up(llama: LLaMa) -> None:
+    """Two short requests through the scheduler (`generate` of a list), so that a compiled decode step
+    compiles before the first client waits for it."""
+    prompt = llama.encode_prompt("Hello", "warm-up prompt")
+    llama.generate([prompt, prompt], WARM_UP_TOKENS, SamplingParams(temperature=0))
+
+
 def has_logprobs(news: News) -> bool:
     """Whether the news carries log-probabilities (asked for, and tokens were made)."""
     return bool(news.logprobs) and news.logprobs[0] is not None
@@ -571,6 +582,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dtype", help="float32, bfloat16, float16 (default: chosen per device and CPU)")
     parser.add_argument("--quantize", choices=["int8", "int4", "w8a8"], help="quantize the linear layers on load")
     parser.add_argument("--threads", type=int, help="CPU threads (default: every CPU this process may use)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step (compiled before serving: a minute or two)")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be 0 to 65535, got {args.port}")
@@ -592,7 +605,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         ckpt_dir = args.ckpt_dir if args.ckpt_dir is not None else demo_checkpoint(None)
         llama = LLaMa.build(ckpt_dir, tokenizer_path=args.tokenizer, max_seq_len=args.max_seq_len,
                             max_batch_size=args.max_batch_size, device=args.device, dtype=args.dtype,
-                            quantize=args.quantize, threads=args.threads)
+                            quantize=args.quantize, threads=args.threads, compile=args.compile)
+        if args.compile:
+            print("compiling the decode step ...", file=sys.stderr)
+            warm_up(llama)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -112,3 +112,41 @@ def test_the_speculative_section_is_its_own_table_of_plain_and_speculative_rates
     assert [line.split("|")[1].strip() for line in lines[4:]] == ["ours bf16", "HF bf16"]  # llama.cpp did not run it
     assert "| 2.50x" in lines[4] and "90/120 (75%)" in lines[4]
     assert "| 2.00x" in lines[5] and "n/a" in lines[5]
+
+
+# --------------------------------------------------------------------------------------------
+# bench_batching.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_batching_workload_has_mixed_lengths_within_the_issues_bounds_and_is_seeded(demo_ckpt):
+    import bench_batching as bb
+    from inference import LLaMa
+
+    llama = LLaMa.build(demo_ckpt, load_model=False)
+    jobs = bb.make_workload(llama, 64, bb.WORKLOAD_SEED)
+    assert [j.prompt_tokens for j in jobs] == [j.prompt_tokens for j in bb.make_workload(llama, 64, bb.WORKLOAD_SEED)]
+    lengths = [len(j.prompt_tokens) for j in jobs]
+    assert max(lengths) <= bb.MAX_PROMPT_TOKENS and max(lengths) > bb.MAX_PROMPT_TOKENS * 0.9
+    assert min(lengths) < 64  # short ones too (the chat format's own tokens come first)
+    assert all(bb.MIN_GEN_LEN <= j.max_gen_len <= bb.MAX_GEN_LEN for j in jobs)
+    assert len({j.max_gen_len for j in jobs}) > 32
+    assert jobs[0].prompt_tokens == llama.chat_format.encode_dialog_prompt([{"role": "user", "content": jobs[0].question}])
+
+
+def test_the_batching_report_compares_throughputs_as_ratios_and_names_the_misses():
+    import bench_batching as bb
+
+    results = [bb.Result("ours continuous", tokens=600, seconds=10), bb.Result("ours static", tokens=600, seconds=20),
+               bb.Result("HF generate", tokens=500, seconds=25), bb.Result("server (16 clients)", tokens=560,
+                                                                           seconds=10, first_token_s=[1.0, 2.0, 3.0])]
+    machine = {"cpu": "a CPU", "cpu_features": "x", "threads": 2, "load_average": (0.1, 0.1, 0.1)}
+    jobs = [bb.Job("q", [1, 2, 3], 16)]
+    text, targets = bb.report(results, jobs, machine)
+    by_target = {t["target"]: t for t in targets}
+    assert by_target["ours continuous >= 2.0x ours static"]["ratio"] == 2.0
+    assert by_target["ours continuous >= 2.0x ours static"]["met"]
+    assert by_target["ours continuous >= 3.0x HF generate"]["ratio"] == 3.0
+    assert by_target["server >= 0.8x ours continuous"]["ratio"] == pytest.approx(56 / 60)
+    assert "ours continuous compile" not in text  # not run: no target for it
+    assert "2.00 / 3.00" in text  # median / p95 time to the first token

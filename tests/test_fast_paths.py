@@ -194,6 +194,25 @@ def test_warm_up_compiles_every_graph_a_generation_needs(tiny_ckpt):
     assert counters["stats"]["unique_graphs"] == graphs_after_warm_up
 
 
+def test_compiled_steps_serve_every_later_position_without_compiling_again(tiny_ckpt):
+    """Static batching of a ragged batch (an int position and a padding mask) and continuous batching
+    (a position per row): longer runs reuse the graphs of a short one, and give the eager tokens. A
+    position turned into a constant would compile a graph per token, until torch's recompile limit."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    kwargs = dict(max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32", progress=False)
+    compiled, eager = LLaMa.build(tiny_ckpt, compile=True, **kwargs), LLaMa.build(tiny_ckpt, **kwargs)
+    prompt_tokens = compiled.encode_prompts(["Hello, my name is", "1 2 3", "The quick brown fox"])
+    greedy = SamplingParams(temperature=0)
+    for continuous in (False, True):
+        compiled.generate(prompt_tokens, 4, greedy, continuous=continuous)
+        graphs = counters["stats"]["unique_graphs"]
+        tokens = [g.tokens for g in compiled.generate(prompt_tokens, 24, greedy, continuous=continuous)]
+        assert counters["stats"]["unique_graphs"] == graphs
+        assert tokens == [g.tokens for g in eager.generate(prompt_tokens, 24, greedy, continuous=continuous)]
+
+
 def test_cli_compile_reports_compiling_apart_and_prints_what_eager_prints(tiny_ckpt, capsys):
     from cli import main
 

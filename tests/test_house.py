@@ -19,7 +19,8 @@ SPINE = ["model", "tokenizer", "sampling", "quantize", "memory", "checkpoint", "
          "batching", "chat_format", "inference"]
 AROUND_THE_SPINE = ["atomic", "tokenizer_files", "convert_source", "convert_vocab", "convert_gguf", "convert_hf",
                     "convert", "demo_model", "chat", "tensor_parallel", "cli"]
-TOOLS = ["inspect_checkpoint", "reshard", "layers", "attribution", "interpret", "bench", "gpu_check", "openai_api", "server"]
+TOOLS = ["inspect_checkpoint", "reshard", "layers", "attribution", "interpret", "bench", "bench_batching", "gpu_check",
+         "openai_api", "server"]
 READING_ORDER = SPINE + AROUND_THE_SPINE + TOOLS
 
 # What `import inference` may load of ours: the engine and the small modules it needs.
