@@ -33,6 +33,7 @@ TIE_MARGIN = 1e-3  # logits; float32 noise between batch shapes is ~1e-5
 GREEDY = SamplingParams(temperature=0)
 STARTUP_SECONDS = 60  # bounds, not timings: how long a test waits before it calls a hang a failure
 FREED_SECONDS = 30
+CONCURRENT_TOKENS = 32  # per client of the 8 concurrent ones
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 7 times 8?", "Say hello in Spanish.",
              "What do bees make?", "How many legs does a spider have?", "What is the opposite of hot?",
              "Write a haiku about rain."]
@@ -173,17 +174,17 @@ def test_a_stop_string_ends_the_text_right_before_it(served):
 
 
 def test_a_seed_makes_sampling_reproducible(served):
-    ask = dict(model=MODEL, prompt="Once upon a time", max_tokens=20, temperature=1.0, seed=7)
+    ask = dict(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=1.0, seed=7)
     first = served.client.completions.create(**ask).choices[0].text
     assert served.client.completions.create(**ask).choices[0].text == first
-    others = {served.client.completions.create(**{**ask, "seed": s}).choices[0].text for s in (8, 9, 10)}
+    others = {served.client.completions.create(**{**ask, "seed": s}).choices[0].text for s in (8, 9)}
     assert len(others | {first}) > 1  # and it does sample
 
 
 def test_eight_concurrent_streaming_clients_get_what_each_prompt_gives_alone(served, alone):
     def ask(question: str) -> tuple[list[str], str]:
         stream = served.client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0,
+            model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=CONCURRENT_TOKENS, temperature=0,
             stream=True, logprobs=True)
         tokens, text, utf8 = [], "", b""
         for chunk in stream:
@@ -198,7 +199,8 @@ def test_eight_concurrent_streaming_clients_get_what_each_prompt_gives_alone(ser
     with ThreadPoolExecutor(len(QUESTIONS)) as pool:
         answers = list(pool.map(ask, QUESTIONS))
     for question, (tokens, text) in zip(QUESTIONS, answers):
-        expected, margins = greedy_alone(alone, chat_prompt(alone, question), 48, alone.chat_format.stop_tokens)
+        expected, margins = greedy_alone(alone, chat_prompt(alone, question), CONCURRENT_TOKENS,
+                                         alone.chat_format.stop_tokens)
         assert_same_or_tie(alone, tokens, expected, margins, question)
 
 
