@@ -419,23 +419,24 @@ class Server:
             return self._stream(jobs, header, prompt_tokens, include_usage, self._completion_choice_delta)
         answers = await self._whole(jobs, http)
         choices = [{"index": i, "text": job.prompt + a.text, "finish_reason": a.finish_reason,
-                    "logprobs": self._completion_logprobs(a) if n_logprobs is not None else None}
+                    "logprobs": self._completion_logprobs(a, len(job.prompt)) if n_logprobs is not None else None}
                    for i, (job, a) in enumerate(zip(jobs, answers))]
         return JSONResponse({**header, "choices": choices, "usage": usage(prompt_tokens, answers)})
 
-    def _completion_logprobs(self, news: News) -> dict:
-        """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+    def _completion_logprobs(self, news: News, start: int = 0) -> dict:
+        """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset (characters
+        into the choice's text, which begins with `start` characters of echoed prompt)."""
         decode = self.llama.tokenizer.decode
         texts = [decode([t]) for t in news.tokens]
-        offsets, at = [], 0
+        offsets, at = [], start
         for text in texts:
             offsets.append(at)
             at += len(text)
         top = [{decode([t]): lp for t, lp in alternatives} for alternatives in news.top] if news.top else None
         return {"tokens": texts, "token_logprobs": news.logprobs, "top_logprobs": top, "text_offset": offsets}
 
-    def _completion_choice_delta(self, index: int, news: News, first: bool) -> Optional[dict]:
-        logprobs = self._completion_logprobs(news) if has_logprobs(news) else None
+    def _completion_choice_delta(self, index: int, news: News, first: bool, shown: int) -> Optional[dict]:
+        logprobs = self._completion_logprobs(news, shown) if has_logprobs(news) else None
         if not news.text and not news.done and logprobs is None:
             return None  # e.g. the first bytes of a character: nothing to show yet
         return {"index": index, "text": news.text, "logprobs": logprobs, "finish_reason": news.finish_reason}
@@ -506,7 +507,7 @@ class Server:
         return [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]}
                 for t, lp, top in zip(news.tokens, news.logprobs, tops)]
 
-    def _chat_choice_delta(self, index: int, news: News, first: bool) -> Optional[dict]:
+    def _chat_choice_delta(self, index: int, news: News, first: bool, shown: int) -> Optional[dict]:
         logprobs = {"content": self._chat_logprobs(news)} if has_logprobs(news) else None
         if not news.text and not news.done and not first and logprobs is None:
             return None  # e.g. the first bytes of a character: nothing to show yet
@@ -516,13 +517,14 @@ class Server:
     # -- streaming -----------------------------------------------------------------------------------
 
     def _stream(self, jobs: list[Job], header: dict, prompt_tokens: int, include_usage: bool,
-                choice_delta: Callable[[int, News, bool], Optional[dict]]) -> StreamingResponse:
+                choice_delta: Callable[[int, News, bool, int], Optional[dict]]) -> StreamingResponse:
         """Server-sent events: one `data: {chunk}` per piece of news, then `data: [DONE]`. A request
         that fails mid-generation ends with an error event (its row is freed by the engine)."""
 
         async def events() -> AsyncIterator[str]:
             started = [False] * len(jobs)
             made = [0] * len(jobs)
+            shown = [0] * len(jobs)  # characters of each choice's text sent so far
             news_stream = self._events(jobs)
             try:
                 async for i, news in news_stream:
@@ -531,8 +533,9 @@ class Server:
                         error = {"message": news.error, "type": "server_error", "param": None, "code": "generation_failed"}
                         yield sse({"error": error})
                         continue
-                    choice = choice_delta(i, news, not started[i])
+                    choice = choice_delta(i, news, not started[i], shown[i])
                     started[i] = True
+                    shown[i] += len(news.text)
                     if choice is not None:
                         yield sse({**header, "choices": [choice]})
             finally:  # the client went away (or all ended): nothing of this request keeps running
