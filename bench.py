@@ -683,13 +683,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json != "-":
         print(report)
     if args.json:
-        data = {"machine": machine, "results": [asdict(r) for r in results], "targets": evaluations}
-        text = json.dumps(data, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            write_text_atomically(Path(args.json), text + "\n")
+        write_json(args.json, {"machine": machine, "results": [asdict(r) for r in results], "targets": evaluations})
     return 0
+
+
+def write_json(where: str, data: dict) -> None:
+    """--json: `data` to the file `where` (written safely), or to stdout for "-"."""
+    text = json.dumps(data, indent=2)
+    if where == "-":
+        print(text)
+    else:
+        write_text_atomically(Path(where), text + "\n")
 
 
 if __name__ == "__main__":

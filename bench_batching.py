@@ -25,7 +25,6 @@ printed: on a shared machine, compare only numbers from one run.
 """
 
 import argparse
-import json
 import os
 import queue
 import random
@@ -40,8 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from bench import PASSAGE, machine_description, markdown_table, prepare_paths
-from atomic import write_text_atomically
+from bench import PASSAGE, machine_description, markdown_table, prepare_paths, write_json
 
 N_PROMPTS = 64
 MIN_PROMPT_TOKENS, MAX_PROMPT_TOKENS = 16, 256
@@ -343,13 +341,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     text, targets = report(results, jobs, {**machine, "load_average": os.getloadavg()})
     print(text)
     if args.json:
-        payload = json.dumps({"machine": machine, "targets": targets,
-                              "results": [{k: v for k, v in asdict(r).items() if k != "answers"} for r in results]},
-                             indent=2)
-        if args.json == "-":
-            print(payload)
-        else:
-            write_text_atomically(Path(args.json), payload + "\n")
+        write_json(args.json, {"machine": machine, "targets": targets,
+                               "results": [{k: v for k, v in asdict(r).items() if k != "answers"} for r in results]})
     return 0
 
 

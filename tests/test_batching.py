@@ -14,7 +14,7 @@ from decoding import NonFiniteLogitsError
 from inference import LLaMa
 from model import ModelArgs, Transformer
 from sampling import SamplingParams
-from tiny import LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint
+from tiny import LLAMA2_VOCAB_SIZE, TINY, hf_greedy, hf_model, meta_state_dict, write_checkpoint
 
 # Mixed lengths on purpose: prompts of 2 to 14 tokens, answers of 3 to 17.
 PROMPTS = ["Hello, my name is", "The quick brown fox jumps over the lazy dog because it", "1 2 3", "Paris",
@@ -36,12 +36,6 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama(tiny):
     return LLaMa.build(tiny[1], max_seq_len=64, max_batch_size=3, device="cpu", dtype="float32", progress=False)
-
-
-def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
-    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                      attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
 
 
 def run(llama, prompt_tokens, max_gen_lens, sampling=GREEDY, generators=None):

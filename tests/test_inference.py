@@ -11,7 +11,7 @@ from conftest import LLAMA2_TOKENIZER
 from cli import main
 from inference import LLaMa
 from sampling import SamplingParams
-from tiny import LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint
+from tiny import LLAMA2_VOCAB_SIZE, TINY, hf_greedy, hf_model, meta_state_dict, write_checkpoint
 
 PROMPTS = ["Hello, my name is", "The quick brown fox jumps over the lazy dog because", "1 2 3", "Paris"]
 
@@ -28,12 +28,6 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama(tiny):
     return LLaMa.build(tiny[1], max_seq_len=128, max_batch_size=4, device="cpu", dtype="float32", progress=False)
-
-
-def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
-    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                      attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
 
 
 def test_greedy_tokens_equal_hugging_face_generate(tiny, llama):

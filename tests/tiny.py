@@ -46,6 +46,13 @@ def hf_model(params: dict, vocab_size: int, seed: int = 0) -> "transformers.Llam
     return model
 
 
+def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
+    """HF's greedy continuation of one prompt by n tokens (stop tokens ignored): the reference."""
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                      attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
+
+
 def meta_state_dict(model, params: dict) -> dict:
     sd = model.state_dict()
     n_heads, n_kv_heads = params["n_heads"], params["n_kv_heads"]
