@@ -64,6 +64,12 @@ Use it while loading (``checkpoint.load_transformer(..., quantize="int8")``: eac
 quantized as it is read, so the model never exists in full precision), or on a model already in
 memory (``quantize_model(model, "int4")``).
 
+Prompts: many rows at once. The weight-only kernels (int8, int4) are built for decoding, a few rows of x
+per call: they widen each weight as they go, once per row. A prompt of M = 512 rows makes that the
+slow part (5-8x slower than a float matmul on the same CPU, measured), so from `DEQUANTIZED_ROWS`
+rows on, a layer widens its weight once, to floats, a chunk of output rows at a time, and calls the
+float matmul (`dequantized_linear`): the same numbers up to float rounding, at float-matmul speed.
+
 Without quantization there is still one thing to gain on a CPU: `PackedLinear` keeps a bf16 weight in
 the blocked layout of the oneDNN kernel that multiplies it, instead of having it rearranged on every
 call (storage PREPACKED: the default for bf16 on CPU, unless the model is to be compiled).
@@ -78,6 +84,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # The four storages of a linear layer (see the table above). A quantization scheme's name is also
@@ -109,9 +116,15 @@ MIN_SCALE = 1e-10
 def min_scale(dtype: torch.dtype) -> float:
     """The smallest scale stored in `dtype`: MIN_SCALE, or the dtype's smallest normal number if larger."""
     return max(MIN_SCALE, torch.finfo(dtype).tiny)
-# Quantize this many rows at a time: bounds the float32 working copy (Llama 3's 128256-row output
-# head would need 2 GB at once).
+# Quantize (or dequantize) this many rows at a time: bounds the float32 working copy (Llama 3's
+# 128256-row output head would need 2 GB at once). A multiple of the int4 CPU layout's 64-row blocks.
 ROWS_PER_CHUNK = 4096
+# From this many rows of x, a quantized layer multiplies by its dequantized weight (`dequantized_linear`)
+# rather than with the weight-only kernel. Measured on 2 cores of a Xeon (Sapphire Rapids) for the
+# demo model's layers: the int8 kernel costs ~25 us a row, widening the weight once ~0.5 ms, so they
+# cross at ~24 rows; int4's kernel costs about as much a row, its unpacking ~1 ms. Decoding (8 rows,
+# or 11 with drafts) stays on the kernels; prompts go to the float matmul.
+DEQUANTIZED_ROWS = {"int8": 32, "int4": 64}
 OUTPUT_HEAD = "output"  # Meta's name of the final linear layer
 # w8a8 rounds each token's activations to 256 levels. Two layers read activations where that is too
 # coarse: the feed-forward's w2 (silu(w1 x) * w3 x has a few entries far larger than the rest, and
@@ -168,6 +181,15 @@ def cpu_features() -> CpuFeatures:
     shown = " ".join(f for f in (*INT8_DOT_FLAGS, *NATIVE_BF16_FLAGS) if f in flags)
     name = f"{platform.machine()}: {torch.backends.cpu.get_cpu_capability()}" + (f" ({shown})" if shown else "")
     return CpuFeatures(name=name, native_bf16=native_bf16, int8_dot=int8_dot)
+
+
+def float_matmul_dtype(dtype: torch.dtype, device: torch.device, features: Optional[CpuFeatures] = None) -> torch.dtype:
+    """The dtype a float matmul for activations in `dtype` runs fastest in: `dtype` itself, except
+    bfloat16 on a CPU without native bf16, where float32 is faster (oneDNN emulates bf16 with it)."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return dtype
+    features = features if features is not None else cpu_features()
+    return dtype if features.native_bf16 else torch.float32
 
 
 # PyTorch's CUDA int4 kernel (`_weight_int4pack_mm`) needs Ampere (compute capability 8.0) or newer.
@@ -254,6 +276,18 @@ def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
     return q, scales
 
 
+def dequantized_linear(rows: torch.Tensor, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """rows (M, K) @ W^T for a quantized `layer`, with W widened to `dtype` (`layer.dequantize_rows`)
+    ROWS_PER_CHUNK output rows at a time (a whole Llama 3 head at once would be a 1 GB copy), by the
+    float matmul; the result in rows' dtype. For prompts: see DEQUANTIZED_ROWS."""
+    x = rows.to(dtype)  # (M, K)
+    output = torch.empty(rows.shape[0], layer.out_features, dtype=rows.dtype, device=rows.device)  # (M, N)
+    for start in range(0, layer.out_features, ROWS_PER_CHUNK):
+        stop = min(start + ROWS_PER_CHUNK, layer.out_features)
+        output[:, start:stop] = F.linear(x, layer.dequantize_rows(start, stop, dtype))  # (M, n)
+    return output
+
+
 class Int8Linear(nn.Module):
     """Stands in for nn.Linear(K, N, bias=False): y = x @ (q * scales)^T."""
 
@@ -262,6 +296,7 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)  # (N, K) int8
         self.register_buffer("scales", scales)  # (N,) in the activations' dtype
+        self.float_dtype = float_matmul_dtype(scales.dtype, weight.device)  # for prompts: DEQUANTIZED_ROWS
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, dtype: torch.dtype) -> "Int8Linear":
@@ -269,7 +304,15 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K): the kernel takes a matrix
-        return torch._weight_int8pack_mm(rows, self.weight, self.scales).reshape(*x.shape[:-1], self.out_features)
+        if rows.shape[0] >= DEQUANTIZED_ROWS[INT8]:
+            y = dequantized_linear(rows, self, self.float_dtype)
+        else:
+            y = torch._weight_int8pack_mm(rows, self.weight, self.scales)  # (M, N)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows start ... stop of the float weight this layer multiplies by, (stop - start, K) in `dtype`."""
+        return self.weight[start:stop].to(dtype) * self.scales[start:stop, None].to(dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The float weight (N, K) this layer multiplies by, in float32 (for tests and inspection)."""
@@ -303,6 +346,10 @@ class W8A8Linear(nn.Module):
         self.register_buffer("scales", scales)  # (N,) float32
         # sum_k q[n, k]: exact in float32 (|sum| <= 127 * K, far below 2^24 for any Llama)
         self.register_buffer("weight_sums", weight.sum(dim=1, dtype=torch.int32).float())  # (N,)
+        # Prompts (DEQUANTIZED_ROWS rows or more) on a CPU with native bf16: the integer matmul is no
+        # faster there than AMX's bf16 one, and quantizing x and the formula's corrections cost more
+        # again; a bf16 matmul by the dequantized weight is faster, and exact in its activations.
+        self.float_prompts = cpu_features().native_bf16
 
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> "W8A8Linear":
@@ -310,11 +357,25 @@ class W8A8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)
+        if self.float_prompts and rows.shape[0] >= DEQUANTIZED_ROWS[INT8]:
+            y = dequantized_linear(rows, self, rows.dtype)
+        else:
+            y = self.integer_matmul(rows)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def integer_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (M, K) -> (M, N) in rows' dtype, by the integer matmul and the formula above."""
         codes, x_scales, x_zeros = quantize_activations(rows)  # (M, K) uint8, (M, 1), (M, 1)
         # (M, K) @ (K, N): the transposed view of q, which oneDNN reads in place.
         sums = torch._int_mm(codes, self.weight.t())  # (M, N) int32
-        y = (sums.float() - x_zeros * self.weight_sums) * x_scales * self.scales  # (M, N)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        y = sums.float()  # (M, N)
+        y.addr_(x_zeros.view(-1), self.weight_sums, alpha=-1)  # - z[m] * sum_k q[n, k], in place
+        y.mul_(x_scales).mul_(self.scales)  # * a[m] * s[n]
+        return y.to(rows.dtype)
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows start ... stop of the float weight, (stop - start, K) in `dtype` (see Int8Linear)."""
+        return self.weight[start:stop].to(dtype) * self.scales[start:stop, None].to(dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The float weight (N, K), in float32 (the activations' rounding is not in it)."""
@@ -369,6 +430,36 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return torch._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES)
 
 
+# PyTorch's CPU int4 layout (`_convert_weight_to_int4pack_for_cpu`), read back by `unpack_int4_cpu`:
+# the (N, K) values in blocks of 64 output rows, each block stored as (K, 32) bytes whose low
+# nibble is row i of the block and high nibble row i + 32. The layout is the kernel's own, not a
+# documented format, so `int4_cpu_layout_known` checks it once against the packing itself.
+INT4_CPU_BLOCK = 64
+NIBBLE = 4
+LOW_NIBBLE = 0xF
+
+
+def unpack_int4_cpu(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows start ... stop (multiples of INT4_CPU_BLOCK) of q from the CPU packing: (stop - start, K) uint8."""
+    n_blocks, half = (stop - start) // INT4_CPU_BLOCK, INT4_CPU_BLOCK // 2
+    blocks = packed[start:stop].reshape(n_blocks, -1, half)  # (n/64, K, 32) bytes
+    blocks = blocks.transpose(1, 2).contiguous()  # (n/64, 32, K): byte i of each k, rows i and i + 32
+    rows = torch.cat([blocks & LOW_NIBBLE, blocks >> NIBBLE], dim=1)  # (n/64, 64, K): rows i, then i + 32
+    return rows.view(stop - start, -1)  # (n, K)
+
+
+@functools.cache
+def int4_cpu_layout_known() -> bool:
+    """Whether this PyTorch's CPU int4 packing is the layout `unpack_int4_cpu` reads (packing made-up values)."""
+    shape = (2 * INT4_CPU_BLOCK, INT4_GROUP_SIZES[0])  # two blocks of rows, one group
+    probe = torch.randint(INT4_LEVELS, shape, generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    try:
+        packed = torch._convert_weight_to_int4pack_for_cpu(probe, INT4_INNER_K_TILES)
+    except RuntimeError:
+        return False
+    return packed.dtype == torch.uint8 and torch.equal(unpack_int4_cpu(packed, 0, probe.shape[0]).int(), probe)
+
+
 class Int4Linear(nn.Module):
     """Stands in for nn.Linear(K, N, bias=False) with 4-bit weights in groups of G along K."""
 
@@ -379,6 +470,11 @@ class Int4Linear(nn.Module):
         self.group_size = group_size
         self.register_buffer("weight", packed_weight)  # packed 4-bit values, layout private to the kernel
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # (K/G, N, 2) in the activations' dtype
+        # Prompts on a CPU (DEQUANTIZED_ROWS): the weight unpacked to floats, where its layout is the one
+        # `unpack_int4_cpu` reads (None: the kernel for every call).
+        self.float_dtype = None
+        if packed_weight.device.type == "cpu" and self.out_features % INT4_CPU_BLOCK == 0 and int4_cpu_layout_known():
+            self.float_dtype = float_matmul_dtype(scales_and_zeros.dtype, packed_weight.device)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, dtype: torch.dtype, group_size: int = DEFAULT_INT4_GROUP_SIZE,
@@ -391,9 +487,21 @@ class Int4Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)  # (M, K)
         if rows.device.type == "cuda":
             y = torch._weight_int4pack_mm(rows, self.weight, self.group_size, self.scales_and_zeros)
+        elif rows.shape[0] >= DEQUANTIZED_ROWS[INT4] and self.float_dtype is not None:
+            y = dequantized_linear(rows, self, self.float_dtype)
         else:
             y = torch._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size, self.scales_and_zeros)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows start ... stop (multiples of INT4_CPU_BLOCK) of the float weight, (stop - start, K) in `dtype`."""
+        q = unpack_int4_cpu(self.weight, start, stop)  # (n, K) in 0 ... 15
+        groups = q.view(stop - start, -1, self.group_size).to(dtype)  # (n, K/G, G)
+        # (n, K/G, 2), contiguous: broadcasting a transposed view costs 4x more than the copy
+        scales_and_zeros = self.scales_and_zeros[:, start:stop].transpose(0, 1).to(dtype).contiguous()
+        scales, zeros = scales_and_zeros[..., :1], scales_and_zeros[..., 1:]  # (n, K/G, 1) each
+        groups.sub_(INT4_MIDPOINT).mul_(scales).add_(zeros)  # (q - 8) * scale + zero, in place
+        return groups.view(stop - start, self.in_features)
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,9 +22,11 @@ from checkpoint import MemoryPlanError, load_model_args, load_transformer, plan_
 from conftest import LLAMA2_TOKENIZER
 from cli import main
 from inference import LLaMa
-from quantize import (INT4, INT4_MIDPOINT, INT8, PLAIN, PREPACKED, W8A8, CpuFeatures, Int4Linear, Int8Linear,
-                      PackedLinear, QuantizationError, W8A8Linear, cpu_features, linear_storage, make_linear,
-                      prepacking_helps, quantize_int4, quantize_int8, quantize_model)
+import quantize
+from quantize import (DEQUANTIZED_ROWS, INT4, INT4_INNER_K_TILES, INT4_MIDPOINT, INT8, PLAIN, PREPACKED, W8A8,
+                      CpuFeatures, Int4Linear, Int8Linear, PackedLinear, QuantizationError, W8A8Linear, cpu_features,
+                      dequantized_linear, float_matmul_dtype, int4_cpu_layout_known, linear_storage, make_linear,
+                      prepacking_helps, quantize_int4, quantize_int8, quantize_model, unpack_int4_cpu)
 from tiny import (LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint,
                   write_tiny_llama2_checkpoint)
 
@@ -83,7 +85,8 @@ def test_w8a8_layer_equals_rounded_activations_times_the_int8_weight(rows):
     layer = W8A8Linear.from_float(weight)
     x = torch.randn(rows, 128, generator=generator) * torch.linspace(0.1, 10, rows)[:, None]  # rows of different scales
     expected = per_row_uint8_reference(x) @ layer.dequantize().double().T
-    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-4)
+    # integer_matmul: what layer(x) runs, except for prompts on a CPU with native bf16 (the next tests)
+    torch.testing.assert_close(layer.integer_matmul(x).double(), expected, rtol=1e-5, atol=1e-4)
     # ... and close to the unquantized product: each row's error is bounded by its own step.
     assert (layer(x) - x @ weight.T).abs().max() < 0.05 * (x @ weight.T).abs().max()
     assert torch.equal(layer.weight, Int8Linear.from_float(weight, torch.float32).weight)  # int8's weights
@@ -116,6 +119,74 @@ def test_int4_layer_multiplies_by_its_dequantized_weight_which_is_within_half_a_
     layer = Int4Linear.from_float(weight, torch.float32, group_size)
     x = torch.randn(2, 3, 128)
     torch.testing.assert_close(layer(x), x @ dequantized.T, rtol=1e-5, atol=1e-4)
+
+
+def test_unpacking_the_int4_cpu_layout_gives_back_the_values_packed():
+    """The int4 CPU kernel's private layout, read by unpack_int4_cpu for prompts: checked here
+    against the packing itself, for more than one 64-row block and from a block other than the first."""
+    assert int4_cpu_layout_known()
+    q = torch.randint(16, (192, 96), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES)
+    assert torch.equal(unpack_int4_cpu(packed, 0, 192).int(), q)
+    assert torch.equal(unpack_int4_cpu(packed, 64, 192).int(), q[64:])
+
+
+def quantized_layer(scheme: str, weight: torch.Tensor, dtype: torch.dtype):
+    if scheme == W8A8:
+        return W8A8Linear.from_float(weight)
+    return (Int8Linear if scheme == INT8 else Int4Linear).from_float(weight, dtype)
+
+
+def weight_only_kernel(layer, rows: torch.Tensor) -> torch.Tensor:
+    """What the layer's decode kernel gives for `rows`: PyTorch's own int8 / int4 matmul, or w8a8's integer one."""
+    if isinstance(layer, Int8Linear):
+        return torch._weight_int8pack_mm(rows, layer.weight, layer.scales)
+    if isinstance(layer, Int4Linear):
+        return torch._weight_int4pack_mm_for_cpu(rows, layer.weight, layer.group_size, layer.scales_and_zeros)
+    return layer.integer_matmul(rows)
+
+
+@pytest.mark.parametrize("scheme", [INT8, INT4, pytest.param(W8A8, marks=needs_int8_dot)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_prompt_multiplies_by_the_dequantized_weight_and_agrees_with_the_decode_kernel(scheme, dtype):
+    """From DEQUANTIZED_ROWS rows on, a quantized layer widens its weight and uses the float matmul:
+    the same product as PyTorch's quantized kernel, up to the dtype's rounding; below, the kernel itself."""
+    if scheme == W8A8 and dtype != torch.bfloat16:
+        pytest.skip("w8a8 runs bf16 models")
+    generator = torch.Generator().manual_seed(0)
+    layer = quantized_layer(scheme, torch.randn(192, 128, generator=generator) * 0.05, dtype)
+    rows = DEQUANTIZED_ROWS[INT8 if scheme == W8A8 else scheme]
+    x = torch.randn(rows, 128, generator=generator).to(dtype)
+    reference = x.double() @ layer.dequantize_rows(0, 192, torch.float64).T  # the dequantized weight, exactly
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    if scheme == W8A8 and not layer.float_prompts:  # no native bf16: prompts stay on the integer matmul
+        torch.testing.assert_close(layer(x), layer.integer_matmul(x))
+    else:
+        torch.testing.assert_close(layer(x).double(), reference, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(weight_only_kernel(layer, x).double(), layer(x).double(), rtol=2 * tolerance,
+                               atol=2 * tolerance)
+    fewer = x[: rows - 1]
+    assert torch.equal(layer(fewer), weight_only_kernel(layer, fewer))  # decoding: the kernel, bit for bit
+
+
+def test_the_dequantized_matmul_in_chunks_of_rows_equals_it_in_one_piece(monkeypatch):
+    layer = Int8Linear.from_float(torch.randn(200, 64), torch.float32)
+    x = torch.randn(40, 64)
+    whole = dequantized_linear(x, layer, torch.float32)
+    monkeypatch.setattr(quantize, "ROWS_PER_CHUNK", 64)  # 200 rows: chunks of 64, 64, 64 and 8
+    torch.testing.assert_close(dequantized_linear(x, layer, torch.float32), whole)
+    torch.testing.assert_close(whole, x @ layer.dequantize().T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device, dtype, native_bf16, expected", [
+    ("cpu", torch.bfloat16, True, torch.bfloat16),
+    ("cpu", torch.bfloat16, False, torch.float32),  # emulated bf16 is slower than float32
+    ("cpu", torch.float32, False, torch.float32),
+    ("cuda", torch.float16, False, torch.float16),
+])
+def test_a_prompts_float_matmul_runs_in_bf16_only_where_the_cpu_has_it(device, dtype, native_bf16, expected):
+    features = CpuFeatures(name="made up", native_bf16=native_bf16, int8_dot=True)
+    assert float_matmul_dtype(dtype, torch.device(device), features) == expected
 
 
 def test_int4_rejects_shapes_its_kernel_cannot_take_and_says_to_use_int8():
