@@ -56,6 +56,7 @@ import torch
 from tqdm import tqdm
 
 from memory import (  # noqa: F401  (re-exported: the memory plan's names have always been importable from here)
+    HostToDevice,
     MemoryPlan,
     MemoryPlanError,
     available_memory,
@@ -601,8 +602,10 @@ def load_transformer(
     linear_layers = set(linear_layer_names(model))
     loaded = {}
     fusing = FusedWeights() if fuse_projections else None
+    to_device = HostToDevice(device)  # to a GPU through pinned buffers; elsewhere a plain .to
     for name in tqdm(checkpoint.names(), desc=f"loading {checkpoint.dir.name}", unit="tensor", disable=not progress):
         tensor = checkpoint.read(name)
+        tensor = to_device.to(tensor)  # as stored (cast, and quantized, on the device); on a CPU the same tensor
         module_name = name.removesuffix(".weight")
         pieces = checkpoint.pieces(name)
         place = fused_name(name) if fusing is not None else None
@@ -624,6 +627,7 @@ def load_transformer(
         loaded.update(kept)
         if not any(shares_memory(t, pieces) for t in kept.values()):
             release_file_pages(pieces)  # copied out: the file's pages need not stay in our memory
+    to_device.close()
     model.load_state_dict(loaded, strict=True, assign=True)
     model.setup_caches(device, dtype)
     return model.eval()

@@ -11,6 +11,8 @@
    release wheels, compared between the release that has it and the one before), and every one of
    them exists in the installed torch. Every private torch symbol the code calls must be in the
    table, and every row must still be used, so the table cannot silently go stale.
+4. Loading onto a GPU goes through two reused pinned buffers (`memory.HostToDevice`); the pieces and
+   their reassembly are device-independent, checked here on the CPU with ordinary buffers.
 """
 
 import json
@@ -28,8 +30,10 @@ import torch.nn.functional as F
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+import checkpoint
 import gpu_check
-from checkpoint import choose_dtype
+from checkpoint import choose_dtype, load_model_args, load_transformer
+from memory import N_STAGING_BUFFERS, HostToDevice
 from conftest import LLAMA2_TOKENIZER
 from tiny import write_tiny_llama2_checkpoint
 
@@ -383,3 +387,35 @@ def test_every_private_torch_symbol_the_code_calls_is_in_the_table():
     listed = {symbol for api in TORCH_APIS for symbol in api.symbols}
     unlisted = sorted(set(TORCH_SYMBOL.findall(our_code())) - listed)
     assert unlisted == [], f"add a row to TORCH_APIS (with the release that introduced it) for {unlisted}"
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Copies to a GPU through pinned buffers, their pieces checked on the CPU
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.bool])
+def test_a_tensor_copied_in_pieces_through_the_staging_buffers_arrives_whole(dtype):
+    staging = HostToDevice(CPU, staged=True, staging_bytes=1000)  # 1000 bytes: pieces cut through elements
+    tensors = [(torch.randn(37, 53) * 100).to(dtype), (torch.randn(3, 1) * 100).to(dtype),
+               (torch.randn(64, 48) * 100).to(dtype).t()]  # the last one not contiguous
+    for source in tensors:
+        copied = staging.to(source)
+        assert copied.dtype == source.dtype and copied.shape == source.shape
+        assert torch.equal(copied, source) and copied.data_ptr() != source.data_ptr()
+    assert len(staging.buffers) == N_STAGING_BUFFERS  # reused, not one per tensor or piece
+    staging.close()
+    assert staging.buffers == []
+
+
+def test_off_a_gpu_the_loader_keeps_each_tensor_as_read_and_staged_loading_gives_the_same_model(tiny_ckpt,
+                                                                                                 monkeypatch):
+    assert HostToDevice(CPU).to(tensor := torch.randn(4)) is tensor  # no copy: the memory-mapped tensor stays
+    args = load_model_args(tiny_ckpt, max_seq_len=16, max_batch_size=1)
+    plain = load_transformer(tiny_ckpt, args, CPU, torch.float32, progress=False)
+    monkeypatch.setattr(checkpoint, "HostToDevice", lambda device: HostToDevice(device, staged=True, staging_bytes=4096))
+    staged = load_transformer(tiny_ckpt, args, CPU, torch.float32, progress=False)
+    expected = plain.state_dict()
+    assert staged.state_dict().keys() == expected.keys()
+    for name, value in staged.state_dict().items():
+        assert torch.equal(value, expected[name]), name
