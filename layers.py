@@ -33,6 +33,7 @@ from torch import nn
 
 from checkpoint import ShardedCheckpoint, check_checkpoint_dir, choose_device, choose_dtype, load_model_args
 from inference import DEFAULT_MAX_SEQ_LEN
+from memory import HostToDevice
 from model import Attention, Transformer, TransformerBlock, attention_weights, causal_mask, repeat_kv
 
 # Interpretation works on one text at a time; attribution batches its interpolation steps itself.
@@ -106,17 +107,19 @@ class LayerLoader:
 
     def load(self, embedding: bool = False, layers: Iterable[int] = (), head: bool = False) -> None:
         """Read the embedding, the given blocks and/or the final norm + head into `self.model`."""
+        to_device = HostToDevice(self.device)  # to a GPU through pinned buffers; elsewhere a plain .to
         for piece in self._pieces(embedding, layers, head):
             module = self.model.get_submodule(piece)
             if is_loaded(module):
                 continue
             if self.checkpoint is None:
                 raise ValueError("this LayerLoader is closed: make a new one to load more")
-            state = {key: self.checkpoint.read(f"{piece}.{key}").to(device=self.device, dtype=self.dtype)
+            state = {key: to_device.to(self.checkpoint.read(f"{piece}.{key}")).to(self.dtype)  # cast on the device
                      for key in module.state_dict()}
             module.load_state_dict(state, strict=True, assign=True)
             if isinstance(module, TransformerBlock):
                 module.attention.setup_cache(self.device, self.dtype)
+        to_device.close()
 
     def unload(self, embedding: bool = False, layers: Iterable[int] = (), head: bool = False) -> None:
         """Send pieces back to the "meta" device, which frees their memory."""

@@ -373,9 +373,7 @@ class W8A8Linear(nn.Module):
         y.mul_(x_scales).mul_(self.scales)  # * a[m] * s[n]
         return y.to(rows.dtype)
 
-    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows start ... stop of the float weight, (stop - start, K) in `dtype` (see Int8Linear)."""
-        return self.weight[start:stop].to(dtype) * self.scales[start:stop, None].to(dtype)
+    dequantize_rows = Int8Linear.dequantize_rows  # the same int8 weight and per-row scales
 
     def dequantize(self) -> torch.Tensor:
         """The float weight (N, K), in float32 (the activations' rounding is not in it)."""

@@ -56,6 +56,7 @@ from checkpoint import (
     model_args_from_params,
     read_params_file,
 )
+from memory import HostToDevice
 from model import ModelArgs, Transformer, expected_shapes
 
 # Where torchrun tells each process who it is.
@@ -309,12 +310,14 @@ def load_tensor_parallel_transformer(
         parallelize(model, plan)
 
     state_dict = {}
+    to_device = HostToDevice(tp.device)  # to a GPU through pinned buffers; elsewhere a plain .to
     names = tqdm(checkpoint.names(), desc=f"loading {checkpoint.dir.name} (rank {tp.rank} of {tp.world_size})",
                  unit="tensor", disable=not progress)
     for name in names:
         where = weight_slice(name, plan, args.head_dim)
         tensor = checkpoint.read(name) if where is None else checkpoint.read(name, *where)
-        state_dict[name] = tensor.to(device=tp.device, dtype=dtype).contiguous()
+        state_dict[name] = to_device.to(tensor).to(dtype).contiguous()  # cast on the device
+    to_device.close()
     model.load_state_dict(state_dict, strict=True, assign=True)  # strict: also every slice's shape
     model.setup_caches(tp.device, dtype)
     return model.eval()
