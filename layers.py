@@ -31,9 +31,8 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from checkpoint import ShardedCheckpoint, check_checkpoint_dir, choose_device, choose_dtype, load_model_args
+from checkpoint import HostToDevice, ShardedCheckpoint, check_checkpoint_dir, choose_device, choose_dtype, load_model_args
 from inference import DEFAULT_MAX_SEQ_LEN
-from memory import HostToDevice
 from model import Attention, Transformer, TransformerBlock, attention_weights, causal_mask, repeat_kv
 
 # Interpretation works on one text at a time; attribution batches its interpolation steps itself.

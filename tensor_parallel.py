@@ -51,12 +51,12 @@ from checkpoint import (
     OUTPUT_KEY,
     PARAMS_FILE,
     CheckpointError,
+    HostToDevice,
     ShardedCheckpoint,
     choose_device,
     model_args_from_params,
     read_params_file,
 )
-from memory import HostToDevice
 from model import ModelArgs, Transformer, expected_shapes
 
 # Where torchrun tells each process who it is.
