@@ -23,7 +23,7 @@ import torch
 from chat import DEFAULT_CHAT_MAX_GEN_LEN, ChatSession, enable_line_editing, run_chat
 from checkpoint import CheckpointError, choose_threads, usable_cpus
 from inference import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, Generation, LLaMa
-from quantize import INT4, INT8, PLAIN, PREPACKED, SCHEMES, W8A8, cpu_features
+from quantize import INT4, INT8, PLAIN, PREPACKED, SCHEMES, W8A8, W8A8Linear, cpu_features
 from sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, NO_REPETITION_PENALTY, SAMPLING_KEYWORDS, SamplingParams
 from streaming import GenerationRow
 from tensor_parallel import TensorParallel, init_from_torchrun, main_rank_first
@@ -152,7 +152,7 @@ STORAGE_WORDS = {
     PLAIN: "linear layers plain",
     PREPACKED: "linear layers prepacked for oneDNN",
     INT8: "linear layers int8 (weight-only)",
-    INT4: "linear layers int4 (weight-only, head int8)",
+    INT4: "linear layers int4 (weight-only, head int8 weight-only)",  # or its head in w8a8: `storage_words`
     W8A8: "linear layers w8a8 (int8 x uint8 matmuls; head and w2 weight-only int8)",
 }
 
@@ -163,7 +163,15 @@ def how_it_runs(llama: LLaMa) -> str:
     dtype = str(next(llama.model.parameters()).dtype).removeprefix("torch.")
     if llama.dtype_note:
         dtype = llama.dtype_note
-    return f"{device}; {dtype}; {STORAGE_WORDS.get(llama.linear_storage, llama.linear_storage)}"
+    return f"{device}; {dtype}; {storage_words(llama)}"
+
+
+def storage_words(llama: LLaMa) -> str:
+    """STORAGE_WORDS for the model's storage; int4's head is int8, and w8a8 where the CPU has int8 dot
+    products (quantize.layer_storage): say which."""
+    if llama.linear_storage == INT4 and isinstance(getattr(llama.model, "output", None), W8A8Linear):
+        return "linear layers int4 (weight-only, head w8a8: int8 x uint8 matmul)"
+    return STORAGE_WORDS.get(llama.linear_storage, llama.linear_storage)
 
 
 def oversubscribed_note(threads: int) -> Optional[str]:

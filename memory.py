@@ -77,13 +77,16 @@ def linear_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
     }
 
 
-def weights_bytes(args: ModelArgs, dtype: torch.dtype, quantize: Optional[str]) -> int:
+def weights_bytes(args: ModelArgs, dtype: torch.dtype, quantize: Optional[str],
+                  device: Optional[torch.device] = None) -> int:
+    """Bytes of the model's weights in `dtype`, quantized as asked, on `device` (which can decide a
+    layer's storage: `layer_storage`)."""
     linears = linear_shapes(args)
     total = 0
     for name, shape in expected_shapes(args).items():
         module_name = name.removesuffix(".weight")
         if module_name in linears:
-            storage = layer_storage(module_name, quantize) if quantize else None
+            storage = layer_storage(module_name, quantize, device) if quantize else None
             total += linear_bytes(*shape, storage, dtype)
         else:  # the embedding and the norms stay in `dtype`
             total += torch.Size(shape).numel() * dtype.itemsize
@@ -139,7 +142,7 @@ def plan_memory(
     available: bytes to plan against; None asks the device (see `available_memory`).
     """
     return MemoryPlan(
-        weights=weights_bytes(args, dtype, quantize),
+        weights=weights_bytes(args, dtype, quantize, device),
         kv_cache=kv_cache_bytes(args, dtype, args.max_seq_len),
         activations=activations_bytes(args, dtype, args.max_seq_len),
         attention_scores=attention_scores_bytes(args, device, args.max_seq_len),
@@ -148,9 +151,10 @@ def plan_memory(
     )
 
 
-def longest_fitting_seq_len(args: ModelArgs, dtype: torch.dtype, quantize: Optional[str], available: int) -> int:
+def longest_fitting_seq_len(args: ModelArgs, dtype: torch.dtype, quantize: Optional[str], available: int,
+                            device: Optional[torch.device] = None) -> int:
     """The largest max_seq_len whose plan fits in `available` bytes (0 if even the weights do not fit)."""
-    fixed = weights_bytes(args, dtype, quantize) + activations_bytes(args, dtype, max_seq_len=0)
+    fixed = weights_bytes(args, dtype, quantize, device) + activations_bytes(args, dtype, max_seq_len=0)
     per_position = kv_cache_bytes(args, dtype, 1) + activations_bytes(args, dtype, 1) - activations_bytes(args, dtype, 0)
     return max(0, (available - fixed) // per_position)
 
@@ -167,7 +171,7 @@ def check_memory(plan: MemoryPlan, args: ModelArgs, dtype: torch.dtype, quantize
         return plan_memory(new_args, new_dtype, new_quantize, plan.device, plan.available)
 
     candidates = []  # (what to change, its plan)
-    seq_len = longest_fitting_seq_len(args, dtype, quantize, plan.available)
+    seq_len = longest_fitting_seq_len(args, dtype, quantize, plan.available, plan.device)
     if seq_len >= 1:
         candidates.append((f"max_seq_len={seq_len} (--max-seq-len {seq_len})", needs(replace(args, max_seq_len=seq_len), dtype, quantize)))
     if args.max_batch_size > 1:

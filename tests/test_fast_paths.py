@@ -5,7 +5,8 @@
 * last-position-only logits against the last row of all logits;
 * decoding late in a long context (position ~2000, through the KV cache) against a full recompute;
 * prepacked bf16 linear layers against `F.linear`;
-* the compiled decode step against the eager one, also beside speculative decoding's passes.
+* the compiled decode step against the eager one, also beside speculative decoding's passes;
+* RoPE in real numbers (what a compiled step runs) against its complex form.
 
 Tiny random-weight models keep these fast; the compiled test compiles one small graph.
 """
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from checkpoint import load_model_args, load_transformer
 from conftest import LLAMA2_TOKENIZER
 from inference import LLaMa
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, apply_rotary_emb, apply_rotary_emb_real, precompute_freqs_cis
 from quantize import PackedLinear, cpu_features, prepacking_helps
 from sampling import SamplingParams
 from tiny import replay_prompt, write_tiny_llama2_checkpoint
@@ -77,6 +78,24 @@ def test_fused_attention_is_close_to_the_reference_in_bf16():
     tokens = torch.randint(0, VOCAB_SIZE, (2, 24), generator=torch.Generator().manual_seed(3))
     got, expected = prefill_chunk_and_decode(fast, tokens), prefill_chunk_and_decode(reference, tokens)
     torch.testing.assert_close(got, expected, **BF16_TOLERANCE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_in_real_numbers_equals_the_complex_rotation(dtype):
+    """torch.compile runs `apply_rotary_emb_real` (Inductor has no complex numbers); eager runs the
+    complex form. The same products in float32, so the same result up to float32 rounding, which
+    the final rounding to bf16 absorbs almost always."""
+    generator = torch.Generator().manual_seed(0)
+    xq = torch.randn(2, 5, 4, 16, generator=generator).to(dtype)  # (B, T, H, D)
+    xk = torch.randn(2, 5, 2, 16, generator=generator).to(dtype)  # (B, T, K, D)
+    freqs_cis = precompute_freqs_cis(16, 4096, 10000.0)[4000:4005].unsqueeze(0)  # (1, T, D/2): late positions
+    complex_q, complex_k = apply_rotary_emb(xq, xk, freqs_cis)
+    real_q, real_k = apply_rotary_emb_real(xq, xk, freqs_cis)
+    assert real_q.dtype == dtype and real_q.shape == xq.shape and real_k.shape == xk.shape
+    one_bf16_step = dict(rtol=2 ** -7, atol=1e-6)
+    tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else one_bf16_step
+    torch.testing.assert_close(real_q, complex_q, **tolerance)
+    torch.testing.assert_close(real_k, complex_k, **tolerance)
 
 
 def test_last_only_gives_the_last_row_of_all_logits():

@@ -25,7 +25,8 @@ from inference import LLaMa
 import quantize
 from quantize import (DEQUANTIZED_ROWS, INT4, INT4_INNER_K_TILES, INT4_MIDPOINT, INT8, PLAIN, PREPACKED, W8A8,
                       CpuFeatures, Int4Linear, Int8Linear, PackedLinear, QuantizationError, W8A8Linear, cpu_features,
-                      dequantized_linear, float_matmul_dtype, int4_cpu_layout_known, linear_storage, make_linear,
+                      dequantized_linear, float_matmul_dtype, int4_cpu_layout_known, integer_matmul_runs_here,
+                      layer_storage, linear_storage, make_linear,
                       prepacking_helps, quantize_int4, quantize_int8, quantize_model, unpack_int4_cpu)
 from tiny import (LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint,
                   write_tiny_llama2_checkpoint)
@@ -265,11 +266,23 @@ def test_make_linear_builds_the_storage_asked_for_and_keeps_the_head_in_int8_for
     layer = make_linear("layers.0.feed_forward.w1", weight, storage, torch.bfloat16)
     assert type(layer) is layer_type
     head = make_linear("output", weight, storage, torch.bfloat16)
-    assert type(head) is (Int8Linear if storage in (INT4, W8A8) else layer_type)
+    int4_head = W8A8Linear if integer_matmul_runs_here(CPU) else Int8Linear  # see the next test
+    assert type(head) is {INT4: int4_head, W8A8: Int8Linear}.get(storage, layer_type)
     down = make_linear("layers.0.feed_forward.w2", weight, storage, torch.bfloat16)
     assert type(down) is (Int8Linear if storage == W8A8 else layer_type)
     x = torch.randn(2, 128, dtype=torch.bfloat16)
     assert layer(x).shape == (2, 96) and layer(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("device, features, expected", [
+    (CPU, VNNI_CPU, W8A8 if quantize.torch_release() >= quantize.W8A8_MIN_TORCH else INT8),  # int8 dot products
+    (CPU, OLD_CPU, INT8),  # none: the weight-only int8 kernel
+    (CUDA, None, INT8),  # w8a8 is a CPU scheme
+    (None, None, INT8),  # no device given (e.g. a size estimate): the storage every device can run
+])
+def test_int4_keeps_the_head_at_8_bits_multiplied_in_integers_where_the_cpu_can(device, features, expected):
+    assert layer_storage("output", INT4, device, features) == expected
+    assert layer_storage("layers.0.feed_forward.w2", INT4, device, features) == INT4
 
 
 def test_a_plain_layer_keeps_the_weight_it_was_given_when_nothing_changes():
@@ -378,6 +391,24 @@ def bf16_reference(demo_ckpt):
 def test_quantized_demo_model_stays_within_the_stated_tolerance_of_bf16(demo_ckpt, bf16_reference, scheme):
     llama = LLaMa.build(demo_ckpt, max_seq_len=512, max_batch_size=1, device="cpu", dtype="bfloat16",
                         quantize=scheme, progress=False)
+    perplexity, argmax = perplexity_and_argmax(llama, TEXT)
+    reference_perplexity, reference_argmax = bf16_reference
+    assert perplexity <= reference_perplexity * (1 + PERPLEXITY_TOLERANCE), (perplexity, reference_perplexity)
+    assert (argmax == reference_argmax).float().mean() >= TOP1_AGREEMENT
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_demo_model_through_its_decode_kernels_stays_within_the_tolerance_of_bf16(
+        demo_ckpt, bf16_reference, scheme, monkeypatch):
+    """The test above scores a 150-token prompt, which multiplies by dequantized weights
+    (DEQUANTIZED_ROWS); decoding runs PyTorch's quantized kernels instead, and int4's head the integer
+    matmul with 8-bit activations where the CPU has one: here every row goes through those."""
+    monkeypatch.setitem(DEQUANTIZED_ROWS, INT8, sys.maxsize)
+    monkeypatch.setitem(DEQUANTIZED_ROWS, INT4, sys.maxsize)
+    llama = LLaMa.build(demo_ckpt, max_seq_len=512, max_batch_size=1, device="cpu", dtype="bfloat16",
+                        quantize=scheme, progress=False)
+    if isinstance(llama.model.output, W8A8Linear):
+        llama.model.output.float_prompts = False  # the integer matmul, as for a decoded token
     perplexity, argmax = perplexity_and_argmax(llama, TEXT)
     reference_perplexity, reference_argmax = bf16_reference
     assert perplexity <= reference_perplexity * (1 + PERPLEXITY_TOLERANCE), (perplexity, reference_perplexity)
