@@ -110,16 +110,12 @@ class ModelArgs:
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelArgs.{name} must be >= 1, got {getattr(self, name)}")
         if self.vocab_size is not None and self.vocab_size < 1:
-            raise ValueError(
-                f"ModelArgs.vocab_size must be >= 1 or None (not known yet), got {self.vocab_size} "
-                f"(params.json's -1 is resolved by checkpoint.load_model_args)"
-            )
+            raise ValueError(f"ModelArgs.vocab_size must be >= 1 or None (not known yet), got {self.vocab_size} "
+                             f"(params.json's -1 is resolved by checkpoint.load_model_args)")
         if self.dim % self.n_heads != 0:
             raise ValueError(f"ModelArgs: dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads != 0:
-            raise ValueError(
-                f"ModelArgs: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
-            )
+            raise ValueError(f"ModelArgs: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         self.head_dim = self.dim // self.n_heads
         if self.head_dim % 2 != 0:
             raise ValueError(f"ModelArgs: head_dim ({self.head_dim}) must be even: RoPE rotates pairs")
@@ -195,9 +191,8 @@ def apply_scaling(freqs: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
     high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
     wavelen = 2 * math.pi / freqs
     slowed = torch.where(wavelen > low_freq_wavelen, freqs / scaling.factor, freqs)
-    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
+    smooth = ((scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor))
     blended = (1 - smooth) * slowed / scaling.factor + smooth * slowed
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return torch.where(is_medium, blended, slowed)
@@ -234,22 +229,18 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
 
 
 def apply_rotary_emb_real(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`apply_rotary_emb` in real numbers, for torch.compile: (x0 + i*x1)(c + i*s) = (x0*c - x1*s) + i*(x0*s + x1*c).
+    """`apply_rotary_emb` in real numbers: (x0 + i*x1)(c + i*s) = (x0*c - x1*s) + i*(x0*s + x1*c).
 
-    The same product, but Inductor generates no code for complex numbers: in the complex form each
-    layer's rotation runs as separate eager calls in the middle of a compiled step; in this form it
-    fuses into the kernels around it. Tests hold it equal to the complex form.
-    """
+    What torch.compile runs: Inductor generates no code for complex numbers, so there the complex
+    form runs as separate eager calls that cut a compiled step's fused kernels apart; this one fuses
+    with the ops around it. Tests hold it equal to the complex form."""
     rotation = torch.view_as_real(freqs_cis).unsqueeze(2)  # (B or 1, T, 1, D/2, 2): (c, s) pairs
-    cos, sin = rotation[..., 0], rotation[..., 1]  # (B or 1, T, 1, D/2) each
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, heads, D/2, 2)
-        x0, x1 = pairs[..., 0], pairs[..., 1]  # (B, T, heads, D/2) each
-        rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, T, heads, D/2, 2)
-        return rotated.flatten(3).type_as(x)  # (B, T, heads, D)
-
-    return rotate(xq), rotate(xk)
+    c, s = rotation[..., 0], rotation[..., 1]  # (B or 1, T, 1, D/2) each
+    q0, q1 = xq.float().reshape(*xq.shape[:-1], -1, 2).unbind(-1)  # (B, T, H, D/2) each
+    k0, k1 = xk.float().reshape(*xk.shape[:-1], -1, 2).unbind(-1)  # (B, T, K, D/2) each
+    xq_out = torch.stack([q0 * c - q1 * s, q0 * s + q1 * c], dim=-1).flatten(3)  # (B, T, H, D)
+    xk_out = torch.stack([k0 * c - k1 * s, k0 * s + k1 * c], dim=-1).flatten(3)  # (B, T, K, D)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,16 +258,8 @@ class KVCache(nn.Module):
     costs RAM only as the cache fills. Buffers are not persistent: they are not part of a checkpoint.
     """
 
-    def __init__(
-        self,
-        max_batch_size: int,
-        max_seq_len: int,
-        n_kv_heads: int,
-        head_dim: int,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
-        zeroed: bool = False,
-    ):
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, zeroed: bool = False):
         super().__init__()
         shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
         allocate = torch.zeros if zeroed else torch.empty  # zeroed: for the static use, see `update`
@@ -489,10 +472,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, start_pos: Union[int, torch.Tensor], freqs_cis: torch.Tensor,
-        mask: Optional[torch.Tensor], first_row: int = 0,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: Union[int, torch.Tensor], freqs_cis: torch.Tensor,
+                mask: Optional[torch.Tensor], first_row: int = 0) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, first_row)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -556,9 +537,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # A plain attribute, not a buffer: `model.to(torch.bfloat16)` would cast a complex buffer to
         # a real dtype and silently drop the imaginary part. Moved to the model's device on use.
-        self.freqs_cis = precompute_freqs_cis(
-            args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling_args
-        )  # (max_seq_len, D/2)
+        self.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta,
+                                              args.rope_scaling_args)  # (max_seq_len, D/2)
 
     def setup_caches(self, device: torch.device, dtype: torch.dtype, zeroed: bool = False) -> None:
         """Allocate every layer's KV cache on `device` in `dtype` (`zeroed`: for a static cache).

@@ -309,6 +309,8 @@ TORCH_APIS = [
              lambda: "guard_filter_fn" in (torch.compile.__doc__ or "")),
     TorchApi("torch.compiler.reset (gpu_check.py)", r"torch\.compiler\.reset\(", "2.4", OLDEST_CHECKED,
              lambda: hasattr(torch.compiler, "reset"), symbols=("torch.compiler.reset",)),
+    TorchApi("torch.compiler.is_compiling (model.apply_rotary_emb)", r"torch\.compiler\.is_compiling\(", "2.4",
+             OLDEST_CHECKED, lambda: hasattr(torch.compiler, "is_compiling"), symbols=("torch.compiler.is_compiling",)),
     TorchApi("torch.ops.mkldnn._reorder_linear_weight", r"_reorder_linear_weight", "2.4",
              f"{OLDEST_CHECKED} (its inductor calls it)", lambda: has_mkldnn_op("_reorder_linear_weight"),
              symbols=("torch.ops.mkldnn._reorder_linear_weight",)),
