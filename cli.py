@@ -169,7 +169,7 @@ def how_it_runs(llama: LLaMa) -> str:
 def storage_words(llama: LLaMa) -> str:
     """STORAGE_WORDS for the model's storage; int4's head is int8, and w8a8 where the CPU has int8 dot
     products (quantize.layer_storage): say which."""
-    if llama.linear_storage == INT4 and isinstance(getattr(llama.model, "output", None), W8A8Linear):
+    if llama.linear_storage == INT4 and isinstance(llama.model.output, W8A8Linear):
         return "linear layers int4 (weight-only, head w8a8: int8 x uint8 matmul)"
     return STORAGE_WORDS.get(llama.linear_storage, llama.linear_storage)
 

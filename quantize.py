@@ -249,12 +249,14 @@ def check_scheme(scheme: Optional[str]) -> Optional[str]:
 
 
 def integer_matmul_runs_here(device: Union[str, torch.device], features: Optional[CpuFeatures] = None) -> bool:
-    """Whether W8A8Linear's integer matmul runs (and is fast) on `device`: a CPU with int8 dot
-    products and a PyTorch that takes uint8 activations (`check_scheme_runs_here`'s conditions)."""
-    if torch.device(device).type != "cpu" or torch_release() < W8A8_MIN_TORCH:
+    """Whether W8A8Linear's integer matmul runs (and is fast) on `device`: wherever `--quantize w8a8`
+    would be accepted (`check_scheme_runs_here` holds the conditions: a CPU with int8 dot products, a
+    PyTorch that takes uint8 activations). The activations' dtype does not enter into it."""
+    try:
+        check_scheme_runs_here(W8A8, torch.device(device), torch.float32, features)
+    except QuantizationError:
         return False
-    features = features if features is not None else cpu_features()
-    return features.int8_dot
+    return True
 
 
 # int4's output head. At 4 bits its errors go straight into the logits: on the demo model a 4-bit head
