@@ -360,6 +360,16 @@ def quantize_activations(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return codes, scales, zeros
 
 
+def row_sums(weight: torch.Tensor) -> torch.Tensor:
+    """q (N, K) int8 -> sum_k q[n, k] (N,) in float32: exact, since |sum| <= 127 * K is far below 2^24
+    for any Llama. ROWS_PER_CHUNK rows at a time: summing into int32 widens its input first, and a
+    whole head's int32 copy (113 MB on the demo model) raised the peak while loading."""
+    sums = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], ROWS_PER_CHUNK):
+        sums[start : start + ROWS_PER_CHUNK] = weight[start : start + ROWS_PER_CHUNK].sum(dim=1, dtype=torch.int32)
+    return sums
+
+
 class W8A8Linear(nn.Module):
     """Stands in for nn.Linear(K, N, bias=False): int8 weights, activations quantized per row of x,
     the matmul in integers (`torch._int_mm`, oneDNN's VNNI/AMX kernels on a CPU)."""
@@ -369,8 +379,7 @@ class W8A8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)  # (N, K) int8, as Int8Linear's
         self.register_buffer("scales", scales)  # (N,) float32
-        # sum_k q[n, k]: exact in float32 (|sum| <= 127 * K, far below 2^24 for any Llama)
-        self.register_buffer("weight_sums", weight.sum(dim=1, dtype=torch.int32).float())  # (N,)
+        self.register_buffer("weight_sums", row_sums(weight))  # (N,) float32
         # Prompts (DEQUANTIZED_ROWS rows or more) on a CPU with native bf16: the integer matmul is no
         # faster there than AMX's bf16 one, and quantizing x and the formula's corrections cost more
         # again; a bf16 matmul by the dequantized weight is faster, and exact in its activations.
