@@ -34,7 +34,10 @@ from tiny import (LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_chec
 CPU = torch.device("cpu")
 PERPLEXITY_TOLERANCE = 0.03  # quantized perplexity <= bf16's * (1 + this)
 TOP1_AGREEMENT = 0.9  # fraction of positions where the quantized model's argmax is bf16's
-# Plain English, about 200 tokens: what the accuracy tests score.
+# Plain English on five subjects, 782 tokens with the demo's tokenizer: what the accuracy tests score.
+# One paragraph alone (the first, ~150 tokens) was too small a sample for a 3% standard: scored on
+# ten ~430-token pieces of other English text (the GNU GPL), w8a8 through its integer matmuls was
+# -1% to +7% over bf16 (+1.7% on average), and int8 -1% to +2%.
 TEXT = (
     "The history of the bicycle begins in the early nineteenth century, when inventors in Germany and "
     "France built wooden machines that riders pushed along with their feet. Pedals attached to the front "
@@ -44,7 +47,42 @@ TEXT = (
     "Cycling clubs built roads, women gained a new freedom of movement, and the craftsmen who made "
     "bicycles went on to build cars and aeroplanes. Today the bicycle remains one of the most efficient "
     "machines ever invented, turning the energy of its rider into motion with remarkably little waste."
+    "\nBread is older than writing. The first loaves were flat cakes of crushed grain and water, baked on "
+    "hot stones, and for thousands of years most people ate them every day. Leavened bread came from "
+    "Egypt, where bakers learned that a dough left to stand would rise and turn light and sour. The "
+    "Romans built large bakeries with stone ovens and mills turned by donkeys, and their cities sold "
+    "bread of several qualities, from coarse brown loaves for the poor to fine white rolls for the rich. "
+    "In medieval Europe the price and weight of a loaf were fixed by law, and a baker who sold short "
+    "weight could be fined or paraded through the streets. Only in the last two centuries did machines "
+    "take over the mixing, shaping and slicing, and today a single factory can bake more bread in an hour "
+    "than a village baker made in a year."
+    "\nRivers shaped the places where people chose to live. A river brought fresh water, fish and fertile "
+    "soil, and it carried boats long before there were roads worth the name. The great early cities grew "
+    "beside the Nile, the Tigris and Euphrates, the Indus and the Yellow River, where floods left rich "
+    "mud on the fields each year. Rivers also marked borders, and bridges and fords became places of "
+    "trade and of battle. Mills along their banks ground corn and later drove the first factories, and "
+    "canals joined one river to another so that heavy goods could cross a country cheaply. When railways "
+    "arrived, many canals fell silent, but the towns that had grown along them remained, and in many "
+    "places the old towpaths are now quiet routes for walkers and cyclists."
+    "\nA public library is a simple idea with large consequences. Anyone may walk in, sit down and read, "
+    "and in most places borrow books to take home without paying. Early libraries belonged to temples, "
+    "monasteries and universities, and their books were chained to the shelves because each one had been "
+    "copied by hand. The printing press made books cheaper, and by the nineteenth century towns and "
+    "cities were opening libraries for working people who could not afford to buy them. Many were paid "
+    "for by wealthy donors, and their buildings still stand, with reading rooms under high windows and "
+    "long rows of wooden shelves. Libraries now lend films and music, offer computers and teach classes, "
+    "but their purpose has not changed: to give everyone the chance to learn."
+    "\nThe weather has always been hard to predict. Sailors and farmers read the sky, the wind and the "
+    "behaviour of animals, and some of their sayings contain real knowledge. Scientific forecasting began "
+    "when the telegraph let observers in distant towns report the weather at the same moment, so that "
+    "maps could show storms as they moved. In the twentieth century forecasters learned to describe the "
+    "atmosphere with equations, and computers made it possible to solve them faster than the weather "
+    "itself changed. Satellites now watch clouds across the whole planet, and a forecast for the next "
+    "five days is as reliable as a forecast for the next day was fifty years ago. Even so, small errors "
+    "grow quickly, and no one can say with confidence whether it will rain in a particular town three "
+    "weeks from now."
 )
+TEXT_MAX_SEQ_LEN = 1024  # room for TEXT's tokens
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,13 +423,13 @@ def perplexity_and_argmax(llama: LLaMa, text: str) -> tuple[float, torch.Tensor]
 
 @pytest.fixture(scope="module")
 def bf16_reference(demo_ckpt):
-    llama = LLaMa.build(demo_ckpt, max_seq_len=512, max_batch_size=1, device="cpu", dtype="bfloat16", progress=False)
+    llama = LLaMa.build(demo_ckpt, max_seq_len=TEXT_MAX_SEQ_LEN, max_batch_size=1, device="cpu", dtype="bfloat16", progress=False)
     return perplexity_and_argmax(llama, TEXT)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", pytest.param("w8a8", marks=needs_int8_dot)])
 def test_quantized_demo_model_stays_within_the_stated_tolerance_of_bf16(demo_ckpt, bf16_reference, scheme):
-    llama = LLaMa.build(demo_ckpt, max_seq_len=512, max_batch_size=1, device="cpu", dtype="bfloat16",
+    llama = LLaMa.build(demo_ckpt, max_seq_len=TEXT_MAX_SEQ_LEN, max_batch_size=1, device="cpu", dtype="bfloat16",
                         quantize=scheme, progress=False)
     assert_within_the_tolerance_of_bf16(llama, bf16_reference)
 
@@ -403,18 +441,20 @@ def assert_within_the_tolerance_of_bf16(llama: LLaMa, bf16_reference: tuple[floa
     assert (argmax == reference_argmax).float().mean() >= TOP1_AGREEMENT
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", pytest.param("w8a8", marks=needs_int8_dot)])
 def test_quantized_demo_model_through_its_decode_kernels_stays_within_the_tolerance_of_bf16(
         demo_ckpt, bf16_reference, scheme, monkeypatch):
-    """The test above scores a 150-token prompt, which multiplies by dequantized weights
-    (DEQUANTIZED_ROWS); decoding runs PyTorch's quantized kernels instead, and int4's head the integer
-    matmul with 8-bit activations where the CPU has one: here every row goes through those."""
+    """The test above scores a prompt, which multiplies by dequantized weights (DEQUANTIZED_ROWS; for
+    w8a8, on a CPU with native bf16); decoding runs the quantized kernels instead: PyTorch's weight-only
+    ones, and w8a8's integer matmul with 8-bit activations (int4's head too, where the CPU has one).
+    Here every row goes through those."""
     monkeypatch.setitem(DEQUANTIZED_ROWS, INT8, sys.maxsize)
     monkeypatch.setitem(DEQUANTIZED_ROWS, INT4, sys.maxsize)
-    llama = LLaMa.build(demo_ckpt, max_seq_len=512, max_batch_size=1, device="cpu", dtype="bfloat16",
+    llama = LLaMa.build(demo_ckpt, max_seq_len=TEXT_MAX_SEQ_LEN, max_batch_size=1, device="cpu", dtype="bfloat16",
                         quantize=scheme, progress=False)
-    if isinstance(llama.model.output, W8A8Linear):
-        llama.model.output.float_prompts = False  # the integer matmul, as for a decoded token
+    for layer in llama.model.modules():
+        if isinstance(layer, W8A8Linear):
+            layer.float_prompts = False  # the integer matmul, as for a decoded token
     assert_within_the_tolerance_of_bf16(llama, bf16_reference)
 
 
