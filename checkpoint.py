@@ -69,7 +69,8 @@ from memory import (  # noqa: F401  (re-exported: the memory plan's names have a
 )
 from model import (EMBEDDING_KEY, OUTPUT_KEY, FusedPlace, ModelArgs, RopeScaling, Transformer, expected_shapes,
                    fused_name)
-from quantize import INT4, PLAIN, CpuFeatures, cpu_features, linear_layer_names, linear_storage, make_linear
+from quantize import INT4, PLAIN, W8A8, CpuFeatures, cpu_features, linear_layer_names, linear_storage, make_linear
+from smoothing import smooth_w8a8
 
 PARAMS_FILE = "params.json"
 SHARD_GLOB = "consolidated.*.pth"
@@ -527,6 +528,12 @@ class ShardedCheckpoint:
                 overlaps.append(piece.narrow(dim, lo - i * size, hi - lo))
         return overlaps[0] if len(overlaps) == 1 else torch.cat(overlaps, dim=dim)
 
+    def copy(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """All of `name` copied out of the file in `dtype`; the file's pages behind it are released."""
+        tensor = self.read(name).to(dtype, copy=True)
+        release_file_pages(self.pieces(name))
+        return tensor
+
     def _check_layouts(self) -> dict[str, TensorLayout]:
         """Every shard holds the same tensors with the same shapes, and together they make params.json's."""
         expected = expected_shapes(self.args)
@@ -589,6 +596,7 @@ def load_transformer(
     compiled (`compile=True`) or differentiated (`needs_gradients=True`: plain nn.Linear). Before
     anything is loaded, the memory plan (weights + KV cache) is checked against `available_bytes`
     (None: what the device has free now), and a model that will not fit is refused with suggestions.
+    w8a8: smoothed once loaded (smoothing.py), re-reading the weights that follow each RMSNorm.
     fuse_projections: join wq|wk|wv and w1|w3 into one layer each as they are read
     (`ModelArgs.fused_projections`); the checkpoint is still read, and checked, under Meta's names.
     """
@@ -630,6 +638,8 @@ def load_transformer(
     to_device.close()
     model.load_state_dict(loaded, strict=True, assign=True)
     model.setup_caches(device, dtype)
+    if storage == W8A8:  # its layers after each RMSNorm, quantized again from smoothed weights (smoothing.py)
+        smooth_w8a8(model, lambda name: checkpoint.copy(name, torch.float32), lambda: release_scratch_memory(device))
     return model.eval()
 
 

@@ -660,6 +660,7 @@ def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
     """Replace every nn.Linear of a loaded model by its `scheme` counterpart, in place; returns the model.
 
     The activation dtype is the one each layer's weight has now (quantize a bf16 model for bf16 math).
+    w8a8 is not smoothed here: `smoothing.smooth_w8a8` does that (the loader calls it).
     """
     if scheme is None:
         raise QuantizationError(f"quantize_model needs a scheme: one of {', '.join(SCHEMES)}")

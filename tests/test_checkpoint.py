@@ -270,11 +270,12 @@ def test_reader_of_one_shard_reads_without_copying(one_shard):
 # ---- the import rule: the loading files stand on the model, never on a tool -----------------
 
 REPO = Path(__file__).resolve().parent.parent
-ALLOWED_LOCAL_IMPORTS = {  # ours only; reading order: model, quantize, memory, checkpoint, then the tools
+ALLOWED_LOCAL_IMPORTS = {  # ours only; reading order: model, quantize, memory, smoothing, checkpoint, then the tools
     "model": set(),
     "quantize": set(),
     "memory": {"model", "quantize"},
-    "checkpoint": {"model", "quantize", "memory"},
+    "smoothing": {"model", "quantize"},
+    "checkpoint": {"model", "quantize", "memory", "smoothing"},
     "tensor_parallel": {"checkpoint", "model"},
     "reshard": {"atomic", "checkpoint", "model"},
 }

@@ -28,6 +28,7 @@ from quantize import (DEQUANTIZED_ROWS, INT4, INT4_INNER_K_TILES, INT4_MIDPOINT,
                       dequantized_linear, float_matmul_dtype, int4_cpu_layout_known, integer_matmul_runs_here,
                       layer_storage, linear_storage, make_linear,
                       prepacking_helps, quantize_int4, quantize_int8, quantize_model, unpack_int4_cpu)
+from smoothing import smooth_w8a8
 from tiny import (LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint,
                   write_tiny_llama2_checkpoint)
 
@@ -354,12 +355,15 @@ def tiny_bf16_ckpt(tmp_path_factory):
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", pytest.param("w8a8", marks=needs_int8_dot)])
-def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tiny_bf16_ckpt, scheme):
+def test_quantizing_while_loading_equals_quantizing_the_loaded_model_and_smoothing_w8a8(tiny_bf16_ckpt, scheme):
     args = tiny_args(tiny_bf16_ckpt)
     while_loading = load_transformer(tiny_bf16_ckpt, args, CPU, torch.bfloat16, progress=False, quantize=scheme)
     # Plain nn.Linear layers to quantize afterwards (by default bf16 on a CPU is prepacked).
     loaded = load_transformer(tiny_bf16_ckpt, args, CPU, torch.bfloat16, progress=False, needs_gradients=True)
+    float_weights = {name: tensor.clone() for name, tensor in loaded.state_dict().items()}  # Meta's names
     afterwards = quantize_model(loaded, scheme)
+    if scheme == "w8a8":  # the loader also smooths (smoothing.py), re-reading the float weights
+        smooth_w8a8(afterwards, lambda name: float_weights[name])
     assert not any(isinstance(m, torch.nn.Linear) for m in while_loading.modules())
     # The head stays 8-bit: weight-only in w8a8; in int4, w8a8 where the CPU has int8 dot products
     assert isinstance(while_loading.output, INT4_HEAD_HERE if scheme == "int4" else Int8Linear)
