@@ -63,12 +63,13 @@ def smoothing_scales(activation_max: torch.Tensor, weight: torch.Tensor, alpha: 
     return x_range.pow(alpha) / w_range.pow(1 - alpha)
 
 
+@torch.no_grad()
 def fold_into_norm(norm: RMSNorm, scales: torch.Tensor) -> torch.Tensor:
     """Divide the norm's weight by `scales` (K,) in place; return the scales to multiply the weights'
     columns by, (K,) float32: gamma / (gamma / s) as stored, so that the rounding of the new gamma to
     its dtype is undone in the weight and norm * weight is unchanged (s where gamma is 0)."""
-    gamma = norm.weight.detach().float()  # (K,)
-    norm.weight.data = (gamma / scales).to(norm.weight.dtype)
+    gamma = norm.weight.detach().float().clone()  # (K,): a copy, also when the weight is float32 already
+    norm.weight.copy_(gamma / scales)  # rounded to the weight's dtype
     stored = norm.weight.detach().float()
     return torch.where(stored != 0, gamma / stored, scales)
 
