@@ -637,6 +637,7 @@ def load_transformer(
             release_file_pages(pieces)  # copied out: the file's pages need not stay in our memory
     to_device.close()
     model.load_state_dict(loaded, strict=True, assign=True)
+    del loaded  # the model holds its tensors now; the layers smoothing replaces must not stay alive here
     model.setup_caches(device, dtype)
     if storage == W8A8:  # its layers after each RMSNorm, quantized again from smoothed weights (smoothing.py)
         smooth_w8a8(model, lambda name: checkpoint.copy(name, torch.float32), lambda: release_scratch_memory(device))
