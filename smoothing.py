@@ -97,15 +97,11 @@ def activation_maxima(model: Transformer, n_tokens: int = CALIBRATION_TOKENS) ->
     return maxima
 
 
-def readers_of(block: nn.Module, fused_name: str) -> list[tuple[str, list[str]]]:
-    """The layers of `block` reading one norm's output: (module name in the block, [Meta's layers whose
-    rows it holds]); one fused layer, or Meta's layers one by one."""
+def readers_of(fused_name: str, fused: bool) -> list[tuple[str, list[str]]]:
+    """The layers of a block reading one norm's output: (module name in the block, [Meta's layers whose
+    rows it holds]); one fused layer, or Meta's layers one by one (ModelArgs.fused_projections)."""
     parts = list(FUSED_PROJECTIONS[fused_name])
-    try:
-        block.get_submodule(fused_name)
-    except AttributeError:  # an unfused model (ModelArgs.fused_projections=False)
-        return [(part, [part]) for part in parts]
-    return [(fused_name, parts)]
+    return [(fused_name, parts)] if fused else [(part, [part]) for part in parts]
 
 
 @torch.no_grad()
@@ -119,7 +115,7 @@ def smooth_w8a8(model: Transformer, read_weight: Callable[[str], torch.Tensor],
     maxima = activation_maxima(model)
     for index, block in enumerate(model.layers):
         for norm_name, fused_name in NORM_READERS.items():
-            readers = readers_of(block, fused_name)
+            readers = readers_of(fused_name, model.args.fused_projections)
             if not all(isinstance(block.get_submodule(name), W8A8Linear) for name, _ in readers):
                 continue  # this scheme keeps these layers weight-only: no activations to smooth
             weights = {name: torch.cat([read_weight(f"layers.{index}.{part}.weight").float() for part in parts])
