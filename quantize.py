@@ -79,10 +79,11 @@ Shape legend: N output features (rows of W), K input features, G group size, M r
 """
 
 import functools
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +150,13 @@ CPUINFO = Path("/proc/cpuinfo")
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 # ... and of bf16 arithmetic: without one, oneDNN emulates bf16 matmuls with float32 ones.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# oneDNN (the kernel library behind PyTorch's CPU matmuls) uses no instruction above the set named
+# in ONEDNN_MAX_CPU_ISA (older name: DNNL_MAX_CPU_ISA), whatever the CPU has. Capped at one of these,
+# it emulates bf16 matmuls / has no int8 dot products. AVX512_CORE_VNNI is Ice Lake's set: a CPU
+# with AVX-512 BF16 then multiplies as an Ice Lake does (see the README's "Speed").
+ONEDNN_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+ONEDNN_ISAS_WITHOUT_INT8_DOT = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
 
 
 @dataclass(frozen=True)
@@ -171,17 +179,39 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def onednn_isa_cap(environ: Mapping[str, str] = os.environ) -> Optional[str]:
+    """The instruction set oneDNN is capped at by the environment (e.g. "AVX512_CORE_VNNI"); None if not capped."""
+    for variable in ONEDNN_ISA_VARIABLES:  # the first one set wins, as in oneDNN
+        if environ.get(variable):
+            return environ[variable].strip().upper()
+    return None
+
+
+def capped_features(features: CpuFeatures, cap: Optional[str]) -> CpuFeatures:
+    """What oneDNN will do on a CPU with `features` when capped at the instruction set `cap`:
+    nothing above the cap counts. A cap that lowers neither (AVX512_CORE_BF16, DEFAULT, a name
+    oneDNN does not know and ignores) changes nothing."""
+    if cap not in ONEDNN_ISAS_WITHOUT_BF16:  # a superset of ONEDNN_ISAS_WITHOUT_INT8_DOT
+        return features
+    return CpuFeatures(
+        name=f"{features.name}, oneDNN capped at {cap}",
+        native_bf16=features.native_bf16 and cap not in ONEDNN_ISAS_WITHOUT_BF16,
+        int8_dot=features.int8_dot and cap not in ONEDNN_ISAS_WITHOUT_INT8_DOT,
+    )
+
+
 @functools.cache
 def cpu_features() -> CpuFeatures:
-    """This CPU's features, from PyTorch's own CPU probe (cpuinfo) and, on Linux, /proc/cpuinfo.
-    Read once per process (a build asks several times: dtype, storage, the "loaded ..." line)."""
+    """This CPU's features, from PyTorch's own CPU probe (cpuinfo) and, on Linux, /proc/cpuinfo, as
+    far as oneDNN may use them (`onednn_isa_cap`). Read once per process (a build asks several
+    times: dtype, storage, the "loaded ..." line), as oneDNN reads its cap once."""
     flags = cpu_flags()
     amx = torch.cpu._is_amx_tile_supported()
     native_bf16 = torch.cpu._is_avx512_bf16_supported() or amx or any(f in flags for f in NATIVE_BF16_FLAGS)
     int8_dot = torch.cpu._is_vnni_supported() or amx or any(f in flags for f in INT8_DOT_FLAGS)
     shown = " ".join(f for f in (*INT8_DOT_FLAGS, *NATIVE_BF16_FLAGS) if f in flags)
     name = f"{platform.machine()}: {torch.backends.cpu.get_cpu_capability()}" + (f" ({shown})" if shown else "")
-    return CpuFeatures(name=name, native_bf16=native_bf16, int8_dot=int8_dot)
+    return capped_features(CpuFeatures(name=name, native_bf16=native_bf16, int8_dot=int8_dot), onednn_isa_cap())
 
 
 def float_matmul_dtype(dtype: torch.dtype, device: torch.device, features: Optional[CpuFeatures] = None) -> torch.dtype:

@@ -9,6 +9,7 @@ agreement with bf16 93% and 95%.)
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -288,6 +289,61 @@ def test_cpu_features_are_read_from_this_machine_consistently_with_linux():
     if " avx512_bf16" in flags or " amx_bf16" in flags:
         assert features.native_bf16
     assert torch.backends.cpu.get_cpu_capability() in features.name
+
+
+ZEN4_CPU = CpuFeatures(name="x86_64: AVX512 (avx512_vnni avx512_bf16)", native_bf16=True, int8_dot=True)
+
+
+@pytest.mark.parametrize("cap, native_bf16, int8_dot", [
+    (None, True, True),
+    ("AVX512_CORE_BF16", True, True),
+    ("DEFAULT", True, True),
+    ("NO_SUCH_ISA", True, True),  # oneDNN ignores a name it does not know
+    ("AVX512_CORE_VNNI", False, True),  # Ice Lake's instructions: bf16 emulated, VNNI kept
+    ("AVX2_VNNI", False, True),
+    ("AVX512_CORE", False, False),
+    ("AVX2", False, False),
+])
+def test_a_onednn_isa_cap_takes_away_the_instructions_above_it(cap, native_bf16, int8_dot):
+    capped = quantize.capped_features(ZEN4_CPU, cap)
+    assert (capped.native_bf16, capped.int8_dot) == (native_bf16, int8_dot)
+    assert (f"oneDNN capped at {cap}" in capped.name) == (capped != ZEN4_CPU)
+
+
+def test_the_onednn_isa_cap_is_read_from_the_environment_as_onednn_reads_it():
+    assert quantize.onednn_isa_cap({}) is None
+    assert quantize.onednn_isa_cap({"ONEDNN_MAX_CPU_ISA": "avx512_core_vnni"}) == "AVX512_CORE_VNNI"
+    assert quantize.onednn_isa_cap({"DNNL_MAX_CPU_ISA": "AVX2"}) == "AVX2"  # the older name
+    assert quantize.onednn_isa_cap({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "DNNL_MAX_CPU_ISA": "AVX2"}) == "AVX512_CORE"
+
+
+# Runs one bf16 matmul with oneDNN's verbose log on, then prints what `cpu_features` says.
+ONEDNN_ISA_REPORT = textwrap.dedent("""
+    import torch
+    from checkpoint import choose_dtype
+    from quantize import cpu_features
+    torch.nn.functional.linear(torch.ones(64, 576, dtype=torch.bfloat16), torch.ones(1536, 576, dtype=torch.bfloat16))
+    features = cpu_features()
+    print("ours", features.native_bf16, features.int8_dot, choose_dtype(None, torch.device("cpu")))
+""")
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"),
+                    reason="oneDNN's AVX-512 caps need an AVX-512 CPU")
+@pytest.mark.parametrize("cap", ["AVX512_CORE_VNNI", "AVX512_CORE"])
+def test_under_a_onednn_isa_cap_our_features_agree_with_the_isa_onednn_reports(cap):
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": cap, "ONEDNN_VERBOSE": "1"}
+    result = subprocess.run([sys.executable, "-c", ONEDNN_ISA_REPORT], capture_output=True, text=True, env=env,
+                            cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert result.returncode == 0, result.stderr
+    isa_lines = [line for line in result.stdout.splitlines() if ",isa:" in line]
+    if not isa_lines:
+        pytest.skip("this PyTorch's oneDNN printed no ISA line")
+    onednn_isa = isa_lines[0]  # e.g. "onednn_verbose,v1,info,cpu,isa:Intel AVX-512 with Intel DL Boost"
+    ours = next(line for line in result.stdout.splitlines() if line.startswith("ours")).split()
+    assert ours[1] == str("bfloat16" in onednn_isa), onednn_isa
+    assert ours[2] == str("DL Boost" in onednn_isa), onednn_isa
+    assert ours[3] == "torch.float32"  # no native bf16 under the cap: the default dtype is float32
 
 
 def test_linear_storage_refuses_quantizing_a_model_that_needs_gradients_or_an_unknown_scheme():
