@@ -101,12 +101,15 @@ class EngineSpec:
     kind: str  # "ours", "hf" or "llamacpp"
     quantize: Optional[str] = None  # ours: None or one of quantize.SCHEMES
     compile: bool = False  # ours: torch.compile the decode step
-    dtype: str = "bfloat16"  # ours and HF: the dtype asked for
+    dtype: Optional[str] = None  # the dtype asked for; None: ours chooses for this CPU (HF needs one)
 
 
+# "ours default" is what `python inference.py` gives: bf16 on a CPU that computes it natively,
+# float32 where bf16 would be emulated (checkpoint.choose_dtype). The other float dtype runs too, to
+# show the choice was right; `default_configs` leaves out the one that would repeat the default.
 OUR_CONFIGS = {
-    "bf16": EngineSpec("ours bf16", "ours"),
-    "bf16+compile": EngineSpec("ours bf16 compile", "ours", compile=True),
+    "default": EngineSpec("ours default", "ours"),
+    "default+compile": EngineSpec("ours default compile", "ours", compile=True),
     "int8": EngineSpec("ours int8", "ours", quantize="int8"),
     "int8+compile": EngineSpec("ours int8 compile", "ours", quantize="int8", compile=True),
     "int4": EngineSpec("ours int4", "ours", quantize="int4"),
@@ -114,8 +117,9 @@ OUR_CONFIGS = {
     "w8a8": EngineSpec("ours w8a8", "ours", quantize="w8a8"),
     "w8a8+compile": EngineSpec("ours w8a8 compile", "ours", quantize="w8a8", compile=True),
     "fp32": EngineSpec("ours fp32", "ours", dtype="float32"),
+    "bf16": EngineSpec("ours bf16", "ours", dtype="bfloat16"),
 }
-HF = EngineSpec("HF bf16", "hf")
+HF = EngineSpec("HF bf16", "hf", dtype="bfloat16")
 HF_FP32 = EngineSpec("HF fp32", "hf", dtype="float32")
 LLAMA_CPP = EngineSpec("llama.cpp Q4_1", "llamacpp")
 
@@ -466,10 +470,10 @@ class Target:
 
 
 QUANTIZED = [f"ours {q}{c}" for q in ("int8", "int4", "w8a8") for c in ("", " compile")]
-DEFAULT = ["ours bf16", "ours bf16 compile"]  # what users get by default (bf16 asked, per CPU as chosen)
+DEFAULT = ["ours default", "ours default compile"]  # what users get without asking for a dtype
 TARGETS = [  # issue 17's, on every CPU
     Target("default decode >= 1.3x HF bf16", DEFAULT, "decode_tok_s", HF.name, 1.3),
-    Target("default prefill >= 1.5x HF bf16", ["ours bf16"], "prefill_tok_s", HF.name, 1.5),
+    Target("default prefill >= 1.5x HF bf16", ["ours default"], "prefill_tok_s", HF.name, 1.5),
     Target("default batch-8 decode >= 2.0x HF bf16", DEFAULT, "batch8_tok_s", HF.name, 2.0),
     Target("fastest quantized decode >= 1.3x llama.cpp Q4_1", QUANTIZED, "decode_tok_s", LLAMA_CPP.name, 1.3),
     Target("w8a8 prefill >= 3x HF bf16", ["ours w8a8"], "prefill_tok_s", HF.name, 3.0),
@@ -609,14 +613,27 @@ def checkpoint_mb(ckpt_dir: Path) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+def default_configs(default_dtype: Optional[str] = None) -> list[str]:
+    """Every configuration of ours but "fp32" or "bf16", whichever the default already is on this
+    CPU (`default_dtype`: "float32" or "bfloat16"; None asks the engine)."""
+    if default_dtype is None:
+        import torch
+
+        from checkpoint import choose_dtype
+        default_dtype = str(choose_dtype(None, torch.device("cpu"))).removeprefix("torch.")
+    repeated = {"float32": "fp32", "bfloat16": "bf16"}.get(default_dtype)
+    return [name for name in OUR_CONFIGS if name != repeated]
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quantize", choices=["int8", "int4", "w8a8"],
                         help="run only this configuration of ours (with --compile: compiled) against the peers")
-    parser.add_argument("--compile", action="store_true", help="with --quantize, or alone for bf16: compile ours")
-    parser.add_argument("--ours", default=",".join(OUR_CONFIGS),
-                        help=f"configurations of ours to run, comma-separated, from: {', '.join(OUR_CONFIGS)}")
+    parser.add_argument("--compile", action="store_true", help="with --quantize, or alone for the default: compile ours")
+    parser.add_argument("--ours", default=",".join(default_configs()),
+                        help=f"configurations of ours to run, comma-separated, from: {', '.join(OUR_CONFIGS)} "
+                             f"(default: all but the float dtype the default already is here)")
     parser.add_argument("--peers", default="hf,llamacpp", help="peers to run: hf, llamacpp (comma-separated; '' for none)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the median is shown)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for every engine")
@@ -629,7 +646,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def chosen_specs(args: argparse.Namespace) -> list[EngineSpec]:
     if args.quantize or args.compile:
-        names = [(args.quantize or "bf16") + ("+compile" if args.compile else "")]
+        names = [(args.quantize or "default") + ("+compile" if args.compile else "")]
     else:
         names = [n for n in args.ours.split(",") if n]
     unknown = [n for n in names if n not in OUR_CONFIGS]
