@@ -25,7 +25,7 @@ import torch
 
 from layers import LAST_POSITION, check_position, positions_for, residual_stream, token_tensor
 from model import Transformer
-from quantize import Int4Linear, Int8Linear, PackedLinear
+from quantize import Int4Linear, Int8Linear, PackedLinear, W8A8Linear, WidenedLinear
 
 DEFAULT_IG_STEPS = 128  # completeness within 0.1% on the demo model's examples; 64 gave 4-7% (README)
 COMPLETENESS_TOLERANCE = 0.02  # warn above 2%: the scores do not yet add up to the logit difference
@@ -36,7 +36,7 @@ COMPLETENESS_TOLERANCE = 0.02  # warn above 2%: the scores do not yet add up to 
 IG_ROWS_PER_PASS = 512
 
 # The engine's fast stand-ins for nn.Linear (quantize.py): no gradients flow through them.
-FAST_LINEAR_TYPES = (PackedLinear, Int8Linear, Int4Linear)
+FAST_LINEAR_TYPES = (PackedLinear, WidenedLinear, Int8Linear, Int4Linear, W8A8Linear)
 
 
 def check_token_id(model: Transformer, token: int, role: str) -> int:
@@ -91,8 +91,9 @@ class IntegratedGradients:
 def check_differentiable(model: Transformer) -> None:
     """Attribution differentiates through every linear layer: they must be plain nn.Linear.
 
-    `LLaMa.build` in bf16 on a CPU stores them prepacked for oneDNN (quantize.PackedLinear), and
-    `quantize=` stores them as int8/int4: fast for generation, but no gradient flows through them.
+    `LLaMa.build` in bf16 on a CPU stores them prepacked for oneDNN (quantize.PackedLinear) or
+    widened for prompts (quantize.WidenedLinear), and `quantize=` stores them as int8/int4/w8a8: fast
+    for generation, but no gradient flows through them.
     """
     fast = [name for name, module in model.named_modules() if isinstance(module, FAST_LINEAR_TYPES)]
     if fast:

@@ -104,9 +104,6 @@ class EngineSpec:
     dtype: Optional[str] = None  # the dtype asked for; None: ours chooses for this CPU (HF needs one)
 
 
-# "ours default" is what `python inference.py` gives: bf16 on a CPU that computes it natively,
-# float32 where bf16 would be emulated (checkpoint.choose_dtype). The other float dtype runs too, to
-# show the choice was right; `default_configs` leaves out the one that would repeat the default.
 OUR_CONFIGS = {
     "default": EngineSpec("ours default", "ours"),
     "default+compile": EngineSpec("ours default compile", "ours", compile=True),
@@ -117,7 +114,6 @@ OUR_CONFIGS = {
     "w8a8": EngineSpec("ours w8a8", "ours", quantize="w8a8"),
     "w8a8+compile": EngineSpec("ours w8a8 compile", "ours", quantize="w8a8", compile=True),
     "fp32": EngineSpec("ours fp32", "ours", dtype="float32"),
-    "bf16": EngineSpec("ours bf16", "ours", dtype="bfloat16"),
 }
 HF = EngineSpec("HF bf16", "hf", dtype="bfloat16")
 HF_FP32 = EngineSpec("HF fp32", "hf", dtype="float32")
@@ -470,7 +466,7 @@ class Target:
 
 
 QUANTIZED = [f"ours {q}{c}" for q in ("int8", "int4", "w8a8") for c in ("", " compile")]
-DEFAULT = ["ours default", "ours default compile"]  # what users get without asking for a dtype
+DEFAULT = ["ours default", "ours default compile"]  # `python inference.py`: bf16, layers as chosen for this CPU
 TARGETS = [  # issue 17's, on every CPU
     Target("default decode >= 1.3x HF bf16", DEFAULT, "decode_tok_s", HF.name, 1.3),
     Target("default prefill >= 1.5x HF bf16", ["ours default"], "prefill_tok_s", HF.name, 1.5),
@@ -525,7 +521,7 @@ def machine_description(threads: int) -> dict:
             versions[module] = __import__(module).__version__
         except ImportError:
             versions[module] = None
-    from quantize import cpu_features
+    from cpu import cpu_features
 
     return {"cpu": cpu, "cpu_features": cpu_features().name, "cores": os.cpu_count(), "threads": threads,
             "python": platform.python_version(), "load_average": os.getloadavg(), **versions}
@@ -613,27 +609,14 @@ def checkpoint_mb(ckpt_dir: Path) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def default_configs(default_dtype: Optional[str] = None) -> list[str]:
-    """Every configuration of ours but "fp32" or "bf16", whichever the default already is on this
-    CPU (`default_dtype`: "float32" or "bfloat16"; None asks the engine)."""
-    if default_dtype is None:
-        import torch
-
-        from checkpoint import choose_dtype
-        default_dtype = str(choose_dtype(None, torch.device("cpu"))).removeprefix("torch.")
-    repeated = {"float32": "fp32", "bfloat16": "bf16"}.get(default_dtype)
-    return [name for name in OUR_CONFIGS if name != repeated]
-
-
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quantize", choices=["int8", "int4", "w8a8"],
                         help="run only this configuration of ours (with --compile: compiled) against the peers")
     parser.add_argument("--compile", action="store_true", help="with --quantize, or alone for the default: compile ours")
-    parser.add_argument("--ours", default=",".join(default_configs()),
-                        help=f"configurations of ours to run, comma-separated, from: {', '.join(OUR_CONFIGS)} "
-                             f"(default: all but the float dtype the default already is here)")
+    parser.add_argument("--ours", default=",".join(OUR_CONFIGS),
+                        help=f"configurations of ours to run, comma-separated, from: {', '.join(OUR_CONFIGS)}")
     parser.add_argument("--peers", default="hf,llamacpp", help="peers to run: hf, llamacpp (comma-separated; '' for none)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the median is shown)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for every engine")

@@ -310,7 +310,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    from checkpoint import choose_threads
+    from cpu import choose_threads
     from inference import LLaMa
 
     threads = choose_threads(args.threads)

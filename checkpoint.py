@@ -69,7 +69,7 @@ from memory import (  # noqa: F401  (re-exported: the memory plan's names have a
 )
 from model import (EMBEDDING_KEY, OUTPUT_KEY, FusedPlace, ModelArgs, RopeScaling, Transformer, expected_shapes,
                    fused_name)
-from quantize import INT4, PLAIN, W8A8, CpuFeatures, cpu_features, linear_layer_names, linear_storage, make_linear
+from quantize import INT4, PLAIN, W8A8, linear_layer_names, linear_storage, make_linear
 from smoothing import smooth_w8a8
 
 PARAMS_FILE = "params.json"
@@ -140,24 +140,21 @@ def choose_device(device: Union[str, torch.device, None] = None) -> torch.device
 
 def choose_dtype(
     dtype: Union[str, torch.dtype, None], device: torch.device, quantize: Optional[str] = None,
-    features: Optional[CpuFeatures] = None,
 ) -> torch.dtype:
     """The dtype asked for, or the default for the device and the quantization:
 
     * GPUs: float16; but bfloat16 for int4 on CUDA, the only activation dtype its kernel takes.
-    * CPUs: bfloat16 where the CPU computes it natively (AVX-512 BF16, AMX; `features`, None: this
-      CPU's); without that, oneDNN emulates bf16 matmuls with float32 ones and float32 itself is
-      faster (measured ~3x for a 512-token prefill, and faster decoding too, on an Ice Lake Xeon:
-      docs/benchmarks.md), so unquantized models compute in float32 there, at twice the memory for
-      the weights (`fit_default_dtype` falls back to bf16 where float32 would not fit).
+    * CPUs: bfloat16, half of float32's memory. Where the CPU has no native bf16 (e.g. Ice Lake),
+      oneDNN emulates bf16 matmuls with float32 arithmetic, which makes prompts 2-2.5x slower than
+      in float32; there the linear layers multiply prompts in float32 (quantize.WidenedLinear) and
+      decode in bf16, which reads half the bytes (measured faster than float32: README, "Speed").
     """
     if dtype is None:
         if device.type == "cuda":
             return torch.bfloat16 if quantize == INT4 else torch.float16
         if device.type != "cpu":
             return torch.float16
-        features = features if features is not None else cpu_features()
-        return torch.bfloat16 if features.native_bf16 or quantize is not None else torch.float32
+        return torch.bfloat16
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPE_NAMES.values():
             raise ValueError(f"unsupported dtype {dtype}: use float32, bfloat16 or float16")
@@ -165,50 +162,6 @@ def choose_dtype(
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
     return DTYPE_NAMES[dtype]
-
-
-def fit_default_dtype(
-    chosen: torch.dtype, asked: Union[str, torch.dtype, None], args: ModelArgs, quantize: Optional[str],
-    device: torch.device, available_bytes: Optional[int] = None,
-) -> torch.dtype:
-    """A float32 that `choose_dtype` chose by default (not asked for) becomes bfloat16 when the
-    model would not fit in memory in float32: half the bytes, and what the user asked for by default."""
-    if asked is not None or chosen != torch.float32:
-        return chosen
-    if plan_memory(args, chosen, quantize, device, available_bytes).fits():
-        return chosen
-    return torch.bfloat16
-
-
-def dtype_note(asked: Union[str, torch.dtype, None], chosen: torch.dtype, device: torch.device,
-               features: Optional[CpuFeatures] = None) -> str:
-    """Why the dtype is what it is, for the "loaded ..." line: empty when it was asked for or is the usual default."""
-    if asked is not None or device.type != "cpu":
-        return ""
-    features = features if features is not None else cpu_features()
-    if chosen == torch.float32:
-        return "float32: this CPU has no native bf16 (emulated bf16 is slower than float32)"
-    if not features.native_bf16:
-        return "bfloat16 (float32 would not fit in memory, or the model is quantized)"
-    return ""
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity mask (taskset, a container's cpuset), not the machine's."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def choose_threads(threads: Optional[int]) -> int:
-    """How many CPU threads torch computes with: `threads`, or every CPU this process may use."""
-    available = usable_cpus()
-    if threads is None:
-        return available
-    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= available:
-        raise ValueError(f"threads must be an integer from 1 to {available} (the CPUs this process may use), "
-                         f"got {threads!r}")
-    return threads
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,9 +21,10 @@ from typing import Callable, Optional, TextIO, Union
 import torch
 
 from chat import DEFAULT_CHAT_MAX_GEN_LEN, ChatSession, enable_line_editing, run_chat
-from checkpoint import CheckpointError, choose_threads, usable_cpus
+from checkpoint import CheckpointError
+from cpu import choose_threads, cpu_features, usable_cpus
 from inference import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, Generation, LLaMa
-from quantize import INT4, INT8, PLAIN, PREPACKED, SCHEMES, W8A8, W8A8Linear, cpu_features
+from quantize import INT4, INT8, PLAIN, PREPACKED, SCHEMES, W8A8, WIDENED, W8A8Linear
 from sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, NO_REPETITION_PENALTY, SAMPLING_KEYWORDS, SamplingParams
 from streaming import GenerationRow
 from tensor_parallel import TensorParallel, init_from_torchrun, main_rank_first
@@ -151,6 +152,7 @@ def flag_spelling(message: str) -> str:
 STORAGE_WORDS = {
     PLAIN: "linear layers plain",
     PREPACKED: "linear layers prepacked for oneDNN",
+    WIDENED: "linear layers bf16, prompts in float32 (no native bf16 here)",
     INT8: "linear layers int8 (weight-only)",
     INT4: "linear layers int4 (weight-only, head int8 weight-only)",  # or its head in w8a8: `storage_words`
     W8A8: "linear layers w8a8 (int8 x uint8 matmuls; head and w2 weight-only int8)",
@@ -161,8 +163,6 @@ def how_it_runs(llama: LLaMa) -> str:
     """Device (with the CPU's features), dtype and how the linear layers are stored, as chosen by `LLaMa.build`."""
     device = f"cpu {cpu_features().name}" if llama.device.type == "cpu" else str(llama.device)
     dtype = str(next(llama.model.parameters()).dtype).removeprefix("torch.")
-    if llama.dtype_note:
-        dtype = llama.dtype_note
     return f"{device}; {dtype}; {storage_words(llama)}"
 
 

@@ -54,7 +54,7 @@ from checkpoint import CheckpointError, choose_device
 from cli import DEMO_PROMPTS, WARM_UP_TOKENS
 from inference import LLaMa
 from memory import plan_memory
-from quantize import cpu_features
+from cpu import cpu_features
 from sampling import SamplingParams
 from tokenizer import TokenizerFileError
 

@@ -43,13 +43,11 @@ from checkpoint import (
     check_vocab_matches,
     choose_device,
     choose_dtype,
-    choose_threads,
-    dtype_note,
-    fit_default_dtype,
     load_model_args,
     load_transformer,
     read_params,
 )
+from cpu import choose_threads
 from decoding import (  # noqa: F401 (decode_step, log_prob_of: importable from here as before)
     DecodeStep,
     Decoding,
@@ -104,9 +102,8 @@ class LLaMa:
         self.kv_cache = KVCacheRecord()  # which ids the KV cache holds, for `reuse_cache`
         self.decode_step = decode_step  # or its compiled version: see `build(compile=True)`
         self.row_decode_step = row_decode_step  # the same, for rows at their own positions (batching.py)
-        # What `build` chose, for the "loaded ..." line: the linear layers' storage (quantize.py) and,
-        # when the dtype was chosen for this CPU, why.
-        self.linear_storage, self.dtype_note = None, ""
+        # What `build` chose, for the "loaded ..." line: the linear layers' storage (quantize.py).
+        self.linear_storage: Optional[str] = None
 
     @staticmethod
     def build(
@@ -133,7 +130,7 @@ class LLaMa:
         quantize: None, "int8" or "int4": weight-only quantization of the linear layers while
         loading (quantize.py). compile: `torch.compile` the decode step (the first generation then
         takes longer while it compiles). threads: CPU threads torch computes with (process-wide);
-        None: every CPU this process may use (`checkpoint.usable_cpus`). static_cache: decode with the
+        None: every CPU this process may use (`cpu.usable_cpus`). static_cache: decode with the
         KV cache at fixed shapes (model.KVCache.update), which lets a compiled step run as one CUDA
         graph; None: on with compile on CUDA, off elsewhere (on a CPU it reads the whole cache each step).
         """
@@ -144,7 +141,6 @@ class LLaMa:
                 raise ValueError("quantize and compile are not supported with tensor parallel yet: run without them")
             device = tensor_parallel.device
         device = choose_device(device)
-        asked_dtype = dtype
         dtype = choose_dtype(dtype, device, quantize)
         linear_storage(device, dtype, quantize, compile)  # a scheme this device cannot run is refused now
         torch.set_num_threads(choose_threads(threads))
@@ -153,7 +149,6 @@ class LLaMa:
         tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else ckpt_dir / "tokenizer.model"
         tokenizer = Tokenizer(tokenizer_path)
         args = load_model_args(ckpt_dir, max_seq_len, max_batch_size, vocab_size=tokenizer.n_words)
-        dtype = fit_default_dtype(dtype, asked_dtype, args, quantize, device)
         if tensor_parallel is not None:
             tensor_parallel.check_args(args)  # e.g. a world size that does not divide n_kv_heads, on every rank
         model = None
@@ -166,7 +161,6 @@ class LLaMa:
         check_vocab_matches(tokenizer.n_words, tokenizer_path, args)
         llama = LLaMa(model, tokenizer, args, device, tensor_parallel)
         llama.linear_storage = linear_storage(device, dtype, quantize, compile)
-        llama.dtype_note = dtype_note(asked_dtype, dtype, device)
         static_cache = choose_static_cache(static_cache, device, compile)
         if static_cache and model is not None:
             model.setup_caches(device, dtype, zeroed=True)  # attended to whole: see model.KVCache.update

@@ -1,11 +1,13 @@
-"""How a linear layer is stored: plain, prepacked bf16, int8 or int4. The one place that decides.
+"""How a linear layer is stored: plain, prepacked bf16, widened bf16, int8, int4 or w8a8. The one place that decides.
 
 Every loader asks `linear_storage(device, dtype, quantize, compile, needs_gradients)` which of the
-four storages the model's linear layers get, and builds each layer with `make_linear`:
+storages the model's linear layers get, and builds each layer with `make_linear`:
 
     storage      layer            when
     PLAIN        nn.Linear        float32/float16, GPUs, compiled models, and whenever gradients are needed
-    PREPACKED    PackedLinear     bf16 on a CPU with oneDNN, not compiled (the default there)
+    PREPACKED    PackedLinear     bf16 on a CPU with native bf16, not compiled (the default there)
+    WIDENED      WidenedLinear    bf16 on a CPU without native bf16 (the default there): decoding in bf16,
+                                  prompts in float32
     INT8         Int8Linear       quantize="int8"
     INT4         Int4Linear       quantize="int4" (the output head stays 8-bit: W8A8Linear where the
                                   CPU has int8 dot products, else Int8Linear: `layer_storage`)
@@ -71,33 +73,35 @@ slow part (5-8x slower than a float matmul on the same CPU, measured), so from `
 rows on, a layer widens its weight once, to floats, a chunk of output rows at a time, and calls the
 float matmul (`dequantized_linear`): the same numbers up to float rounding, at float-matmul speed.
 
-Without quantization there is still one thing to gain on a CPU: `PackedLinear` keeps a bf16 weight in
-the blocked layout of the oneDNN kernel that multiplies it, instead of having it rearranged on every
-call (storage PREPACKED: the default for bf16 on CPU, unless the model is to be compiled).
+Without quantization there is still something to gain on a CPU. Where it computes bf16 natively,
+`PackedLinear` keeps a bf16 weight in the blocked layout of the oneDNN kernel that multiplies it,
+instead of having it rearranged on every call (storage PREPACKED, unless the model is to be
+compiled). Where it does not (oneDNN then emulates bf16 with float32 arithmetic), `WidenedLinear`
+keeps the bf16 weight, half of float32's bytes, decodes in bf16 and multiplies prompts in float32
+(storage WIDENED, compiled or not).
 
 Shape legend: N output features (rows of W), K input features, G group size, M rows of x.
 """
 
 import functools
-import os
-import platform
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The four storages of a linear layer (see the table above). A quantization scheme's name is also
-# the name of its storage.
+from cpu import CpuFeatures, cpu_features, float_matmul_dtype
+
+# The storages of a linear layer (see the table above). A quantization scheme's name is also the
+# name of its storage.
 PLAIN = "plain"  # nn.Linear, its weight in the model's dtype: the reference, and differentiable
 PREPACKED = "prepacked"  # PackedLinear: bf16 in oneDNN's blocked layout (CPU)
+WIDENED = "widened"  # WidenedLinear: bf16, prompts multiplied by the weight widened to float32 (CPU)
 INT8 = "int8"
 INT4 = "int4"
 W8A8 = "w8a8"
 SCHEMES = (INT8, INT4, W8A8)
-STORAGES = (PLAIN, PREPACKED, *SCHEMES)
+STORAGES = (PLAIN, PREPACKED, WIDENED, *SCHEMES)
 CPU_ONLY_SCHEMES = (W8A8,)
 
 INT8_MAX = 127  # symmetric: -127 ... 127, so that +x and -x round to opposite values
@@ -125,8 +129,8 @@ ROWS_PER_CHUNK = 4096
 # rather than with the weight-only kernel. Measured on 2 cores of a Xeon (Sapphire Rapids) for the
 # demo model's layers: the int8 kernel costs ~25 us a row, widening the weight once ~0.5 ms, so they
 # cross at ~24 rows; int4's kernel costs about as much a row, its unpacking ~1 ms. Decoding (8 rows,
-# or 11 with drafts) stays on the kernels; prompts go to the float matmul.
-DEQUANTIZED_ROWS = {"int8": 32, "int4": 64}
+# or 11 with drafts) stays on the kernels; prompts go to the float matmul. WIDENED: see WidenedLinear.
+DEQUANTIZED_ROWS = {INT8: 32, INT4: 64, WIDENED: 32}
 OUTPUT_HEAD = "output"  # Meta's name of the final linear layer
 # w8a8 rounds each token's activations to 256 levels. Two layers read activations where that is too
 # coarse: the feed-forward's w2 (silu(w1 x) * w3 x has a few entries far larger than the rest, and
@@ -139,88 +143,6 @@ DOWN_PROJECTION = "feed_forward.w2"
 
 class QuantizationError(ValueError):
     """A model or layer that cannot be quantized as asked; the message says what to do instead."""
-
-
-# --------------------------------------------------------------------------------------------
-# What this CPU does fast
-# --------------------------------------------------------------------------------------------
-
-CPUINFO = Path("/proc/cpuinfo")
-# x86 flags (Linux's names) of int8 dot-product instructions: what makes w8a8's integer matmul fast.
-INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-# ... and of bf16 arithmetic: without one, oneDNN emulates bf16 matmuls with float32 ones.
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-# oneDNN (the kernel library behind PyTorch's CPU matmuls) uses no instruction above the set named
-# in ONEDNN_MAX_CPU_ISA (older name: DNNL_MAX_CPU_ISA), whatever the CPU has. Capped at one of these,
-# it emulates bf16 matmuls / has no int8 dot products. AVX512_CORE_VNNI is Ice Lake's set: a CPU
-# with AVX-512 BF16 then multiplies as an Ice Lake does (see the README's "Speed").
-ONEDNN_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
-ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
-ONEDNN_ISAS_WITHOUT_INT8_DOT = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
-
-
-@dataclass(frozen=True)
-class CpuFeatures:
-    """The instructions that decide which kernels are fast here. Read once by `cpu_features`;
-    tests pass made-up ones to check the decisions for CPUs they do not run on."""
-
-    name: str  # e.g. "x86_64: AVX512 (avx512_vnni amx_int8)", for the "loaded ..." line and bench
-    native_bf16: bool  # bf16 matmuls in hardware (AVX-512 BF16, AMX); else emulated, ~3x slower than fp32
-    int8_dot: bool  # int8 dot products in hardware (AVX-512 VNNI, AVX-VNNI, AMX): w8a8 runs
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux lists them ("avx512_vnni", ...); empty elsewhere."""
-    if not CPUINFO.is_file():
-        return set()
-    for line in CPUINFO.read_text(errors="replace").splitlines():
-        if line.startswith(("flags", "Features")):  # x86 / arm64
-            return set(line.partition(":")[2].split())
-    return set()
-
-
-def onednn_isa_cap(environ: Mapping[str, str] = os.environ) -> Optional[str]:
-    """The instruction set oneDNN is capped at by the environment (e.g. "AVX512_CORE_VNNI"); None if not capped."""
-    for variable in ONEDNN_ISA_VARIABLES:  # the first one set wins, as in oneDNN
-        if environ.get(variable):
-            return environ[variable].strip().upper()
-    return None
-
-
-def capped_features(features: CpuFeatures, cap: Optional[str]) -> CpuFeatures:
-    """What oneDNN will do on a CPU with `features` when capped at the instruction set `cap`:
-    nothing above the cap counts. A cap that lowers neither (AVX512_CORE_BF16, DEFAULT, a name
-    oneDNN does not know and ignores) changes nothing."""
-    if cap not in ONEDNN_ISAS_WITHOUT_BF16:  # a superset of ONEDNN_ISAS_WITHOUT_INT8_DOT
-        return features
-    return CpuFeatures(
-        name=f"{features.name}, oneDNN capped at {cap}",
-        native_bf16=features.native_bf16 and cap not in ONEDNN_ISAS_WITHOUT_BF16,
-        int8_dot=features.int8_dot and cap not in ONEDNN_ISAS_WITHOUT_INT8_DOT,
-    )
-
-
-@functools.cache
-def cpu_features() -> CpuFeatures:
-    """This CPU's features, from PyTorch's own CPU probe (cpuinfo) and, on Linux, /proc/cpuinfo, as
-    far as oneDNN may use them (`onednn_isa_cap`). Read once per process (a build asks several
-    times: dtype, storage, the "loaded ..." line), as oneDNN reads its cap once."""
-    flags = cpu_flags()
-    amx = torch.cpu._is_amx_tile_supported()
-    native_bf16 = torch.cpu._is_avx512_bf16_supported() or amx or any(f in flags for f in NATIVE_BF16_FLAGS)
-    int8_dot = torch.cpu._is_vnni_supported() or amx or any(f in flags for f in INT8_DOT_FLAGS)
-    shown = " ".join(f for f in (*INT8_DOT_FLAGS, *NATIVE_BF16_FLAGS) if f in flags)
-    name = f"{platform.machine()}: {torch.backends.cpu.get_cpu_capability()}" + (f" ({shown})" if shown else "")
-    return capped_features(CpuFeatures(name=name, native_bf16=native_bf16, int8_dot=int8_dot), onednn_isa_cap())
-
-
-def float_matmul_dtype(dtype: torch.dtype, device: torch.device, features: Optional[CpuFeatures] = None) -> torch.dtype:
-    """The dtype a float matmul for activations in `dtype` runs fastest in: `dtype` itself, except
-    bfloat16 on a CPU without native bf16, where float32 is faster (oneDNN emulates bf16 with it)."""
-    if device.type != "cpu" or dtype != torch.bfloat16:
-        return dtype
-    features = features if features is not None else cpu_features()
-    return dtype if features.native_bf16 else torch.float32
 
 
 # PyTorch's CUDA int4 kernel (`_weight_int4pack_mm`) needs Ampere (compute capability 8.0) or newer.
@@ -567,7 +489,7 @@ class Int4Linear(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# No quantization: bf16 weights prepacked for oneDNN
+# No quantization: bf16 weights, prepacked for oneDNN or widened for prompts
 # --------------------------------------------------------------------------------------------
 
 
@@ -598,6 +520,45 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
 
 
+def bf16_is_emulated(device: torch.device, dtype: torch.dtype, features: Optional[CpuFeatures] = None) -> bool:
+    """Whether `WidenedLinear` applies: bf16 on a CPU without native bf16 (`features`, None: this CPU's)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and float_matmul_dtype(dtype, device, features) != dtype
+
+
+class WidenedLinear(nn.Module):
+    """nn.Linear(K, N, bias=False) with a bf16 weight, for a CPU without native bf16.
+
+    There oneDNN emulates a bf16 matmul: it widens both operands to float32 as it goes and multiplies
+    in float32. Decoding (a few rows of x) waits on memory, not arithmetic, so it still gains from
+    reading half of float32's bytes: measured with oneDNN limited to an Ice Lake's instructions
+    (README, "Speed"), the demo model decoded at 30 tok/s with bf16 weights against 16 in float32.
+    A prompt (many rows) is arithmetic-bound, and there the emulation costs 2-2.5x against float32
+    (512 rows of the demo's layers: 24.8 ms against 12.4 for w13). So from DEQUANTIZED_ROWS[WIDENED]
+    rows on, the weight is widened to float32 a chunk at a time and the product taken in float32
+    (`dequantized_linear`: 12.7 ms), and the result rounded back to bf16. Decoding multiplies in bf16
+    as before; prompts come out slightly more exact than in bf16.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        # A parameter, as nn.Linear's: torch.compile's freezing then lays it out for oneDNN once.
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (N, K) bf16
+        self.float_dtype = torch.float32  # for prompts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # (M, K)
+        if rows.shape[0] >= DEQUANTIZED_ROWS[WIDENED]:
+            y = dequantized_linear(rows, self, self.float_dtype)
+        else:
+            y = F.linear(rows, self.weight)  # (M, N)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows start ... stop of the weight, (stop - start, K) in `dtype`."""
+        return self.weight[start:stop].to(dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # Whole models
 # --------------------------------------------------------------------------------------------
@@ -608,7 +569,7 @@ def linear_bytes(out_features: int, in_features: int, storage: Optional[str], dt
 
     A prepacked weight takes the bytes of the plain one: oneDNN's blocked layout only reorders it."""
     itemsize = dtype.itemsize
-    if storage in (None, PLAIN, PREPACKED):
+    if storage in (None, PLAIN, PREPACKED, WIDENED):
         return out_features * in_features * itemsize
     if storage == INT8:
         return out_features * in_features + out_features * itemsize  # 1 byte per weight + scales
@@ -656,7 +617,11 @@ def linear_storage(
             )
         check_scheme_runs_here(quantize, torch.device(device), dtype, features, cuda_capability)
         return quantize
-    if needs_gradients or compile:
+    if needs_gradients:
+        return PLAIN
+    if bf16_is_emulated(torch.device(device), dtype, features):
+        return WIDENED
+    if compile:
         return PLAIN
     return PREPACKED if prepacking_helps(torch.device(device), dtype) else PLAIN
 
@@ -675,6 +640,8 @@ def make_linear(
         return layer
     if storage == PREPACKED:
         return PackedLinear(weight.to(device=device, dtype=dtype))
+    if storage == WIDENED:
+        return WidenedLinear(weight.to(device=device, dtype=dtype))
     weight = weight.to(device)  # quantized on the target device
     if storage == INT8:
         return Int8Linear.from_float(weight, dtype)

@@ -270,12 +270,13 @@ def test_reader_of_one_shard_reads_without_copying(one_shard):
 # ---- the import rule: the loading files stand on the model, never on a tool -----------------
 
 REPO = Path(__file__).resolve().parent.parent
-ALLOWED_LOCAL_IMPORTS = {  # ours only; reading order: model, quantize, memory, smoothing, checkpoint, then the tools
+ALLOWED_LOCAL_IMPORTS = {  # ours only; reading order: model, cpu, quantize, memory, smoothing, checkpoint, then the tools
     "model": set(),
-    "quantize": set(),
+    "cpu": set(),
+    "quantize": {"cpu"},
     "memory": {"model", "quantize"},
     "smoothing": {"model", "quantize"},
-    "checkpoint": {"model", "quantize", "memory", "smoothing"},
+    "checkpoint": {"model", "cpu", "quantize", "memory", "smoothing"},
     "tensor_parallel": {"checkpoint", "model"},
     "reshard": {"atomic", "checkpoint", "model"},
 }
@@ -302,44 +303,43 @@ def test_loading_files_import_only_what_stands_before_them(module):
 # The dtype, chosen per device, CPU and quantization
 # --------------------------------------------------------------------------------------------
 
-from checkpoint import choose_dtype, dtype_note, fit_default_dtype, load_model_args  # noqa: E402
-from quantize import CpuFeatures, QuantizationError, linear_storage  # noqa: E402
+from checkpoint import choose_dtype, load_model_args  # noqa: E402
+from cpu import CpuFeatures  # noqa: E402
+from quantize import PREPACKED, WIDENED, QuantizationError, linear_storage  # noqa: E402
 
 BF16_CPU = CpuFeatures(name="x86_64: AVX512 (amx_bf16)", native_bf16=True, int8_dot=True)
 NO_BF16_CPU = CpuFeatures(name="x86_64: AVX512 (avx512_vnni)", native_bf16=False, int8_dot=True)
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")  # only asked about
 
 
-@pytest.mark.parametrize("device, quantize, features, expected", [
-    (CPU, None, BF16_CPU, torch.bfloat16),  # the design card's CPU default, where the CPU computes it
-    (CPU, None, NO_BF16_CPU, torch.float32),  # emulated bf16 is slower than float32
-    (CPU, "int8", NO_BF16_CPU, torch.bfloat16),  # quantized: the activations stay bf16
-    (CUDA, None, None, torch.float16),
-    (CUDA, "int8", None, torch.float16),
-    (CUDA, "int4", None, torch.bfloat16),  # the CUDA int4 kernel takes bf16 only
-    (MPS, None, None, torch.float16),
+@pytest.mark.parametrize("device, quantize, expected", [
+    (CPU, None, torch.bfloat16),  # the design card's CPU default, on every CPU (the layers differ: below)
+    (CPU, "int8", torch.bfloat16),
+    (CUDA, None, torch.float16),
+    (CUDA, "int8", torch.float16),
+    (CUDA, "int4", torch.bfloat16),  # the CUDA int4 kernel takes bf16 only
+    (MPS, None, torch.float16),
 ])
-def test_default_dtype_is_chosen_per_device_cpu_features_and_quantization(device, quantize, features, expected):
-    assert choose_dtype(None, device, quantize, features) == expected
+def test_default_dtype_is_chosen_per_device_and_quantization(device, quantize, expected):
+    assert choose_dtype(None, device, quantize) == expected
+
+
+@pytest.mark.parametrize("features, compile, expected", [
+    (BF16_CPU, False, PREPACKED),
+    (BF16_CPU, True, "plain"),  # compiled: Inductor's freezing packs the weights itself
+    (NO_BF16_CPU, False, WIDENED),  # emulated bf16: prompts in float32, decoding in bf16
+    (NO_BF16_CPU, True, WIDENED),
+])
+def test_bf16_layers_are_prepacked_where_the_cpu_has_bf16_and_widened_for_prompts_where_it_does_not(
+        features, compile, expected):
+    assert linear_storage(CPU, torch.bfloat16, compile=compile, features=features) == expected
+    assert linear_storage(CPU, torch.float32, compile=compile, features=features) == "plain"
+    assert linear_storage(CPU, torch.bfloat16, needs_gradients=True, features=features) == "plain"
 
 
 def test_an_asked_dtype_is_always_honoured():
-    assert choose_dtype("bfloat16", CPU, None, NO_BF16_CPU) == torch.bfloat16
+    assert choose_dtype("float32", CPU, None) == torch.float32
     assert choose_dtype("float16", CUDA, "int4") == torch.float16  # and then refused by linear_storage, below
-
-
-def test_a_default_float32_that_would_not_fit_falls_back_to_bfloat16_and_says_why():
-    args = ModelArgs(**TINY, vocab_size=LLAMA2_VOCAB_SIZE, max_seq_len=64, max_batch_size=1)
-    from memory import plan_memory
-    fp32_bytes = plan_memory(args, torch.float32, None, CPU, None).total
-    bf16_bytes = plan_memory(args, torch.bfloat16, None, CPU, None).total
-    between = (fp32_bytes + bf16_bytes) // 2
-    assert fit_default_dtype(torch.float32, None, args, None, CPU, available_bytes=between) == torch.bfloat16
-    assert fit_default_dtype(torch.float32, None, args, None, CPU, available_bytes=fp32_bytes) == torch.float32
-    assert fit_default_dtype(torch.float32, "float32", args, None, CPU, available_bytes=between) == torch.float32
-    assert "no native bf16" in dtype_note(None, torch.float32, CPU, NO_BF16_CPU)
-    assert "would not fit" in dtype_note(None, torch.bfloat16, CPU, NO_BF16_CPU)
-    assert dtype_note(None, torch.bfloat16, CPU, BF16_CPU) == "" and dtype_note("float32", torch.float32, CPU) == ""
 
 
 def test_int4_on_cuda_needs_ampere_and_bfloat16_and_is_refused_on_mps_naming_what_works():

@@ -158,7 +158,7 @@ def test_the_demo_questions_are_greedy_unless_a_temperature_is_given():
 
 
 def test_threads_default_to_the_cpus_this_process_may_use_and_are_checked():
-    from checkpoint import choose_threads, usable_cpus
+    from cpu import choose_threads, usable_cpus
 
     assert choose_threads(None) == usable_cpus() == len(os.sched_getaffinity(0))
     assert choose_threads(1) == 1
@@ -184,7 +184,7 @@ def test_threads_flag_out_of_range_names_the_flag(ckpt, capsys):
 
 
 def test_a_busy_machine_gets_a_hint_to_use_fewer_threads(monkeypatch):
-    from checkpoint import usable_cpus
+    from cpu import usable_cpus
 
     monkeypatch.setattr(os, "getloadavg", lambda: (usable_cpus() + 1.5, 0.0, 0.0))
     assert "try --threads 1" in cli.oversubscribed_note(2)

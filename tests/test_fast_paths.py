@@ -4,7 +4,8 @@
   against the explicit `model.scaled_dot_product_attention` (`ModelArgs.reference_attention`);
 * last-position-only logits against the last row of all logits;
 * decoding late in a long context (position ~2000, through the KV cache) against a full recompute;
-* prepacked bf16 linear layers against `F.linear`;
+* prepacked bf16 linear layers against `F.linear`; widened ones (CPUs without native bf16) against
+  a float64 product;
 * the compiled decode step against the eager one, also beside speculative decoding's passes;
 * RoPE in real numbers (what a compiled step runs) against its complex form.
 
@@ -16,12 +17,16 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from checkpoint import load_model_args, load_transformer
 from conftest import LLAMA2_TOKENIZER
 from inference import LLaMa
 from model import ModelArgs, Transformer, apply_rotary_emb, apply_rotary_emb_real, precompute_freqs_cis
-from quantize import PackedLinear, cpu_features, prepacking_helps
+import cpu
+import quantize
+from cpu import CpuFeatures, cpu_features
+from quantize import DEQUANTIZED_ROWS, WIDENED, PackedLinear, WidenedLinear, prepacking_helps
 from sampling import SamplingParams
 from tiny import replay_prompt, write_tiny_llama2_checkpoint
 
@@ -148,6 +153,69 @@ def test_bf16_on_cpu_is_prepacked_by_default_and_gives_the_same_logits_as_nn_lin
     # rounds to the neighbouring bf16 value. So: within one bf16 step (eps relative) everywhere.
     torch.testing.assert_close(packed_logits, plain_logits, rtol=torch.finfo(torch.bfloat16).eps,
                                atol=torch.finfo(torch.bfloat16).tiny)
+
+
+class LinearDtypes(TorchFunctionMode):
+    """Records the dtype of x in every F.linear call made while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear:
+            self.seen.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rows", [1, 8, DEQUANTIZED_ROWS[WIDENED], 100])
+def test_widened_linear_multiplies_few_rows_in_bf16_and_many_in_float32(rows):
+    torch.manual_seed(0)
+    weight = torch.randn(96, 64, dtype=torch.bfloat16)
+    x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    with LinearDtypes() as matmuls:
+        y = WidenedLinear(weight)(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 96)
+    if rows < DEQUANTIZED_ROWS[WIDENED]:  # decoding: the bf16 matmul itself
+        assert matmuls.seen == [torch.bfloat16]
+        torch.testing.assert_close(y, F.linear(x, weight), rtol=0, atol=0)
+    else:  # prompts: in float32, the product rounded once to bf16 (within one bf16 step of float64's)
+        assert matmuls.seen == [torch.float32]
+        exact = x.double() @ weight.double().T
+        torch.testing.assert_close(y.double(), exact, rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6)
+
+
+NO_BF16_CPU = CpuFeatures(name="x86_64: AVX512 (avx512_vnni), made up", native_bf16=False, int8_dot=True)
+
+
+@pytest.fixture
+def cpu_without_native_bf16(monkeypatch):
+    """The engine's view of an Ice Lake: the decisions change, the arithmetic stays this CPU's."""
+    monkeypatch.setattr(cpu, "cpu_features", lambda: NO_BF16_CPU)
+    monkeypatch.setattr(quantize, "cpu_features", lambda: NO_BF16_CPU)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_widened_and_gives_the_logits_of_nn_linear(
+        tiny_ckpt, cpu_without_native_bf16):
+    llama = LLaMa.build(tiny_ckpt, max_seq_len=64, device="cpu", progress=False)  # the default dtype
+    assert llama.linear_storage == WIDENED and next(llama.model.parameters()).dtype == torch.bfloat16
+    assert isinstance(llama.model.layers[0].attention.wqkv, WidenedLinear)
+    assert isinstance(llama.model.output, WidenedLinear)
+    plain = load_transformer(tiny_ckpt, llama.args, torch.device("cpu"), torch.bfloat16, progress=False,
+                             needs_gradients=True)
+    tokens = torch.tensor([list(range(3, 3 + 2 * DEQUANTIZED_ROWS[WIDENED]))])  # a prompt: widened to float32
+    widened_logits, plain_logits = llama.model(tokens, 0).float(), plain(tokens, 0).float()
+    # bf16 rounds each layer's output either way; float32 products differ from bf16 ones by those roundings.
+    torch.testing.assert_close(widened_logits, plain_logits, **BF16_TOLERANCE)
+
+
+def test_compiled_widened_layers_decode_the_eager_greedy_tokens(tiny_ckpt, cpu_without_native_bf16):
+    kwargs = dict(max_seq_len=64, max_batch_size=2, device="cpu", progress=False)
+    eager, compiled = LLaMa.build(tiny_ckpt, **kwargs), LLaMa.build(tiny_ckpt, compile=True, **kwargs)
+    assert compiled.linear_storage == WIDENED
+    prompt = [replay_prompt(eager, "Hello, my name is")]
+    greedy = SamplingParams(temperature=0)
+    assert compiled.generate(prompt, 8, greedy)[0].tokens == eager.generate(prompt, 8, greedy)[0].tokens
 
 
 def test_compiled_decode_gives_the_eager_greedy_tokens_and_logprobs(tiny_ckpt):

@@ -365,6 +365,7 @@ def test_the_torch_floor_is_what_the_newest_api_needs():
 
 def test_w8a8_asks_for_the_release_its_int_mm_needs_and_refuses_an_older_torch(monkeypatch):
     """The one API above the floor is gated: w8a8 checks the running torch and says what to do."""
+    import cpu
     import quantize
 
     (gated,) = [api for api in TORCH_APIS if api.gated]
@@ -372,7 +373,7 @@ def test_w8a8_asks_for_the_release_its_int_mm_needs_and_refuses_an_older_torch(m
     assert quantize.torch_release("2.11.0+cu126") == (2, 11)
     monkeypatch.setattr(quantize, "torch_release", lambda: (2, 11))
     with pytest.raises(quantize.QuantizationError, match=r"w8a8 needs PyTorch 2.12 or newer .* use --quantize int8"):
-        quantize.linear_storage("cpu", torch.bfloat16, "w8a8", features=quantize.CpuFeatures("x", True, True))
+        quantize.linear_storage("cpu", torch.bfloat16, "w8a8", features=cpu.CpuFeatures("x", True, True))
 
 
 @pytest.mark.parametrize("api", TORCH_APIS, ids=lambda api: api.what)

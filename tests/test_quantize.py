@@ -9,7 +9,6 @@ agreement with bf16 93% and 95%.)
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,11 +21,12 @@ import torch
 from checkpoint import MemoryPlanError, load_model_args, load_transformer, plan_memory
 from conftest import LLAMA2_TOKENIZER
 from cli import main
+from cpu import CpuFeatures, cpu_features
 from inference import LLaMa
 import quantize
 from quantize import (DEQUANTIZED_ROWS, INT4, INT4_INNER_K_TILES, INT4_MIDPOINT, INT8, PLAIN, PREPACKED, W8A8,
-                      CpuFeatures, Int4Linear, Int8Linear, PackedLinear, QuantizationError, W8A8Linear, cpu_features,
-                      dequantized_linear, float_matmul_dtype, int4_cpu_layout_known, integer_matmul_runs_here,
+                      Int4Linear, Int8Linear, PackedLinear, QuantizationError, W8A8Linear,
+                      dequantized_linear, int4_cpu_layout_known, integer_matmul_runs_here,
                       layer_storage, linear_storage, make_linear,
                       prepacking_helps, quantize_int4, quantize_int8, quantize_model, unpack_int4_cpu)
 from smoothing import smooth_w8a8
@@ -219,17 +219,6 @@ def test_the_dequantized_matmul_in_chunks_of_rows_equals_it_in_one_piece(monkeyp
     torch.testing.assert_close(whole, x @ layer.dequantize().T, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("device, dtype, native_bf16, expected", [
-    ("cpu", torch.bfloat16, True, torch.bfloat16),
-    ("cpu", torch.bfloat16, False, torch.float32),  # emulated bf16 is slower than float32
-    ("cpu", torch.float32, False, torch.float32),
-    ("cuda", torch.float16, False, torch.float16),
-])
-def test_a_prompts_float_matmul_runs_in_bf16_only_where_the_cpu_has_it(device, dtype, native_bf16, expected):
-    features = CpuFeatures(name="made up", native_bf16=native_bf16, int8_dot=True)
-    assert float_matmul_dtype(dtype, torch.device(device), features) == expected
-
-
 def test_int4_rejects_shapes_its_kernel_cannot_take_and_says_to_use_int8():
     with pytest.raises(QuantizationError, match="int8"):
         Int4Linear.from_float(torch.randn(96, 100), torch.bfloat16)  # 100 is not a multiple of 32
@@ -279,71 +268,6 @@ def test_w8a8_is_refused_where_it_cannot_run_naming_what_to_use_instead():
         linear_storage(CPU, torch.bfloat16, quantize=W8A8, features=OLD_CPU)
     with pytest.raises(QuantizationError, match=r"--quantize w8a8 runs on CPUs only .* on cuda use --quantize int8"):
         linear_storage(CUDA, torch.float16, quantize=W8A8)
-
-
-def test_cpu_features_are_read_from_this_machine_consistently_with_linux():
-    features = cpu_features()
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if " avx512_vnni" in flags or " amx_int8" in flags:
-        assert features.int8_dot
-    if " avx512_bf16" in flags or " amx_bf16" in flags:
-        assert features.native_bf16
-    assert torch.backends.cpu.get_cpu_capability() in features.name
-
-
-ZEN4_CPU = CpuFeatures(name="x86_64: AVX512 (avx512_vnni avx512_bf16)", native_bf16=True, int8_dot=True)
-
-
-@pytest.mark.parametrize("cap, native_bf16, int8_dot", [
-    (None, True, True),
-    ("AVX512_CORE_BF16", True, True),
-    ("DEFAULT", True, True),
-    ("NO_SUCH_ISA", True, True),  # oneDNN ignores a name it does not know
-    ("AVX512_CORE_VNNI", False, True),  # Ice Lake's instructions: bf16 emulated, VNNI kept
-    ("AVX2_VNNI", False, True),
-    ("AVX512_CORE", False, False),
-    ("AVX2", False, False),
-])
-def test_a_onednn_isa_cap_takes_away_the_instructions_above_it(cap, native_bf16, int8_dot):
-    capped = quantize.capped_features(ZEN4_CPU, cap)
-    assert (capped.native_bf16, capped.int8_dot) == (native_bf16, int8_dot)
-    assert (f"oneDNN capped at {cap}" in capped.name) == (capped != ZEN4_CPU)
-
-
-def test_the_onednn_isa_cap_is_read_from_the_environment_as_onednn_reads_it():
-    assert quantize.onednn_isa_cap({}) is None
-    assert quantize.onednn_isa_cap({"ONEDNN_MAX_CPU_ISA": "avx512_core_vnni"}) == "AVX512_CORE_VNNI"
-    assert quantize.onednn_isa_cap({"DNNL_MAX_CPU_ISA": "AVX2"}) == "AVX2"  # the older name
-    assert quantize.onednn_isa_cap({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "DNNL_MAX_CPU_ISA": "AVX2"}) == "AVX512_CORE"
-
-
-# Runs one bf16 matmul with oneDNN's verbose log on, then prints what `cpu_features` says.
-ONEDNN_ISA_REPORT = textwrap.dedent("""
-    import torch
-    from checkpoint import choose_dtype
-    from quantize import cpu_features
-    torch.nn.functional.linear(torch.ones(64, 576, dtype=torch.bfloat16), torch.ones(1536, 576, dtype=torch.bfloat16))
-    features = cpu_features()
-    print("ours", features.native_bf16, features.int8_dot, choose_dtype(None, torch.device("cpu")))
-""")
-
-
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"),
-                    reason="oneDNN's AVX-512 caps need an AVX-512 CPU")
-@pytest.mark.parametrize("cap", ["AVX512_CORE_VNNI", "AVX512_CORE"])
-def test_under_a_onednn_isa_cap_our_features_agree_with_the_isa_onednn_reports(cap):
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": cap, "ONEDNN_VERBOSE": "1"}
-    result = subprocess.run([sys.executable, "-c", ONEDNN_ISA_REPORT], capture_output=True, text=True, env=env,
-                            cwd=Path(__file__).resolve().parent.parent, timeout=120)
-    assert result.returncode == 0, result.stderr
-    isa_lines = [line for line in result.stdout.splitlines() if ",isa:" in line]
-    if not isa_lines:
-        pytest.skip("this PyTorch's oneDNN printed no ISA line")
-    onednn_isa = isa_lines[0]  # e.g. "onednn_verbose,v1,info,cpu,isa:Intel AVX-512 with Intel DL Boost"
-    ours = next(line for line in result.stdout.splitlines() if line.startswith("ours")).split()
-    assert ours[1] == str("bfloat16" in onednn_isa), onednn_isa
-    assert ours[2] == str("DL Boost" in onednn_isa), onednn_isa
-    assert ours[3] == "torch.float32"  # no native bf16 under the cap: the default dtype is float32
 
 
 def test_linear_storage_refuses_quantizing_a_model_that_needs_gradients_or_an_unknown_scheme():

@@ -8,7 +8,8 @@ import torch
 from checkpoint import ShardedCheckpoint, load_model_args, load_transformer
 from conftest import LLAMA2_TOKENIZER
 from model import RMSNorm
-from quantize import W8A8, W8A8Linear, cpu_features
+from cpu import cpu_features
+from quantize import W8A8, W8A8Linear
 from smoothing import CALIBRATION_SEED, activation_maxima, fold_into_norm, smoothing_scales
 from tiny import LLAMA2_VOCAB_SIZE, write_tiny_llama2_checkpoint
 

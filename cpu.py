@@ -1,0 +1,126 @@
+"""What this CPU does fast: the facts the engine's choices are made from.
+
+A small model's speed on a CPU depends less on the model than on which instructions the CPU has:
+
+* **native bf16** (AVX-512 BF16, AMX): a bf16 matmul runs in hardware. Without it oneDNN, the
+  kernel library behind PyTorch's CPU matmuls, widens bf16 to float32 and multiplies in float32,
+  so bf16 is *slower* than float32 (measured ~2.4-3x at 512 rows on an Ice Lake's instruction set).
+  `checkpoint.choose_dtype` computes in float32 by default there; `float_matmul_dtype` says which
+  dtype a quantized layer's float matmul (its prompt path) should use.
+* **int8 dot products** (AVX-512 VNNI, AVX-VNNI, AMX): four 8-bit multiply-adds into one 32-bit sum
+  per lane and instruction. This is what makes w8a8's integer matmul (`torch._int_mm`) fast, and
+  `--quantize w8a8` is refused without it.
+* **how many CPUs this process may use** (`usable_cpus`): the default number of threads. Every
+  decode step of a small model crosses hundreds of thread barriers, so threads on CPUs that are
+  busy with other work cost far more than they bring (README, "Threads on a busy machine").
+
+The features are read once, from PyTorch's own probe and Linux's /proc/cpuinfo, *as far as oneDNN
+may use them*: an environment variable (ONEDNN_MAX_CPU_ISA) caps oneDNN's instruction set, and the
+engine then chooses as it would on a CPU that has only those (`capped_features`). Tests pass
+made-up `CpuFeatures` to check every decision for CPUs they do not run on.
+"""
+
+import functools
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+
+CPUINFO = Path("/proc/cpuinfo")
+# x86 flags (Linux's names) of int8 dot-product instructions: what makes w8a8's integer matmul fast.
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+# ... and of bf16 arithmetic: without one, oneDNN emulates bf16 matmuls with float32 ones.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# oneDNN (the kernel library behind PyTorch's CPU matmuls) uses no instruction above the set named
+# in ONEDNN_MAX_CPU_ISA (older name: DNNL_MAX_CPU_ISA), whatever the CPU has. Capped at one of these,
+# it emulates bf16 matmuls / has no int8 dot products. AVX512_CORE_VNNI is Ice Lake's set: a CPU
+# with AVX-512 BF16 then multiplies as an Ice Lake does (see the README's "Speed").
+ONEDNN_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+ONEDNN_ISAS_WITHOUT_INT8_DOT = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """The instructions that decide which kernels are fast here. Read once by `cpu_features`;
+    tests pass made-up ones to check the decisions for CPUs they do not run on."""
+
+    name: str  # e.g. "x86_64: AVX512 (avx512_vnni amx_int8)", for the "loaded ..." line and bench
+    native_bf16: bool  # bf16 matmuls in hardware (AVX-512 BF16, AMX); else emulated, ~3x slower than fp32
+    int8_dot: bool  # int8 dot products in hardware (AVX-512 VNNI, AVX-VNNI, AMX): w8a8 runs
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them ("avx512_vnni", ...); empty elsewhere."""
+    if not CPUINFO.is_file():
+        return set()
+    for line in CPUINFO.read_text(errors="replace").splitlines():
+        if line.startswith(("flags", "Features")):  # x86 / arm64
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def onednn_isa_cap(environ: Mapping[str, str] = os.environ) -> Optional[str]:
+    """The instruction set oneDNN is capped at by the environment (e.g. "AVX512_CORE_VNNI"); None if not capped."""
+    for variable in ONEDNN_ISA_VARIABLES:  # the first one set wins, as in oneDNN
+        if environ.get(variable):
+            return environ[variable].strip().upper()
+    return None
+
+
+def capped_features(features: CpuFeatures, cap: Optional[str]) -> CpuFeatures:
+    """What oneDNN will do on a CPU with `features` when capped at the instruction set `cap`:
+    nothing above the cap counts. A cap that lowers neither (AVX512_CORE_BF16, DEFAULT, a name
+    oneDNN does not know and ignores) changes nothing."""
+    if cap not in ONEDNN_ISAS_WITHOUT_BF16:  # a superset of ONEDNN_ISAS_WITHOUT_INT8_DOT
+        return features
+    return CpuFeatures(
+        name=f"{features.name}, oneDNN capped at {cap}",
+        native_bf16=features.native_bf16 and cap not in ONEDNN_ISAS_WITHOUT_BF16,
+        int8_dot=features.int8_dot and cap not in ONEDNN_ISAS_WITHOUT_INT8_DOT,
+    )
+
+
+@functools.cache
+def cpu_features() -> CpuFeatures:
+    """This CPU's features, from PyTorch's own CPU probe (cpuinfo) and, on Linux, /proc/cpuinfo, as
+    far as oneDNN may use them (`onednn_isa_cap`). Read once per process (a build asks several
+    times: dtype, storage, the "loaded ..." line), as oneDNN reads its cap once."""
+    flags = cpu_flags()
+    amx = torch.cpu._is_amx_tile_supported()
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or amx or any(f in flags for f in NATIVE_BF16_FLAGS)
+    int8_dot = torch.cpu._is_vnni_supported() or amx or any(f in flags for f in INT8_DOT_FLAGS)
+    shown = " ".join(f for f in (*INT8_DOT_FLAGS, *NATIVE_BF16_FLAGS) if f in flags)
+    name = f"{platform.machine()}: {torch.backends.cpu.get_cpu_capability()}" + (f" ({shown})" if shown else "")
+    return capped_features(CpuFeatures(name=name, native_bf16=native_bf16, int8_dot=int8_dot), onednn_isa_cap())
+
+
+def float_matmul_dtype(dtype: torch.dtype, device: torch.device, features: Optional[CpuFeatures] = None) -> torch.dtype:
+    """The dtype a float matmul for activations in `dtype` runs fastest in: `dtype` itself, except
+    bfloat16 on a CPU without native bf16, where float32 is faster (oneDNN emulates bf16 with it)."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return dtype
+    features = features if features is not None else cpu_features()
+    return dtype if features.native_bf16 else torch.float32
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, a container's cpuset), not the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def choose_threads(threads: Optional[int]) -> int:
+    """How many CPU threads torch computes with: `threads`, or every CPU this process may use."""
+    available = usable_cpus()
+    if threads is None:
+        return available
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= available:
+        raise ValueError(f"threads must be an integer from 1 to {available} (the CPUs this process may use), "
+                         f"got {threads!r}")
+    return threads

@@ -1,0 +1,96 @@
+"""cpu.py: what this CPU does fast, as the engine reads it. The features against Linux's own list
+and oneDNN's own report of the instructions it uses; the decisions made from them on made-up CPUs
+(a test cannot choose the machine it runs on); and the oneDNN instruction-set cap, with which one
+machine can be made to compute as an older CPU does (README, "Speed")."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpu import CpuFeatures, capped_features, cpu_features, float_matmul_dtype, onednn_isa_cap
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("device, dtype, native_bf16, expected", [
+    ("cpu", torch.bfloat16, True, torch.bfloat16),
+    ("cpu", torch.bfloat16, False, torch.float32),  # emulated bf16 is slower than float32
+    ("cpu", torch.float32, False, torch.float32),
+    ("cuda", torch.float16, False, torch.float16),
+])
+def test_a_prompts_float_matmul_runs_in_bf16_only_where_the_cpu_has_it(device, dtype, native_bf16, expected):
+    features = CpuFeatures(name="made up", native_bf16=native_bf16, int8_dot=True)
+    assert float_matmul_dtype(dtype, torch.device(device), features) == expected
+
+
+def test_cpu_features_are_read_from_this_machine_consistently_with_linux():
+    if onednn_isa_cap() is not None:
+        pytest.skip("oneDNN is capped here: see test_under_a_onednn_isa_cap_our_features_agree_with_the_isa_onednn_reports")
+    features = cpu_features()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " avx512_vnni" in flags or " amx_int8" in flags:
+        assert features.int8_dot
+    if " avx512_bf16" in flags or " amx_bf16" in flags:
+        assert features.native_bf16
+    assert torch.backends.cpu.get_cpu_capability() in features.name
+
+
+ZEN4_CPU = CpuFeatures(name="x86_64: AVX512 (avx512_vnni avx512_bf16)", native_bf16=True, int8_dot=True)
+
+
+@pytest.mark.parametrize("cap, native_bf16, int8_dot", [
+    (None, True, True),
+    ("AVX512_CORE_BF16", True, True),
+    ("DEFAULT", True, True),
+    ("NO_SUCH_ISA", True, True),  # oneDNN ignores a name it does not know
+    ("AVX512_CORE_VNNI", False, True),  # Ice Lake's instructions: bf16 emulated, VNNI kept
+    ("AVX2_VNNI", False, True),
+    ("AVX512_CORE", False, False),
+    ("AVX2", False, False),
+])
+def test_a_onednn_isa_cap_takes_away_the_instructions_above_it(cap, native_bf16, int8_dot):
+    capped = capped_features(ZEN4_CPU, cap)
+    assert (capped.native_bf16, capped.int8_dot) == (native_bf16, int8_dot)
+    assert (f"oneDNN capped at {cap}" in capped.name) == (capped != ZEN4_CPU)
+
+
+def test_the_onednn_isa_cap_is_read_from_the_environment_as_onednn_reads_it():
+    assert onednn_isa_cap({}) is None
+    assert onednn_isa_cap({"ONEDNN_MAX_CPU_ISA": "avx512_core_vnni"}) == "AVX512_CORE_VNNI"
+    assert onednn_isa_cap({"DNNL_MAX_CPU_ISA": "AVX2"}) == "AVX2"  # the older name
+    assert onednn_isa_cap({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "DNNL_MAX_CPU_ISA": "AVX2"}) == "AVX512_CORE"
+
+
+# Runs one bf16 matmul with oneDNN's verbose log on, then prints what `cpu_features` says and how bf16
+# layers are stored.
+ONEDNN_ISA_REPORT = textwrap.dedent("""
+    import torch
+    from cpu import cpu_features
+    from quantize import linear_storage
+    torch.nn.functional.linear(torch.ones(64, 576, dtype=torch.bfloat16), torch.ones(1536, 576, dtype=torch.bfloat16))
+    features = cpu_features()
+    print("ours", features.native_bf16, features.int8_dot, linear_storage("cpu", torch.bfloat16))
+""")
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"),
+                    reason="oneDNN's AVX-512 caps need an AVX-512 CPU")
+@pytest.mark.parametrize("cap", ["AVX512_CORE_VNNI", "AVX512_CORE"])
+def test_under_a_onednn_isa_cap_our_features_agree_with_the_isa_onednn_reports(cap):
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": cap, "ONEDNN_VERBOSE": "1"}
+    result = subprocess.run([sys.executable, "-c", ONEDNN_ISA_REPORT], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    isa_lines = [line for line in result.stdout.splitlines() if ",isa:" in line]
+    if not isa_lines:
+        pytest.skip("this PyTorch's oneDNN printed no ISA line")
+    onednn_isa = isa_lines[0]  # e.g. "onednn_verbose,v1,info,cpu,isa:Intel AVX-512 with Intel DL Boost"
+    ours = next(line for line in result.stdout.splitlines() if line.startswith("ours")).split()
+    assert ours[1] == str("bfloat16" in onednn_isa), onednn_isa
+    assert ours[2] == str("DL Boost" in onednn_isa), onednn_isa
+    assert ours[3] == "widened"  # no native bf16 under the cap: bf16 layers multiply prompts in float32
