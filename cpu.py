@@ -4,9 +4,10 @@ A small model's speed on a CPU depends less on the model than on which instructi
 
 * **native bf16** (AVX-512 BF16, AMX): a bf16 matmul runs in hardware. Without it oneDNN, the
   kernel library behind PyTorch's CPU matmuls, widens bf16 to float32 and multiplies in float32,
-  so bf16 is *slower* than float32 (measured ~2.4-3x at 512 rows on an Ice Lake's instruction set).
-  `checkpoint.choose_dtype` computes in float32 by default there; `float_matmul_dtype` says which
-  dtype a quantized layer's float matmul (its prompt path) should use.
+  so a bf16 matmul of many rows is *slower* than a float32 one (measured 2-2.5x at 512 rows with
+  an Ice Lake's instruction set), while one of a few rows, which waits on memory, still gains from
+  bf16's half-size weights. `float_matmul_dtype` says which dtype a matmul of many rows should run
+  in; bf16 layers (quantize.WidenedLinear) and quantized ones multiply prompts in it.
 * **int8 dot products** (AVX-512 VNNI, AVX-VNNI, AMX): four 8-bit multiply-adds into one 32-bit sum
   per lane and instruction. This is what makes w8a8's integer matmul (`torch._int_mm`) fast, and
   `--quantize w8a8` is refused without it.

@@ -232,6 +232,8 @@ def test_int4_rejects_shapes_its_kernel_cannot_take_and_says_to_use_int8():
 
 CUDA = torch.device("cuda")  # only asked about, never allocated on: these tests run without a GPU
 HAS_ONEDNN_BF16 = prepacking_helps(CPU, torch.bfloat16)
+# A CPU with native bf16 (made up: the decision for CPUs without it is tested in test_checkpoint.py).
+NATIVE_BF16_CPU = CpuFeatures(name="x86_64: AVX512 (avx512_vnni avx512_bf16)", native_bf16=True, int8_dot=True)
 
 
 @pytest.mark.parametrize("device, dtype, options, expected", [
@@ -248,7 +250,7 @@ HAS_ONEDNN_BF16 = prepacking_helps(CPU, torch.bfloat16)
     ("cpu", torch.float32, dict(quantize="int8"), INT8),
 ])
 def test_linear_storage_is_decided_from_device_dtype_quantize_compile_and_gradients(device, dtype, options, expected):
-    assert linear_storage(device, dtype, **options) == expected
+    assert linear_storage(device, dtype, features=NATIVE_BF16_CPU, **options) == expected
 
 
 # int4's head on this CPU (`layer_storage`; the decision itself is tested on made-up CPUs below)
