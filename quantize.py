@@ -533,8 +533,9 @@ class WidenedLinear(nn.Module):
     reading half of float32's bytes: measured with oneDNN limited to an Ice Lake's instructions
     (README, "Speed"), the demo model decoded 38 tokens/s with bf16 weights against 18 in float32.
     A prompt (many rows) is arithmetic-bound, and there the emulation costs 2-2.5x against float32
-    (512 rows of the demo's layers: 24.8 ms against 12.4 for w13). So from DEQUANTIZED_ROWS[WIDENED]
-    rows on, the weight is widened to float32 a chunk at a time and the product taken in float32
+    (512 rows of the demo's layers: 24.8 ms against 12.4 for w13). The two cross at ~16 rows (a
+    block's four layers: 1.8 ms either way at 16 rows; at 32, 2.3 widened against 3.3 in bf16), so
+    from DEQUANTIZED_ROWS[WIDENED] rows on, the weight is widened to float32 a chunk at a time and the product taken in float32
     (`dequantized_linear`: 12.7 ms), and the result rounded back to bf16: the whole prompt ran at
     float32's speed (531 tokens/s against 550), in half the memory. Prompts come out slightly more
     exact than in bf16.
