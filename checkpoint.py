@@ -545,8 +545,9 @@ def load_transformer(
 
     How the linear layers are stored is `quantize.linear_storage`'s decision: quantize (None,
     "int8" or "int4") quantizes each weight as soon as it is read, so the full-precision model
-    never exists in memory; bf16 on a CPU is prepacked for oneDNN unless the model is to be
-    compiled (`compile=True`) or differentiated (`needs_gradients=True`: plain nn.Linear). Before
+    never exists in memory; bf16 on a CPU is prepacked for oneDNN where the CPU has native bf16
+    (unless the model is to be compiled: `compile=True`), widened for prompts where it has not
+    (quantize.WidenedLinear), and plain nn.Linear when differentiated (`needs_gradients=True`). Before
     anything is loaded, the memory plan (weights + KV cache) is checked against `available_bytes`
     (None: what the device has free now), and a model that will not fit is refused with suggestions.
     w8a8: smoothed once loaded (smoothing.py), re-reading the weights that follow each RMSNorm.
@@ -641,6 +642,9 @@ MOVED_NAMES = {
     "split_dim": "checkpoint.ShardedCheckpoint (read, pieces, layouts)",
     "infer_vocab_size": "checkpoint.ShardedCheckpoint (read, pieces, layouts)",
     "check_same_tensor_names": "checkpoint.ShardedCheckpoint (read, pieces, layouts)",
+    "usable_cpus": "cpu.usable_cpus", "choose_threads": "cpu.choose_threads",
+    "fit_default_dtype": "checkpoint.choose_dtype (bf16 on every CPU: quantize.WidenedLinear where it is emulated)",
+    "dtype_note": "cli.how_it_runs (the linear layers' storage says how a CPU computes)",
 }
 
 

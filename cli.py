@@ -94,7 +94,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         f"(default: {DEFAULT_MAX_BATCH_SIZE})")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float16 on GPU, bfloat16 with int4 on CUDA; "
-                        "on a CPU bfloat16 where it computes bf16 natively, else float32)")
+                        "bfloat16 on a CPU, with prompts multiplied in float32 where the CPU has no native bf16)")
     parser.add_argument("--threads", type=int,
                         help="CPU threads to compute with (default: every CPU this process may use); on a busy "
                         "machine fewer can be much faster")

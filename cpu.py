@@ -7,7 +7,8 @@ A small model's speed on a CPU depends less on the model than on which instructi
   so a bf16 matmul of many rows is *slower* than a float32 one (measured 2-2.5x at 512 rows with
   an Ice Lake's instruction set), while one of a few rows, which waits on memory, still gains from
   bf16's half-size weights. `float_matmul_dtype` says which dtype a matmul of many rows should run
-  in; bf16 layers (quantize.WidenedLinear) and quantized ones multiply prompts in it.
+  in: quantized layers multiply prompts in it, and bf16 layers (quantize.WidenedLinear) in float32
+  wherever bf16 is emulated.
 * **int8 dot products** (AVX-512 VNNI, AVX-VNNI, AMX): four 8-bit multiply-adds into one 32-bit sum
   per lane and instruction. This is what makes w8a8's integer matmul (`torch._int_mm`) fast, and
   `--quantize w8a8` is refused without it.
@@ -36,13 +37,20 @@ CPUINFO = Path("/proc/cpuinfo")
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 # ... and of bf16 arithmetic: without one, oneDNN emulates bf16 matmuls with float32 ones.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-# oneDNN (the kernel library behind PyTorch's CPU matmuls) uses no instruction above the set named
-# in ONEDNN_MAX_CPU_ISA (older name: DNNL_MAX_CPU_ISA), whatever the CPU has. Capped at one of these,
-# it emulates bf16 matmuls / has no int8 dot products. AVX512_CORE_VNNI is Ice Lake's set: a CPU
-# with AVX-512 BF16 then multiplies as an Ice Lake does (see the README's "Speed").
+# oneDNN (the kernel library behind PyTorch's CPU matmuls) uses no instruction outside the set named
+# in ONEDNN_MAX_CPU_ISA (older name: DNNL_MAX_CPU_ISA), whatever the CPU has. AVX512_CORE_VNNI is
+# Ice Lake's set: a CPU with AVX-512 BF16 then multiplies as an Ice Lake does (README, "Speed").
 ONEDNN_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
-ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
-ONEDNN_ISAS_WITHOUT_INT8_DOT = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+# Which of the flags above each cap keeps. The sets are not a ladder: AVX2_VNNI's avx_vnni is not
+# part of AVX512_CORE_VNNI, so a Zen 4 capped at AVX2_VNNI (it has avx512_vnni, not avx_vnni) falls
+# back to plain AVX2. Caps not listed (ALL, the AMX ones, names oneDNN does not know) take nothing away.
+ONEDNN_CAP_KEEPS = {
+    "SSE41": (), "AVX": (), "AVX2": (), "AVX512_CORE": (),
+    "AVX2_VNNI": ("avx_vnni",), "AVX2_VNNI_2": ("avx_vnni",),
+    "AVX512_CORE_VNNI": ("avx512_vnni",),
+    "AVX512_CORE_BF16": ("avx512_vnni", "avx512_bf16"),
+    "AVX512_CORE_FP16": ("avx512_vnni", "avx512_bf16"), "AVX10_1_512": ("avx512_vnni", "avx512_bf16"),
+}
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,7 @@ class CpuFeatures:
     tests pass made-up ones to check the decisions for CPUs they do not run on."""
 
     name: str  # e.g. "x86_64: AVX512 (avx512_vnni amx_int8)", for the "loaded ..." line and bench
-    native_bf16: bool  # bf16 matmuls in hardware (AVX-512 BF16, AMX); else emulated, ~3x slower than fp32
+    native_bf16: bool  # bf16 matmuls in hardware (AVX-512 BF16, AMX); else emulated: prompts 2-2.5x slower than fp32
     int8_dot: bool  # int8 dot products in hardware (AVX-512 VNNI, AVX-VNNI, AMX): w8a8 runs
 
 
@@ -73,16 +81,17 @@ def onednn_isa_cap(environ: Mapping[str, str] = os.environ) -> Optional[str]:
     return None
 
 
-def capped_features(features: CpuFeatures, cap: Optional[str]) -> CpuFeatures:
-    """What oneDNN will do on a CPU with `features` when capped at the instruction set `cap`:
-    nothing above the cap counts. A cap that lowers neither (AVX512_CORE_BF16, DEFAULT, a name
-    oneDNN does not know and ignores) changes nothing."""
-    if cap not in ONEDNN_ISAS_WITHOUT_BF16:  # a superset of ONEDNN_ISAS_WITHOUT_INT8_DOT
+def capped_features(features: CpuFeatures, flags: set[str], cap: Optional[str]) -> CpuFeatures:
+    """What oneDNN will do on a CPU with `features` and Linux `flags` when capped at the instruction
+    set `cap`: only the flags the cap keeps count (ONEDNN_CAP_KEEPS). Without flags (not Linux), a
+    cap that takes anything away leaves neither native bf16 nor int8 dot products."""
+    if cap not in ONEDNN_CAP_KEEPS:
         return features
+    kept = flags & set(ONEDNN_CAP_KEEPS[cap])
     return CpuFeatures(
         name=f"{features.name}, oneDNN capped at {cap}",
-        native_bf16=features.native_bf16 and cap not in ONEDNN_ISAS_WITHOUT_BF16,
-        int8_dot=features.int8_dot and cap not in ONEDNN_ISAS_WITHOUT_INT8_DOT,
+        native_bf16=features.native_bf16 and any(flag in kept for flag in NATIVE_BF16_FLAGS),
+        int8_dot=features.int8_dot and any(flag in kept for flag in INT8_DOT_FLAGS),
     )
 
 
@@ -97,7 +106,7 @@ def cpu_features() -> CpuFeatures:
     int8_dot = torch.cpu._is_vnni_supported() or amx or any(f in flags for f in INT8_DOT_FLAGS)
     shown = " ".join(f for f in (*INT8_DOT_FLAGS, *NATIVE_BF16_FLAGS) if f in flags)
     name = f"{platform.machine()}: {torch.backends.cpu.get_cpu_capability()}" + (f" ({shown})" if shown else "")
-    return capped_features(CpuFeatures(name=name, native_bf16=native_bf16, int8_dot=int8_dot), onednn_isa_cap())
+    return capped_features(CpuFeatures(name=name, native_bf16=native_bf16, int8_dot=int8_dot), flags, onednn_isa_cap())
 
 
 def float_matmul_dtype(dtype: torch.dtype, device: torch.device, features: Optional[CpuFeatures] = None) -> torch.dtype:

@@ -52,9 +52,9 @@ from torch.profiler import ProfilerActivity, profile
 from atomic import write_text_atomically
 from checkpoint import CheckpointError, choose_device
 from cli import DEMO_PROMPTS, WARM_UP_TOKENS
+from cpu import cpu_features
 from inference import LLaMa
 from memory import plan_memory
-from cpu import cpu_features
 from sampling import SamplingParams
 from tokenizer import TokenizerFileError
 

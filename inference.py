@@ -59,7 +59,7 @@ from decoding import (  # noqa: F401 (decode_step, log_prob_of: importable from 
     make_decode_step,
 )
 from model import ModelArgs, Transformer
-from quantize import linear_storage
+from quantize import PLAIN, linear_storage
 from sampling import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
@@ -160,7 +160,7 @@ class LLaMa:
         # After loading: a params.json that disagrees with its own weights is named as that first.
         check_vocab_matches(tokenizer.n_words, tokenizer_path, args)
         llama = LLaMa(model, tokenizer, args, device, tensor_parallel)
-        llama.linear_storage = linear_storage(device, dtype, quantize, compile)
+        llama.linear_storage = linear_storage(device, dtype, quantize, compile) if tensor_parallel is None else PLAIN
         static_cache = choose_static_cache(static_cache, device, compile)
         if static_cache and model is not None:
             model.setup_caches(device, dtype, zeroed=True)  # attended to whole: see model.KVCache.update

@@ -4,7 +4,8 @@ Every loader asks `linear_storage(device, dtype, quantize, compile, needs_gradie
 storages the model's linear layers get, and builds each layer with `make_linear`:
 
     storage      layer            when
-    PLAIN        nn.Linear        float32/float16, GPUs, compiled models, and whenever gradients are needed
+    PLAIN        nn.Linear        float32/float16, GPUs, compiled models with native bf16, and whenever
+                                  gradients are needed
     PREPACKED    PackedLinear     bf16 on a CPU with native bf16, not compiled (the default there)
     WIDENED      WidenedLinear    bf16 on a CPU without native bf16 (the default there): decoding in bf16,
                                   prompts in float32
@@ -130,7 +131,7 @@ ROWS_PER_CHUNK = 4096
 # demo model's layers: the int8 kernel costs ~25 us a row, widening the weight once ~0.5 ms, so they
 # cross at ~24 rows; int4's kernel costs about as much a row, its unpacking ~1 ms. Decoding (8 rows,
 # or 11 with drafts) stays on the kernels; prompts go to the float matmul. WIDENED: see WidenedLinear.
-DEQUANTIZED_ROWS = {INT8: 32, INT4: 64, WIDENED: 32}
+DEQUANTIZED_ROWS = {INT8: 32, INT4: 64, WIDENED: 24}
 OUTPUT_HEAD = "output"  # Meta's name of the final linear layer
 # w8a8 rounds each token's activations to 256 levels. Two layers read activations where that is too
 # coarse: the feed-forward's w2 (silu(w1 x) * w3 x has a few entries far larger than the rest, and
@@ -254,7 +255,7 @@ def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
 
 
 def dequantized_linear(rows: torch.Tensor, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """rows (M, K) @ W^T for a quantized `layer`, with W widened to `dtype` (`layer.dequantize_rows`)
+    """rows (M, K) @ W^T for a quantized or bf16 `layer`, with W widened to `dtype` (`layer.dequantize_rows`)
     ROWS_PER_CHUNK output rows at a time (a whole Llama 3 head at once would be a 1 GB copy), by the
     float matmul; the result in rows' dtype. For prompts: see DEQUANTIZED_ROWS."""
     x = rows.to(dtype)  # (M, K)
@@ -534,9 +535,11 @@ class WidenedLinear(nn.Module):
     (README, "Speed"), the demo model decoded 38 tokens/s with bf16 weights against 18 in float32.
     A prompt (many rows) is arithmetic-bound, and there the emulation costs 2-2.5x against float32
     (512 rows of the demo's layers: 24.8 ms against 12.4 for w13). The two cross at ~16 rows (a
-    block's four layers: 1.8 ms either way at 16 rows; at 32, 2.3 widened against 3.3 in bf16), so
-    from DEQUANTIZED_ROWS[WIDENED] rows on, the weight is widened to float32 a chunk at a time and the product taken in float32
-    (`dequantized_linear`: 12.7 ms), and the result rounded back to bf16: the whole prompt ran at
+    block's four layers: 1.8 ms either way at 16 rows; 2.1 widened against 2.7 in bf16 at 24, the
+    first count measured where widening wins), so from DEQUANTIZED_ROWS[WIDENED] = 24 rows on (a
+    decode step has a batch's rows, or 11 with drafts), the weight is widened to float32 a chunk at
+    a time, the product taken in float32 (`dequantized_linear`: 12.7 ms for w13 at 512 rows) and
+    rounded back to bf16. Measured with the threshold at 32, the whole prompt ran at
     float32's speed (531 tokens/s against 550), in half the memory. Prompts come out slightly more
     exact than in bf16.
     """
@@ -550,7 +553,9 @@ class WidenedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)
-        if rows.shape[0] >= DEQUANTIZED_ROWS[WIDENED]:
+        # Not inside a compiled graph: its freezing would fold the widened weight into a stored
+        # float32 copy (three times the bf16 weight's memory). Compiled steps decode; prompts run eager.
+        if rows.shape[0] >= DEQUANTIZED_ROWS[WIDENED] and not torch.compiler.is_compiling():
             y = dequantized_linear(rows, self, self.float_dtype)
         else:
             y = F.linear(rows, self.weight)  # (M, N)
@@ -673,10 +678,13 @@ def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
     return model
 
 
-# Names this module had before `linear_storage` became the one decision of how a layer is stored.
+# Names this module had before: `linear_storage` became the one decision of how a layer is stored,
+# and the CPU's features moved to cpu.py.
 MOVED_NAMES = {
     "fast_linear": "quantize.make_linear(name, weight, linear_storage(...), dtype)",
     "layer_scheme": "quantize.layer_storage",
+    "cpu_flags": "cpu.cpu_flags", "CPUINFO": "cpu.CPUINFO", "INT8_DOT_FLAGS": "cpu.INT8_DOT_FLAGS",
+    "NATIVE_BF16_FLAGS": "cpu.NATIVE_BF16_FLAGS",
 }
 
 

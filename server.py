@@ -582,7 +582,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help=f"requests that may wait for a row before new ones get 429 (default {DEFAULT_MAX_QUEUE})")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="context: prompt + answer tokens (default 2048)")
     parser.add_argument("--device", help="cpu, cuda, mps (default: the best there is)")
-    parser.add_argument("--dtype", help="float32, bfloat16, float16 (default: chosen per device and CPU)")
+    parser.add_argument("--dtype", help="float32, bfloat16, float16 (default: chosen per device: bfloat16 on a CPU)")
     parser.add_argument("--quantize", choices=["int8", "int4", "w8a8"], help="quantize the linear layers on load")
     parser.add_argument("--threads", type=int, help="CPU threads (default: every CPU this process may use)")
     parser.add_argument("--compile", action="store_true",

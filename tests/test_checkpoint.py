@@ -276,7 +276,7 @@ ALLOWED_LOCAL_IMPORTS = {  # ours only; reading order: model, cpu, quantize, mem
     "quantize": {"cpu"},
     "memory": {"model", "quantize"},
     "smoothing": {"model", "quantize"},
-    "checkpoint": {"model", "cpu", "quantize", "memory", "smoothing"},
+    "checkpoint": {"model", "quantize", "memory", "smoothing"},
     "tensor_parallel": {"checkpoint", "model"},
     "reshard": {"atomic", "checkpoint", "model"},
 }
@@ -305,7 +305,7 @@ def test_loading_files_import_only_what_stands_before_them(module):
 
 from checkpoint import choose_dtype, load_model_args  # noqa: E402
 from cpu import CpuFeatures  # noqa: E402
-from quantize import PREPACKED, WIDENED, QuantizationError, linear_storage  # noqa: E402
+from quantize import PREPACKED, WIDENED, QuantizationError, linear_storage, prepacking_helps  # noqa: E402
 
 BF16_CPU = CpuFeatures(name="x86_64: AVX512 (amx_bf16)", native_bf16=True, int8_dot=True)
 NO_BF16_CPU = CpuFeatures(name="x86_64: AVX512 (avx512_vnni)", native_bf16=False, int8_dot=True)
@@ -325,7 +325,7 @@ def test_default_dtype_is_chosen_per_device_and_quantization(device, quantize, e
 
 
 @pytest.mark.parametrize("features, compile, expected", [
-    (BF16_CPU, False, PREPACKED),
+    (BF16_CPU, False, PREPACKED if prepacking_helps(CPU, torch.bfloat16) else "plain"),
     (BF16_CPU, True, "plain"),  # compiled: Inductor's freezing packs the weights itself
     (NO_BF16_CPU, False, WIDENED),  # emulated bf16: prompts in float32, decoding in bf16
     (NO_BF16_CPU, True, WIDENED),

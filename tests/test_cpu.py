@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpu import CpuFeatures, capped_features, cpu_features, float_matmul_dtype, onednn_isa_cap
+from cpu import ONEDNN_CAP_KEEPS, CpuFeatures, capped_features, cpu_features, float_matmul_dtype, onednn_isa_cap
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,22 +41,27 @@ def test_cpu_features_are_read_from_this_machine_consistently_with_linux():
 
 
 ZEN4_CPU = CpuFeatures(name="x86_64: AVX512 (avx512_vnni avx512_bf16)", native_bf16=True, int8_dot=True)
+ZEN4_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}
+ALDER_LAKE_CPU = CpuFeatures(name="x86_64: AVX2 (avx_vnni)", native_bf16=False, int8_dot=True)
+ALDER_LAKE_FLAGS = {"avx2", "avx_vnni"}
 
 
-@pytest.mark.parametrize("cap, native_bf16, int8_dot", [
-    (None, True, True),
-    ("AVX512_CORE_BF16", True, True),
-    ("DEFAULT", True, True),
-    ("NO_SUCH_ISA", True, True),  # oneDNN ignores a name it does not know
-    ("AVX512_CORE_VNNI", False, True),  # Ice Lake's instructions: bf16 emulated, VNNI kept
-    ("AVX2_VNNI", False, True),
-    ("AVX512_CORE", False, False),
-    ("AVX2", False, False),
+@pytest.mark.parametrize("features, flags, cap, native_bf16, int8_dot", [
+    (ZEN4_CPU, ZEN4_FLAGS, None, True, True),
+    (ZEN4_CPU, ZEN4_FLAGS, "AVX512_CORE_BF16", True, True),
+    (ZEN4_CPU, ZEN4_FLAGS, "ALL", True, True),
+    (ZEN4_CPU, ZEN4_FLAGS, "NO_SUCH_ISA", True, True),  # oneDNN ignores a name it does not know
+    (ZEN4_CPU, ZEN4_FLAGS, "AVX512_CORE_VNNI", False, True),  # Ice Lake's instructions: bf16 emulated, VNNI kept
+    (ZEN4_CPU, ZEN4_FLAGS, "AVX2_VNNI", False, False),  # AVX-VNNI is not AVX-512 VNNI: plain AVX2 here
+    (ZEN4_CPU, ZEN4_FLAGS, "AVX512_CORE", False, False),
+    (ZEN4_CPU, ZEN4_FLAGS, "AVX2", False, False),
+    (ALDER_LAKE_CPU, ALDER_LAKE_FLAGS, "AVX2_VNNI", False, True),
+    (ALDER_LAKE_CPU, ALDER_LAKE_FLAGS, "AVX512_CORE_VNNI", False, False),  # no AVX-512 to keep
 ])
-def test_a_onednn_isa_cap_takes_away_the_instructions_above_it(cap, native_bf16, int8_dot):
-    capped = capped_features(ZEN4_CPU, cap)
+def test_a_onednn_isa_cap_keeps_only_the_instructions_inside_it(features, flags, cap, native_bf16, int8_dot):
+    capped = capped_features(features, flags, cap)
     assert (capped.native_bf16, capped.int8_dot) == (native_bf16, int8_dot)
-    assert (f"oneDNN capped at {cap}" in capped.name) == (capped != ZEN4_CPU)
+    assert (f"oneDNN capped at {cap}" in capped.name) == (cap in ONEDNN_CAP_KEEPS)
 
 
 def test_the_onednn_isa_cap_is_read_from_the_environment_as_onednn_reads_it():
@@ -66,13 +71,14 @@ def test_the_onednn_isa_cap_is_read_from_the_environment_as_onednn_reads_it():
     assert onednn_isa_cap({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "DNNL_MAX_CPU_ISA": "AVX2"}) == "AVX512_CORE"
 
 
-# Runs one bf16 matmul with oneDNN's verbose log on, then prints what `cpu_features` says and how bf16
+# Runs a bf16 and an int8 matmul with oneDNN's verbose log on, then prints what `cpu_features` says and how bf16
 # layers are stored.
 ONEDNN_ISA_REPORT = textwrap.dedent("""
     import torch
     from cpu import cpu_features
     from quantize import linear_storage
     torch.nn.functional.linear(torch.ones(64, 576, dtype=torch.bfloat16), torch.ones(1536, 576, dtype=torch.bfloat16))
+    torch._int_mm(torch.ones(64, 576, dtype=torch.int8), torch.ones(576, 1536, dtype=torch.int8))  # oneDNN under any cap
     features = cpu_features()
     print("ours", features.native_bf16, features.int8_dot, linear_storage("cpu", torch.bfloat16))
 """)
@@ -80,7 +86,7 @@ ONEDNN_ISA_REPORT = textwrap.dedent("""
 
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"),
                     reason="oneDNN's AVX-512 caps need an AVX-512 CPU")
-@pytest.mark.parametrize("cap", ["AVX512_CORE_VNNI", "AVX512_CORE"])
+@pytest.mark.parametrize("cap", ["AVX512_CORE_VNNI", "AVX512_CORE", "AVX2_VNNI"])
 def test_under_a_onednn_isa_cap_our_features_agree_with_the_isa_onednn_reports(cap):
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": cap, "ONEDNN_VERBOSE": "1"}
     result = subprocess.run([sys.executable, "-c", ONEDNN_ISA_REPORT], capture_output=True, text=True, env=env,

@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from checkpoint import load_model_args, load_transformer
-from conftest import LLAMA2_TOKENIZER
-from inference import LLaMa
-from model import ModelArgs, Transformer, apply_rotary_emb, apply_rotary_emb_real, precompute_freqs_cis
 import cpu
 import quantize
+from checkpoint import load_model_args, load_transformer
+from conftest import LLAMA2_TOKENIZER
 from cpu import CpuFeatures, cpu_features
+from inference import LLaMa
+from model import ModelArgs, Transformer, apply_rotary_emb, apply_rotary_emb_real, precompute_freqs_cis
 from quantize import (DEQUANTIZED_ROWS, PREPACKED, WIDENED, PackedLinear, WidenedLinear, linear_storage,
                       prepacking_helps)
 from sampling import SamplingParams
@@ -211,13 +211,24 @@ def test_bf16_on_a_cpu_without_native_bf16_is_widened_and_gives_the_logits_of_nn
     torch.testing.assert_close(widened_logits, plain_logits, **BF16_TOLERANCE)
 
 
-def test_compiled_widened_layers_decode_the_eager_greedy_tokens(tiny_ckpt, cpu_without_native_bf16):
+def test_compiled_widened_layers_decode_the_eager_logits(tiny_ckpt, cpu_without_native_bf16):
     kwargs = dict(max_seq_len=64, max_batch_size=2, device="cpu", progress=False)
     eager, compiled = LLaMa.build(tiny_ckpt, **kwargs), LLaMa.build(tiny_ckpt, compile=True, **kwargs)
     assert compiled.linear_storage == WIDENED
-    prompt = [replay_prompt(eager, "Hello, my name is")]
-    greedy = SamplingParams(temperature=0)
-    assert compiled.generate(prompt, 8, greedy)[0].tokens == eager.generate(prompt, 8, greedy)[0].tokens
+
+    def steps(llama):
+        decoding = llama.decode([replay_prompt(eager, "Hello, my name is")], 8, SamplingParams(temperature=0))
+        return [(step.tokens.clone(), step.logits.float()) for step in decoding]
+
+    # Every step's logits agree while both have the same tokens behind them, within two bf16 steps at
+    # the largest logit (the compiled graph fuses the element-wise work in float32, rounding less
+    # often; the tiny model's logits reach ~40, where a bf16 step is 0.25). In bf16 a near-tie may be
+    # broken either way by those roundings, and then the inputs differ: the comparison stops there.
+    for (eager_tokens, eager_logits), (compiled_tokens, compiled_logits) in zip(steps(eager), steps(compiled)):
+        two_steps = 2 * torch.finfo(torch.bfloat16).eps * eager_logits.abs().max().item()
+        torch.testing.assert_close(compiled_logits, eager_logits, rtol=0, atol=two_steps)
+        if not torch.equal(compiled_tokens, eager_tokens):
+            break
 
 
 def test_compiled_decode_gives_the_eager_greedy_tokens_and_logprobs(tiny_ckpt):

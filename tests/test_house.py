@@ -101,6 +101,9 @@ def test_python_inference_py_is_still_the_command_line():
      "streaming.StreamDecoder"),
     ("from tokenizer import Tokenizer; Tokenizer('tests/data/llama2-tokenizer.model').chat_format",
      "chat_format.chat_format_for"),
+    ("import checkpoint; checkpoint.choose_threads", "cpu.choose_threads"),
+    ("import checkpoint; checkpoint.fit_default_dtype", "checkpoint.choose_dtype"),
+    ("import quantize; quantize.cpu_flags", "cpu.cpu_flags"),
 ])
 def test_a_name_that_moved_says_where_it_went_in_one_line(statement, new_spelling):
     result = subprocess.run([sys.executable, "-c", statement], cwd=ROOT, capture_output=True, text=True)
