@@ -142,7 +142,7 @@ class LLaMa:
             device = tensor_parallel.device
         device = choose_device(device)
         dtype = choose_dtype(dtype, device, quantize)
-        linear_storage(device, dtype, quantize, compile)  # a scheme this device cannot run is refused now
+        storage = linear_storage(device, dtype, quantize, compile)  # a scheme this device cannot run is refused now
         torch.set_num_threads(choose_threads(threads))
         ckpt_dir = check_checkpoint_dir(ckpt_dir)
         read_params(ckpt_dir)  # a missing or broken params.json is reported before the tokenizer is read
@@ -160,7 +160,7 @@ class LLaMa:
         # After loading: a params.json that disagrees with its own weights is named as that first.
         check_vocab_matches(tokenizer.n_words, tokenizer_path, args)
         llama = LLaMa(model, tokenizer, args, device, tensor_parallel)
-        llama.linear_storage = linear_storage(device, dtype, quantize, compile) if tensor_parallel is None else PLAIN
+        llama.linear_storage = storage if tensor_parallel is None else PLAIN  # tensor-parallel layers are plain
         static_cache = choose_static_cache(static_cache, device, compile)
         if static_cache and model is not None:
             model.setup_caches(device, dtype, zeroed=True)  # attended to whole: see model.KVCache.update
