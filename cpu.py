@@ -11,7 +11,8 @@ A small model's speed on a CPU depends less on the model than on which instructi
   wherever bf16 is emulated.
 * **int8 dot products** (AVX-512 VNNI, AVX-VNNI, AMX): four 8-bit multiply-adds into one 32-bit sum
   per lane and instruction. This is what makes w8a8's integer matmul (`torch._int_mm`) fast, and
-  `--quantize w8a8` is refused without it.
+  `--quantize w8a8` is refused without it. (arm64's dot products are not counted: how fast
+  `torch._int_mm` runs there is not measured, so w8a8 is not offered on arm64.)
 * **how many CPUs this process may use** (`usable_cpus`): the default number of threads. Every
   decode step of a small model crosses hundreds of thread barriers, so threads on CPUs that are
   busy with other work cost far more than they bring (README, "Threads on a busy machine").
@@ -35,8 +36,10 @@ import torch
 CPUINFO = Path("/proc/cpuinfo")
 # x86 flags (Linux's names) of int8 dot-product instructions: what makes w8a8's integer matmul fast.
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-# ... and of bf16 arithmetic: without one, oneDNN emulates bf16 matmuls with float32 ones.
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# ... and of bf16 arithmetic: without one, oneDNN emulates bf16 matmuls with float32 ones. "bf16" is
+# arm64's name (Armv8.6's BF16: AWS Graviton3 and later, Neoverse V1, V2, N2): PyTorch hands bf16
+# matmuls to oneDNN (with Arm's Compute Library) only on an arm64 CPU that has it.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 # oneDNN (the kernel library behind PyTorch's CPU matmuls) uses no instruction outside the set named
 # in ONEDNN_MAX_CPU_ISA (older name: DNNL_MAX_CPU_ISA), whatever the CPU has. AVX512_CORE_VNNI is
 # Ice Lake's set: a CPU with AVX-512 BF16 then multiplies as an Ice Lake does (README, "Speed").
@@ -89,7 +92,7 @@ def capped_features(features: CpuFeatures, flags: set[str], cap: Optional[str]) 
         return features
     kept = flags & set(ONEDNN_CAP_KEEPS[cap])
     return CpuFeatures(
-        name=f"{features.name}, oneDNN capped at {cap}",
+        name=f"{features.name}, oneDNN capped at {cap} (keeps {' '.join(sorted(kept)) or 'none of them'})",
         native_bf16=features.native_bf16 and any(flag in kept for flag in NATIVE_BF16_FLAGS),
         int8_dot=features.int8_dot and any(flag in kept for flag in INT8_DOT_FLAGS),
     )

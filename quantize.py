@@ -495,8 +495,12 @@ class Int4Linear(nn.Module):
 
 
 def prepacking_helps(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `PackedLinear` applies: bf16 on a CPU whose PyTorch has oneDNN (mkldnn) bf16 kernels."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+    """Whether `PackedLinear` applies: bf16 on a CPU where PyTorch hands bf16 matmuls to oneDNN (mkldnn).
+    PyTorch's own test, which Inductor's freezing also asks before it packs a bf16 weight: AVX-512
+    or AVX-NE-CONVERT on x86 (plain AVX2 gets PyTorch's own loops), BF16 on arm64; oneDNN's cap counts."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class PackedLinear(nn.Module):
