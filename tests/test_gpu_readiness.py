@@ -314,6 +314,11 @@ TORCH_APIS = [
     TorchApi("torch.ops.mkldnn._reorder_linear_weight", r"_reorder_linear_weight", "2.4",
              f"{OLDEST_CHECKED} (its inductor calls it)", lambda: has_mkldnn_op("_reorder_linear_weight"),
              symbols=("torch.ops.mkldnn._reorder_linear_weight",)),
+    TorchApi("torch.ops.mkldnn._is_mkldnn_bf16_supported", r"_is_mkldnn_bf16_supported", "2.4",
+             "Inductor's freezing pass (torch/_inductor/fx_passes/mkldnn_fusion.py, `_is_packable_linear`) calls "
+             "it in its 2.1-era form already, so every release from the oldest checked (2.4.1) on has it",
+             lambda: has_mkldnn_op("_is_mkldnn_bf16_supported"),
+             symbols=("torch.ops.mkldnn._is_mkldnn_bf16_supported",)),
     TorchApi("torch.ops.mkldnn._linear_pointwise", r"_linear_pointwise", "2.4",
              f"{OLDEST_CHECKED} (its inductor calls it)", lambda: has_mkldnn_op("_linear_pointwise"),
              symbols=("torch.ops.mkldnn._linear_pointwise",)),
