@@ -416,33 +416,38 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 # PyTorch's CPU int4 layout (`_convert_weight_to_int4pack_for_cpu`), read back by `unpack_int4_cpu`:
-# the (N, K) values in blocks of 64 output rows, each block stored as (K, 32) bytes whose low
-# nibble is row i of the block and high nibble row i + 32. The layout is the kernel's own, not a
-# documented format, so `int4_cpu_layout_known` checks it once against the packing itself.
-INT4_CPU_BLOCK = 64
+# the (N, K) values in blocks of B output rows, each block stored as (K, B/2) bytes whose low
+# nibble is row i of the block and high nibble row i + B/2. B follows the vector width PyTorch's
+# kernels run at: 64 with AVX-512, 32 with AVX2. The layout is the kernel's own, not a documented
+# format, so `int4_cpu_block` finds B once by checking it against the packing itself.
+INT4_CPU_BLOCKS = (64, 32)
 NIBBLE = 4
 LOW_NIBBLE = 0xF
 
 
-def unpack_int4_cpu(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Rows start ... stop (multiples of INT4_CPU_BLOCK) of q from the CPU packing: (stop - start, K) uint8."""
-    n_blocks, half = (stop - start) // INT4_CPU_BLOCK, INT4_CPU_BLOCK // 2
-    blocks = packed[start:stop].reshape(n_blocks, -1, half)  # (n/64, K, 32) bytes
-    blocks = blocks.transpose(1, 2).contiguous()  # (n/64, 32, K): byte i of each k, rows i and i + 32
-    rows = torch.cat([blocks & LOW_NIBBLE, blocks >> NIBBLE], dim=1)  # (n/64, 64, K): rows i, then i + 32
+def unpack_int4_cpu(packed: torch.Tensor, start: int, stop: int, block: int) -> torch.Tensor:
+    """Rows start ... stop (multiples of `block`, B) of q from the CPU packing: (stop - start, K) uint8."""
+    n_blocks, half = (stop - start) // block, block // 2
+    blocks = packed[start:stop].reshape(n_blocks, -1, half)  # (n/B, K, B/2) bytes
+    blocks = blocks.transpose(1, 2).contiguous()  # (n/B, B/2, K): byte i of each k, rows i and i + B/2
+    rows = torch.cat([blocks & LOW_NIBBLE, blocks >> NIBBLE], dim=1)  # (n/B, B, K): rows i, then i + B/2
     return rows.view(stop - start, -1)  # (n, K)
 
 
 @functools.cache
-def int4_cpu_layout_known() -> bool:
-    """Whether this PyTorch's CPU int4 packing is the layout `unpack_int4_cpu` reads (packing made-up values)."""
-    shape = (2 * INT4_CPU_BLOCK, INT4_GROUP_SIZES[0])  # two blocks of rows, one group
+def int4_cpu_block() -> Optional[int]:
+    """The rows per block of this PyTorch's CPU int4 packing as `unpack_int4_cpu` reads it (from packing
+    made-up values), or None if it is none of INT4_CPU_BLOCKS: then int4 prompts run on the kernel."""
+    shape = (2 * max(INT4_CPU_BLOCKS), INT4_GROUP_SIZES[0])  # two blocks of rows or more, one group
     probe = torch.randint(INT4_LEVELS, shape, generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     try:
         packed = torch._convert_weight_to_int4pack_for_cpu(probe, INT4_INNER_K_TILES)
     except RuntimeError:
-        return False
-    return packed.dtype == torch.uint8 and torch.equal(unpack_int4_cpu(packed, 0, probe.shape[0]).int(), probe)
+        return None
+    for block in INT4_CPU_BLOCKS:
+        if packed.dtype == torch.uint8 and torch.equal(unpack_int4_cpu(packed, 0, shape[0], block).int(), probe):
+            return block
+    return None
 
 
 class Int4Linear(nn.Module):
@@ -455,10 +460,10 @@ class Int4Linear(nn.Module):
         self.group_size = group_size
         self.register_buffer("weight", packed_weight)  # packed 4-bit values, layout private to the kernel
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # (K/G, N, 2) in the activations' dtype
-        # Prompts on a CPU (DEQUANTIZED_ROWS): the weight unpacked to floats, where its layout is the one
+        # Prompts on a CPU (DEQUANTIZED_ROWS): the weight unpacked to floats, where its layout is one
         # `unpack_int4_cpu` reads (None: the kernel for every call).
-        self.float_dtype = None
-        if packed_weight.device.type == "cpu" and self.out_features % INT4_CPU_BLOCK == 0 and int4_cpu_layout_known():
+        self.float_dtype, self.cpu_block = None, int4_cpu_block() if packed_weight.device.type == "cpu" else None
+        if self.cpu_block is not None and self.out_features % self.cpu_block == 0:
             self.float_dtype = float_matmul_dtype(scales_and_zeros.dtype, packed_weight.device)
 
     @classmethod
@@ -479,8 +484,8 @@ class Int4Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows start ... stop (multiples of INT4_CPU_BLOCK) of the float weight, (stop - start, K) in `dtype`."""
-        q = unpack_int4_cpu(self.weight, start, stop)  # (n, K) in 0 ... 15
+        """Rows start ... stop (multiples of self.cpu_block) of the float weight, (stop - start, K) in `dtype`."""
+        q = unpack_int4_cpu(self.weight, start, stop, self.cpu_block)  # (n, K) in 0 ... 15
         groups = q.view(stop - start, -1, self.group_size).to(dtype)  # (n, K/G, G)
         # (n, K/G, 2), contiguous: broadcasting a transposed view costs 4x more than the copy
         scales_and_zeros = self.scales_and_zeros[:, start:stop].transpose(0, 1).to(dtype).contiguous()
@@ -533,19 +538,15 @@ def bf16_is_emulated(device: torch.device, dtype: torch.dtype, features: Optiona
 class WidenedLinear(nn.Module):
     """nn.Linear(K, N, bias=False) with a bf16 weight, for a CPU without native bf16.
 
-    There oneDNN emulates a bf16 matmul: it widens both operands to float32 as it goes and multiplies
-    in float32. Decoding (a few rows of x) waits on memory, not arithmetic, so it still gains from
-    reading half of float32's bytes: measured with oneDNN limited to an Ice Lake's instructions
-    (README, "Speed"), the demo model decoded 38 tokens/s with bf16 weights against 18 in float32.
-    A prompt (many rows) is arithmetic-bound, and there the emulation costs 2-2.5x against float32
-    (512 rows of the demo's layers: 24.8 ms against 12.4 for w13). The two cross at ~16 rows (a
-    block's four layers: 1.8 ms either way at 16 rows; 2.1 widened against 2.7 in bf16 at 24, the
-    first count measured where widening wins), so from DEQUANTIZED_ROWS[WIDENED] = 24 rows on (a
-    decode step has a batch's rows, or 11 with drafts), the weight is widened to float32 a chunk at
-    a time, the product taken in float32 (`dequantized_linear`: 12.7 ms for w13 at 512 rows) and
-    rounded back to bf16. Measured with the threshold at 32, the whole prompt ran at
-    float32's speed (531 tokens/s against 550), in half the memory. Prompts come out slightly more
-    exact than in bf16.
+    There a bf16 matmul is emulated: oneDNN (AVX-512) or PyTorch's own loops (AVX2) widen both
+    operands to float32 as they go. Decoding (a few rows of x) waits on memory, not arithmetic, so
+    it still gains from reading half of float32's bytes (the demo under an Ice Lake's instructions:
+    38 tokens/s against 18 in float32; README, "Speed"). A prompt (many rows) is arithmetic-bound,
+    and there emulation costs 2-4x against float32. The two cross at ~16 rows (8-16 with AVX2:
+    docs/benchmarks.md), so from DEQUANTIZED_ROWS[WIDENED] = 24 rows on (a decode step has a batch's
+    rows, or 11 with drafts) the weight is widened to float32 a chunk at a time, the product taken
+    in float32 (`dequantized_linear`) and rounded back to bf16: prompts run at float32's speed, in
+    half its memory, and come out slightly more exact than in bf16.
     """
 
     def __init__(self, weight: torch.Tensor):

@@ -9,6 +9,7 @@ agreement with bf16 93% and 95%.)
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from inference import LLaMa
 import quantize
 from quantize import (DEQUANTIZED_ROWS, INT4, INT4_INNER_K_TILES, INT4_MIDPOINT, INT8, PLAIN, PREPACKED, W8A8,
                       Int4Linear, Int8Linear, PackedLinear, QuantizationError, W8A8Linear,
-                      dequantized_linear, int4_cpu_layout_known, integer_matmul_runs_here,
+                      dequantized_linear, int4_cpu_block, integer_matmul_runs_here,
                       layer_storage, linear_storage, make_linear,
                       prepacking_helps, quantize_int4, quantize_int8, quantize_model, unpack_int4_cpu)
 from smoothing import smooth_w8a8
@@ -164,12 +165,34 @@ def test_int4_layer_multiplies_by_its_dequantized_weight_which_is_within_half_a_
 
 def test_unpacking_the_int4_cpu_layout_gives_back_the_values_packed():
     """The int4 CPU kernel's private layout, read by unpack_int4_cpu for prompts: checked here
-    against the packing itself, for more than one 64-row block and from a block other than the first."""
-    assert int4_cpu_layout_known()
+    against the packing itself, for more than one block and from a block other than the first."""
+    block = int4_cpu_block()
+    assert block == (64 if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX") else 32)
     q = torch.randint(16, (192, 96), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
     packed = torch._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES)
-    assert torch.equal(unpack_int4_cpu(packed, 0, 192).int(), q)
-    assert torch.equal(unpack_int4_cpu(packed, 64, 192).int(), q[64:])
+    assert torch.equal(unpack_int4_cpu(packed, 0, 192, block).int(), q)
+    assert torch.equal(unpack_int4_cpu(packed, block, 192, block).int(), q[block:])
+
+
+# The int4 CPU packing is compiled per vector width: AVX2's (32-row blocks) is read as well as AVX-512's.
+INT4_LAYOUT_UNDER_AVX2 = """
+import torch
+from quantize import INT4_INNER_K_TILES, int4_cpu_block, unpack_int4_cpu
+q = torch.randint(16, (192, 96), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+packed = torch._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES)
+print(torch.backends.cpu.get_cpu_capability(), int4_cpu_block(), torch.equal(unpack_int4_cpu(packed, 0, 192, 32).int(), q))
+"""
+
+
+def test_the_int4_cpu_layout_of_pytorchs_avx2_kernels_is_read_too():
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}  # PyTorch's own kernels at AVX2's width
+    result = subprocess.run([sys.executable, "-c", INT4_LAYOUT_UNDER_AVX2], capture_output=True, text=True, env=env,
+                            cwd=Path(__file__).parent.parent, timeout=120)
+    assert result.returncode == 0, result.stderr
+    capability, block, unpacked = result.stdout.split()
+    if capability != "AVX2":
+        pytest.skip(f"this CPU cannot run PyTorch's AVX2 kernels (capability {capability})")
+    assert (block, unpacked) == ("32", "True")
 
 
 def quantized_layer(scheme: str, weight: torch.Tensor, dtype: torch.dtype):
