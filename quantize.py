@@ -462,9 +462,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # (K/G, N, 2) in the activations' dtype
         # Prompts on a CPU (DEQUANTIZED_ROWS): the weight unpacked to floats, where its layout is one
         # `unpack_int4_cpu` reads (None: the kernel for every call).
-        self.float_dtype, self.cpu_block = None, int4_cpu_block() if packed_weight.device.type == "cpu" else None
-        if self.cpu_block is not None and self.out_features % self.cpu_block == 0:
-            self.float_dtype = float_matmul_dtype(scales_and_zeros.dtype, packed_weight.device)
+        self.cpu_block = int4_cpu_block() if packed_weight.device.type == "cpu" else None  # rows per block
+        readable = self.cpu_block is not None and self.out_features % self.cpu_block == 0
+        self.float_dtype = float_matmul_dtype(scales_and_zeros.dtype, packed_weight.device) if readable else None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, dtype: torch.dtype, group_size: int = DEFAULT_INT4_GROUP_SIZE,
