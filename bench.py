@@ -213,13 +213,10 @@ class FirstToken:
 
 class OurEngine:
     def __init__(self, spec: EngineSpec, paths: dict, threads: int, first_token: FirstToken):
-        import torch
-
         from cli import how_it_runs
         from inference import LLaMa
         from sampling import SamplingParams
 
-        torch.set_num_threads(threads)
         started = time.perf_counter()
         self.llama = LLaMa.build(paths["ckpt_dir"], max_seq_len=MAX_SEQ_LEN, max_batch_size=BATCH_SIZE,
                                  device="cpu", dtype=spec.dtype, quantize=spec.quantize, compile=spec.compile,
@@ -450,11 +447,9 @@ def measure(specs: list[EngineSpec], paths: dict, threads: int, repeats: int, vo
 
 @dataclass(frozen=True)
 class Target:
-    """One target of issue 6: ours / peer on one metric must be >= at_least.
-
-    With peer None it is ours against itself: rate of `base_metric` / rate of `metric` (how much more
-    a token costs on `metric`) must be <= at_most.
-    """
+    """One target of issue 17: ours / peer on one metric must be >= at_least. With peer None it is
+    ours against itself: rate of `base_metric` / rate of `metric` (how much more a token costs on
+    `metric`) must be <= at_most."""
 
     label: str
     ours: list[str]  # the configurations of ours that may meet it: the best one counts
@@ -619,7 +614,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help=f"configurations of ours to run, comma-separated, from: {', '.join(OUR_CONFIGS)}")
     parser.add_argument("--peers", default="hf,llamacpp", help="peers to run: hf, llamacpp (comma-separated; '' for none)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the median is shown)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for every engine")
+    parser.add_argument("--threads", type=int, help="CPU threads for every engine (default: as inference.py's)")
     parser.add_argument("--speculate", type=int, default=DEFAULT_SPECULATE, metavar="N",
                         help="the speculative-decoding section: up to N prompt-lookup drafts per pass (0: skip it)")
     parser.add_argument("--json", metavar="PATH", help="write all results as JSON to PATH ('-': stdout)")
@@ -644,9 +639,8 @@ def chosen_specs(args: argparse.Namespace) -> list[EngineSpec]:
             import llama_cpp  # noqa: F401 -- only to see whether it is installed
             specs.append(LLAMA_CPP)
         except ImportError:
-            print("note: llama-cpp-python is not installed, so llama.cpp is skipped "
-                  "(CMAKE_BUILD_PARALLEL_LEVEL=2 pip install llama-cpp-python==0.3.36 builds it in ~10 min)",
-                  file=sys.stderr)
+            print("note: llama-cpp-python is not installed, so llama.cpp is skipped (CMAKE_BUILD_PARALLEL_LEVEL=2 "
+                  "pip install llama-cpp-python==0.3.36 builds it in ~10 min)", file=sys.stderr)
     return specs
 
 
@@ -654,8 +648,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
-    if args.repeats < 1 or args.threads < 1:
-        raise SystemExit("error: --repeats and --threads must be >= 1")
+    if args.repeats < 1:
+        raise SystemExit("error: --repeats must be >= 1")
+    from cpu import choose_threads  # here, not at the top: a llama.cpp worker does not import torch
+    try:
+        args.threads = choose_threads(args.threads)  # defaulted and checked as inference.py's --threads
+    except ValueError as error:
+        raise SystemExit(f"error: --{error}") from None
     if args.speculate < 0:
         raise SystemExit(f"error: --speculate must be >= 0 (0 skips the speculative section), got {args.speculate}")
     if args.json and args.json != "-" and not Path(args.json).resolve().parent.is_dir():

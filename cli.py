@@ -22,7 +22,7 @@ import torch
 
 from chat import DEFAULT_CHAT_MAX_GEN_LEN, ChatSession, enable_line_editing, run_chat
 from checkpoint import CheckpointError
-from cpu import choose_threads, cpu_features, usable_cpus
+from cpu import choose_threads, cpu_features, cpu_quota, usable_cpus, whole_cpus
 from inference import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, Generation, LLaMa
 from quantize import INT4, INT8, PLAIN, PREPACKED, SCHEMES, W8A8, WIDENED, W8A8Linear
 from sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, NO_REPETITION_PENALTY, SAMPLING_KEYWORDS, SamplingParams
@@ -96,8 +96,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float16 on GPU, bfloat16 with int4 on CUDA; "
                         "bfloat16 on a CPU, with prompts multiplied in float32 where the CPU has no native bf16)")
     parser.add_argument("--threads", type=int,
-                        help="CPU threads to compute with (default: every CPU this process may use); on a busy "
-                        "machine fewer can be much faster")
+                        help="CPU threads to compute with (default: every CPU this process may use, no more "
+                        "than its CPU quota's whole CPUs); on a busy machine fewer can be much faster")
     parser.add_argument("--seed", type=int,
                         help="random seed, for reproducible sampling (default: none, a different draw each run)")
     parser.add_argument("--echo", action="store_true", help="print each prompt's tokens with its completion")
@@ -174,13 +174,26 @@ def storage_words(llama: LLaMa) -> str:
     return STORAGE_WORDS.get(llama.linear_storage, llama.linear_storage)
 
 
+def threads_text(threads: int) -> str:
+    """The "loaded ..." line's threads: how many, and the CPU quota that bounds them, if one is set."""
+    quota = cpu_quota()
+    counted = f"{threads} thread" if threads == 1 else f"{threads} threads"
+    return counted + (f", CPU quota {quota:g}" if quota is not None else "")
+
+
 def oversubscribed_note(threads: int) -> Optional[str]:
-    """A hint when the machine is visibly busy: the load average above the CPUs this process may use.
+    """A hint when the threads cannot all run: more of them than the CPU quota gives whole CPUs, or
+    the machine visibly busy (the load average above the CPUs this process may use).
 
     Every decode step of a small model crosses hundreds of thread barriers; when other work holds
-    the CPUs, each barrier waits for a descheduled thread, and 2 threads were seen to run 10-40x
-    slower than 1 on a busy 2-core machine.
+    the CPUs, or the quota pauses a thread, each barrier waits for it: 2 threads were seen to run
+    10-40x slower than 1 on a busy 2-core machine, and 2x slower than 1 under a quota of 1 CPU.
     """
+    quota = cpu_quota()
+    if quota is not None and threads > whole_cpus(quota):
+        return (f"note: this process may use {quota:g} CPUs' time (its control group's CPU quota); with "
+                f"{threads} threads, every step waits for threads the quota has paused: try --threads "
+                f"{whole_cpus(quota)}")
     if not hasattr(os, "getloadavg"):  # not on Windows: nothing to judge by
         return None
     load, cpus = os.getloadavg()[0], usable_cpus()
@@ -306,7 +319,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if is_main:
             ranks = "" if tp is None else f", {tp.world_size} ranks"
             print(f"loaded {ckpt_dir} in {time.perf_counter() - started:.1f}s ({how_it_runs(llama)}{ranks}, "
-                  f"{torch.get_num_threads()} threads)", file=sys.stderr)
+                  f"{threads_text(torch.get_num_threads())})", file=sys.stderr)
             note = oversubscribed_note(torch.get_num_threads())
             if note:
                 print(note, file=sys.stderr)

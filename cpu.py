@@ -13,9 +13,14 @@ A small model's speed on a CPU depends less on the model than on which instructi
   per lane and instruction. This is what makes w8a8's integer matmul (`torch._int_mm`) fast, and
   `--quantize w8a8` is refused without it. (arm64's dot products are not counted: how fast
   `torch._int_mm` runs there is not measured, so w8a8 is not offered on arm64.)
-* **how many CPUs this process may use** (`usable_cpus`): the default number of threads. Every
-  decode step of a small model crosses hundreds of thread barriers, so threads on CPUs that are
-  busy with other work cost far more than they bring (README, "Threads on a busy machine").
+* **how many CPUs this process may use** (`usable_cpus`, `cpu_quota`): the default number of
+  threads. Every decode step of a small model crosses hundreds of thread barriers, so threads on
+  CPUs that are busy with other work cost far more than they bring (README, "Threads on a busy
+  machine"). Two limits count: the CPUs the process may run on (its affinity: `taskset`, a
+  container's cpuset), and the CPU time it may use (its control group's quota: Docker's `--cpus`,
+  a Kubernetes CPU limit, systemd's `CPUQuota`). A quota of q CPUs lets all threads together run
+  q seconds per second; a thread beyond floor(q) gets paused mid-step while the others wait for
+  it at the next barrier.
 
 The features are read once, from PyTorch's own probe and Linux's /proc/cpuinfo, *as far as oneDNN
 may use them*: an environment variable (ONEDNN_MAX_CPU_ISA) caps oneDNN's instruction set, and the
@@ -24,6 +29,7 @@ made-up `CpuFeatures` to check every decision for CPUs they do not run on.
 """
 
 import functools
+import math
 import os
 import platform
 from dataclasses import dataclass
@@ -34,6 +40,9 @@ import torch
 
 
 CPUINFO = Path("/proc/cpuinfo")
+# Where Linux says which control groups this process is in, and where their file systems are mounted.
+CGROUP_MEMBERSHIP = Path("/proc/self/cgroup")
+MOUNTINFO = Path("/proc/self/mountinfo")
 # x86 flags (Linux's names) of int8 dot-product instructions: what makes w8a8's integer matmul fast.
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 # ... and of bf16 arithmetic: without one, oneDNN emulates bf16 matmuls with float32 ones. "bf16" is
@@ -128,11 +137,91 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+def cgroup_dirs(membership: str, mountinfo: str) -> list[Path]:
+    """The directories of this process's CPU control groups, each with its ancestors up to the mount.
+
+    `membership` is /proc/self/cgroup: "ID:CONTROLLERS:PATH" lines, "0::PATH" for cgroup v2 (one
+    hierarchy for every controller) and e.g. "4:cpu,cpuacct:PATH" for v1's CPU hierarchy.
+    `mountinfo` is /proc/self/mountinfo: "ID PARENT DEV ROOT MOUNT_POINT OPTIONS ... - FSTYPE SOURCE
+    SUPER_OPTIONS" lines; a container may see its hierarchy mounted from a ROOT below the top, and
+    then PATH begins with that ROOT.
+    """
+    paths = {}  # "cgroup2" or "cgroup" -> this process's path in that hierarchy
+    for line in membership.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            paths["cgroup2"] = path
+        elif "cpu" in controllers.split(","):
+            paths["cgroup"] = path
+    dirs = []
+    for line in mountinfo.splitlines():
+        fields, _, tail = line.partition(" - ")
+        fields, tail = fields.split(), tail.split()
+        if len(fields) < 5 or len(tail) < 3 or tail[0] not in paths:
+            continue
+        if tail[0] == "cgroup" and "cpu" not in tail[2].split(","):  # a v1 hierarchy of other controllers
+            continue
+        mount_root, mount_point, path = Path(fields[3]), Path(fields[4]), Path(paths[tail[0]])
+        # The process's group, as a directory under the mount point; a path outside the mounted
+        # part of the hierarchy (not seen in practice) leaves only the mount point's own limits.
+        here = mount_point / path.relative_to(mount_root) if path.is_relative_to(mount_root) else mount_point
+        dirs.append(here)
+        while here != mount_point:  # up to the mount point: a parent's quota caps its children's
+            here = here.parent
+            dirs.append(here)
+    return dirs
+
+
+def quota_in(directory: Path) -> Optional[float]:
+    """The CPU quota set in one control group directory, in CPUs (1.5: one and a half CPUs' time per
+    second); None if it sets none. cgroup v2: cpu.max holds "QUOTA PERIOD" or "max PERIOD";
+    v1: cpu.cfs_quota_us (-1: none) and cpu.cfs_period_us, in microseconds."""
+    try:
+        if (directory / "cpu.max").is_file():
+            quota, period = (directory / "cpu.max").read_text().split()
+            return None if quota == "max" else int(quota) / int(period)
+        if (directory / "cpu.cfs_quota_us").is_file():
+            quota = int((directory / "cpu.cfs_quota_us").read_text())
+            period = int((directory / "cpu.cfs_period_us").read_text())
+            return None if quota <= 0 else quota / period
+    except (OSError, ValueError, ZeroDivisionError):  # unreadable or not as documented: no limit we can read
+        return None
+    return None
+
+
+def cpu_quota() -> Optional[float]:
+    """How many CPUs' worth of time this process may use, from its control groups' quotas (Docker's
+    --cpus, a Kubernetes CPU limit, systemd's CPUQuota): the smallest quota on its way to the top
+    of the hierarchy. None where none is set, and off Linux. Read afresh on each call: a process can
+    be moved to another group while it runs."""
+    try:
+        dirs = cgroup_dirs(CGROUP_MEMBERSHIP.read_text(), MOUNTINFO.read_text())
+    except OSError:  # not Linux, or /proc not mounted
+        return None
+    quotas = [quota for quota in map(quota_in, dirs) if quota is not None]
+    return min(quotas) if quotas else None
+
+
+def whole_cpus(quota: float) -> int:
+    """The threads a CPU quota keeps running: its whole CPUs, at least one. With a quota of 1.5 CPUs,
+    1 thread decoded faster than 2 (README, "Threads on a busy machine")."""
+    return max(1, math.floor(quota))
+
+
+def default_threads() -> int:
+    """Every CPU this process may run on, but no more than the whole CPUs of its quota, if any."""
+    cpus = usable_cpus()
+    quota = cpu_quota()
+    return cpus if quota is None else min(cpus, whole_cpus(quota))
+
+
 def choose_threads(threads: Optional[int]) -> int:
-    """How many CPU threads torch computes with: `threads`, or every CPU this process may use."""
+    """How many CPU threads torch computes with: `threads` (up to every CPU this process may run on),
+    or `default_threads`."""
     available = usable_cpus()
     if threads is None:
-        return available
+        return default_threads()
     if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= available:
         raise ValueError(f"threads must be an integer from 1 to {available} (the CPUs this process may use), "
                          f"got {threads!r}")

@@ -490,7 +490,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="configurations to run, comma-separated")
     parser.add_argument("--ckpt-dir", help="a Meta checkpoint dir (default: the demo model, fetched and converted "
                         "once)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: every CPU this process may use)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: as inference.py's --threads)")
     return parser.parse_args(argv)
 
 

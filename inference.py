@@ -130,9 +130,10 @@ class LLaMa:
         quantize: None, "int8" or "int4": weight-only quantization of the linear layers while
         loading (quantize.py). compile: `torch.compile` the decode step (the first generation then
         takes longer while it compiles). threads: CPU threads torch computes with (process-wide);
-        None: every CPU this process may use (`cpu.usable_cpus`). static_cache: decode with the
-        KV cache at fixed shapes (model.KVCache.update), which lets a compiled step run as one CUDA
-        graph; None: on with compile on CUDA, off elsewhere (on a CPU it reads the whole cache each step).
+        None: every CPU this process may use, within its CPU quota (`cpu.default_threads`).
+        static_cache: decode with the KV cache at fixed shapes (model.KVCache.update), which lets a
+        compiled step run as one CUDA graph; None: on with compile on CUDA, off elsewhere (on a CPU
+        it reads the whole cache each step).
         """
         check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
                               load_model=load_model, progress=progress, compile=compile)

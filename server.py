@@ -584,7 +584,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", help="cpu, cuda, mps (default: the best there is)")
     parser.add_argument("--dtype", help="float32, bfloat16, float16 (default: chosen per device: bfloat16 on a CPU)")
     parser.add_argument("--quantize", choices=["int8", "int4", "w8a8"], help="quantize the linear layers on load")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: every CPU this process may use)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: every CPU this process may use, "
+                        "no more than its CPU quota's whole CPUs)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (compiled before serving: a minute or two)")
     args = parser.parse_args(argv)

@@ -5,6 +5,7 @@ turns timings into the table's rates and the issue's target verdicts, and the wo
 """
 
 import json
+import os
 
 import pytest
 
@@ -77,6 +78,13 @@ def test_unknown_configuration_and_missing_json_directory_are_clear_errors(tmp_p
         bench.main(["--ours", "int3", "--peers", ""])
     with pytest.raises(SystemExit, match="--json .* does not exist"):
         bench.main(["--peers", "", "--json", str(tmp_path / "no" / "such" / "dir.json")])
+
+
+def test_threads_are_checked_as_inference_pys_are():
+    for bad in ("0", str(os.cpu_count() + 1)):
+        with pytest.raises(SystemExit, match="^error: --threads must be an integer from 1 to "):
+            bench.main(["--threads", bad, "--peers", ""])
+    assert bench.parse_args([]).threads is None  # then cpu.choose_threads(None): inference.py's default
 
 
 def test_compile_alone_benchmarks_the_compiled_default():

@@ -158,9 +158,10 @@ def test_the_demo_questions_are_greedy_unless_a_temperature_is_given():
 
 
 def test_threads_default_to_the_cpus_this_process_may_use_and_are_checked():
-    from cpu import choose_threads, usable_cpus
+    from cpu import choose_threads, default_threads, usable_cpus
 
-    assert choose_threads(None) == usable_cpus() == len(os.sched_getaffinity(0))
+    assert usable_cpus() == len(os.sched_getaffinity(0))
+    assert choose_threads(None) == default_threads() <= usable_cpus()  # (the quota: tests/test_cpu.py)
     assert choose_threads(1) == 1
     for bad in (0, -1, usable_cpus() + 1, 1.5, True):
         with pytest.raises(ValueError, match=rf"threads must be an integer from 1 to {usable_cpus()}"):
@@ -186,7 +187,19 @@ def test_threads_flag_out_of_range_names_the_flag(ckpt, capsys):
 def test_a_busy_machine_gets_a_hint_to_use_fewer_threads(monkeypatch):
     from cpu import usable_cpus
 
+    monkeypatch.setattr(cli, "cpu_quota", lambda: None)
     monkeypatch.setattr(os, "getloadavg", lambda: (usable_cpus() + 1.5, 0.0, 0.0))
     assert "try --threads 1" in cli.oversubscribed_note(2)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert cli.oversubscribed_note(2) is None
+
+
+def test_more_threads_than_the_cpu_quotas_whole_cpus_get_a_hint_and_the_quota_is_shown(monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(cli, "cpu_quota", lambda: 1.5)
+    note = cli.oversubscribed_note(2)
+    assert "1.5 CPUs' time (its control group's CPU quota)" in note and note.endswith("try --threads 1")
+    assert cli.oversubscribed_note(1) is None
+    assert cli.threads_text(1) == "1 thread, CPU quota 1.5"
+    monkeypatch.setattr(cli, "cpu_quota", lambda: None)
+    assert cli.threads_text(2) == "2 threads"

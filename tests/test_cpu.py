@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -131,3 +132,147 @@ def test_under_a_onednn_isa_cap_our_features_agree_with_the_isa_onednn_reports(c
     assert ours[2] == str("DL Boost" in onednn_isa), onednn_isa
     assert ours[3] == "widened"  # no native bf16 under the cap: bf16 layers multiply prompts in float32
     assert ours[4] == str("AVX-512" in onednn_isa), onednn_isa
+
+
+# --------------------------------------------------------------------------------------------
+# Threads: the CPUs this process may run on, and the CPU time its control group may use
+# --------------------------------------------------------------------------------------------
+
+
+def fake_cgroups(monkeypatch, tmp_path, membership: str, mounts: list[tuple[str, str, str, str]],
+                 limits: dict[str, dict[str, str]]) -> None:
+    """A made-up /proc/self/cgroup (`membership`), /proc/self/mountinfo (`mounts`: ROOT, MOUNT_POINT
+    under tmp_path, FSTYPE, SUPER_OPTIONS) and control group files (`limits`: directory under
+    tmp_path -> file name -> contents), for `cpu.cpu_quota` to read."""
+    lines = [f"{30 + i} 23 0:{40 + i} {root} {tmp_path / point} rw,nosuid,nodev,noexec,relatime shared:{i} - "
+             f"{fstype} {fstype} {options}" for i, (root, point, fstype, options) in enumerate(mounts)]
+    (tmp_path / "mountinfo").write_text("\n".join(lines) + "\n")
+    (tmp_path / "cgroup").write_text(membership)
+    for directory, files in limits.items():
+        (tmp_path / directory).mkdir(parents=True, exist_ok=True)
+        for name, contents in files.items():
+            (tmp_path / directory / name).write_text(contents)
+    monkeypatch.setattr(cpu, "CGROUP_MEMBERSHIP", tmp_path / "cgroup")
+    monkeypatch.setattr(cpu, "MOUNTINFO", tmp_path / "mountinfo")
+
+
+V2_MOUNT = ("/", "sys/fs/cgroup", "cgroup2", "rw,nsdelegate,memory_recursiveprot")
+
+
+@pytest.mark.parametrize("cpu_max, quota", [("150000 100000\n", 1.5), ("max 100000\n", None), ("50000 100000\n", 0.5)])
+def test_a_cgroup_v2_quota_is_read_in_cpus(monkeypatch, tmp_path, cpu_max, quota):
+    # Docker or Kubernetes with cgroup v2 and a cgroup namespace: the container's group is the root it sees.
+    fake_cgroups(monkeypatch, tmp_path, "0::/\n", [V2_MOUNT], {"sys/fs/cgroup": {"cpu.max": cpu_max}})
+    assert cpu.cpu_quota() == quota
+
+
+def test_a_parents_quota_caps_its_childs(monkeypatch, tmp_path):
+    # systemd: a service with no limit of its own inside a slice limited to 2 CPUs.
+    fake_cgroups(monkeypatch, tmp_path, "0::/user.slice/app.service\n", [V2_MOUNT], {
+        "sys/fs/cgroup/user.slice": {"cpu.max": "200000 100000\n"},
+        "sys/fs/cgroup/user.slice/app.service": {"cpu.max": "max 100000\n"},
+    })
+    assert cpu.cpu_quota() == 2.0
+
+
+def test_a_cgroup_v1_quota_is_read_where_docker_mounts_the_containers_own_group(monkeypatch, tmp_path):
+    # Docker on cgroup v1 without a cgroup namespace: /proc/self/cgroup names the host's path, and the
+    # mount's ROOT is that same path, so the container's group is the mount point itself.
+    container = "/docker/4f08548fa00f0a406b52de3c4d59dab6"
+    membership = f"12:memory:{container}\n4:cpu,cpuacct:{container}\n0::/\n"
+    mounts = [(container, "sys/fs/cgroup/memory", "cgroup", "rw,memory"),
+              (container, "sys/fs/cgroup/cpu,cpuacct", "cgroup", "rw,cpu,cpuacct")]
+    fake_cgroups(monkeypatch, tmp_path, membership, mounts, {
+        "sys/fs/cgroup/cpu,cpuacct": {"cpu.cfs_quota_us": "50000\n", "cpu.cfs_period_us": "100000\n"},
+        "sys/fs/cgroup/memory": {"cpu.cfs_quota_us": "10000\n", "cpu.cfs_period_us": "100000\n"},  # not the CPU's
+    })
+    assert cpu.cpu_quota() == 0.5
+
+
+@pytest.mark.parametrize("limits", [
+    {"sys/fs/cgroup/cpu": {"cpu.cfs_quota_us": "-1\n", "cpu.cfs_period_us": "100000\n"}},  # v1: no quota
+    {"sys/fs/cgroup/cpu": {}},  # no CPU controller files at all
+    {"sys/fs/cgroup/cpu": {"cpu.cfs_quota_us": "lots\n", "cpu.cfs_period_us": "100000\n"}},  # not as documented
+])
+def test_no_readable_quota_means_none(monkeypatch, tmp_path, limits):
+    fake_cgroups(monkeypatch, tmp_path, "4:cpu:/\n", [("/", "sys/fs/cgroup/cpu", "cgroup", "rw,cpu")], limits)
+    assert cpu.cpu_quota() is None
+
+
+def test_without_linuxs_cgroup_files_there_is_no_quota(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu, "CGROUP_MEMBERSHIP", tmp_path / "no such file")
+    assert cpu.cpu_quota() is None
+
+
+@pytest.mark.parametrize("cpus, quota, threads", [
+    (8, None, 8),  # no quota: every CPU this process may run on
+    (8, 2.0, 2),  # docker run --cpus=2 on an 8-core machine
+    (8, 1.5, 1),  # only whole CPUs: a second thread would be paused a third of the time
+    (8, 0.5, 1),  # at least one
+    (2, 4.0, 2),  # a quota above the CPUs changes nothing
+])
+def test_default_threads_are_the_cpus_this_process_may_run_on_within_its_quota(monkeypatch, cpus, quota, threads):
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: cpus)
+    monkeypatch.setattr(cpu, "cpu_quota", lambda: quota)
+    assert cpu.choose_threads(None) == threads
+    assert cpu.choose_threads(cpus) == cpus  # asked for, more threads than the quota are allowed
+
+
+# Joins the control group given as argv[1] (writing its pid to cgroup.procs), then prints what cpu.py reads.
+JOIN_AND_READ = textwrap.dedent("""
+    import os, sys
+    try:
+        with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as procs:
+            procs.write(str(os.getpid()))
+    except OSError as error:
+        print("cannot join", error)
+        sys.exit(0)
+    import cpu
+    print("quota", cpu.cpu_quota(), "threads", cpu.choose_threads(None), "cpus", cpu.usable_cpus())
+""")
+
+
+def make_group_with_quota(groups: list[Path], quota: str, period: str) -> Optional[Path]:
+    """A new control group under the first of `groups` that takes one and has a CPU controller, with
+    that quota (cgroup v2's cpu.max, or v1's two files); None where this machine allows none."""
+    for group in groups:
+        made = group / f"llama-from-scratch-test-{os.getpid()}"
+        try:
+            made.mkdir()
+        except OSError:  # not root, or a read-only hierarchy
+            continue
+        try:
+            if (made / "cpu.max").exists():
+                (made / "cpu.max").write_text(f"{quota} {period}")
+                return made
+            if (made / "cpu.cfs_quota_us").exists():
+                (made / "cpu.cfs_period_us").write_text(period)
+                (made / "cpu.cfs_quota_us").write_text(quota)
+                return made
+        except OSError:
+            pass
+        made.rmdir()  # no CPU controller here, or the quota was refused
+    return None
+
+
+def test_a_real_control_groups_quota_is_read_by_a_process_inside_it():
+    """The kernel's own files, where this machine lets a test make a control group (root, a writable
+    CPU hierarchy): a process in a group with a quota of 1.5 CPUs computes with 1 thread."""
+    try:
+        groups = cpu.cgroup_dirs(cpu.CGROUP_MEMBERSHIP.read_text(), cpu.MOUNTINFO.read_text())
+    except OSError:
+        pytest.skip("no /proc/self/cgroup: not Linux")
+    made = make_group_with_quota(groups, quota="150000", period="100000")
+    if made is None:
+        pytest.skip("this machine lets no test make a control group with a CPU quota")
+    try:
+        result = subprocess.run([sys.executable, "-c", JOIN_AND_READ, str(made)], capture_output=True, text=True,
+                                cwd=ROOT, timeout=120)
+    finally:
+        made.rmdir()  # empty again: the process has ended
+    assert result.returncode == 0, result.stderr
+    if result.stdout.startswith("cannot join"):
+        pytest.skip(f"a process cannot join the control group made here: {result.stdout.strip()}")
+    _, quota, _, threads, _, cpus = result.stdout.split()
+    assert float(quota) == 1.5
+    assert int(threads) == 1  # the whole CPUs of the quota, however many CPUs it may run on
