@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from model import EMBEDDING_KEY, ModelArgs, expected_shapes
-from quantize import INT4, INT8, layer_storage, linear_bytes
+from quantize import DEFAULT_INT4_GROUP_SIZE, INT4, INT8, PLAIN, PREPACKED, W8A8, WIDENED, layer_storage
 
 GIB = 1024**3
 MEMINFO = Path("/proc/meminfo")  # Linux: MemAvailable counts free memory plus reclaimable caches
@@ -75,6 +75,21 @@ def linear_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
         for name, shape in expected_shapes(args).items()
         if len(shape) == 2 and name != EMBEDDING_KEY
     }
+
+
+def linear_bytes(out_features: int, in_features: int, storage: Optional[str], dtype: torch.dtype) -> int:
+    """Bytes of one (N, K) linear layer's tensors, stored as `storage` (None: PLAIN) in `dtype`.
+
+    A prepacked weight takes the bytes of the plain one: oneDNN's blocked layout only reorders it."""
+    itemsize = dtype.itemsize
+    if storage in (None, PLAIN, PREPACKED, WIDENED):
+        return out_features * in_features * itemsize
+    if storage == INT8:
+        return out_features * in_features + out_features * itemsize  # 1 byte per weight + scales
+    if storage == W8A8:
+        return out_features * in_features + 2 * out_features * torch.float32.itemsize  # + scales, weight sums
+    n_groups = in_features // DEFAULT_INT4_GROUP_SIZE
+    return out_features * in_features // 2 + n_groups * out_features * 2 * itemsize  # + scales and zeros
 
 
 def weights_bytes(args: ModelArgs, dtype: torch.dtype, quantize: Optional[str],

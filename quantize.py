@@ -16,7 +16,7 @@ storages the model's linear layers get, and builds each layer with `make_linear`
                                   the head and the FFN's w2 stay Int8Linear (`layer_storage`)
 
 A new way to store weights (say, one chosen per CPU) is one more constant here, one more branch
-in `linear_storage` and in `make_linear`; no loader changes.
+in `linear_storage`, `make_linear` and the memory planner's `memory.linear_bytes`; no loader changes.
 
 Why quantized layers make decoding faster. Generating one token multiplies one vector by every weight matrix of
 the model: each weight is fetched from memory once and used for a single multiply-add. A CPU can do
@@ -75,11 +75,9 @@ rows on, a layer widens its weight once, to floats, a chunk of output rows at a 
 float matmul (`dequantized_linear`): the same numbers up to float rounding, at float-matmul speed.
 
 Without quantization there is still something to gain on a CPU. Where it computes bf16 natively,
-`PackedLinear` keeps a bf16 weight in the blocked layout of the oneDNN kernel that multiplies it,
-instead of having it rearranged on every call (storage PREPACKED, unless the model is to be
-compiled). Where it does not (oneDNN then emulates bf16 with float32 arithmetic), `WidenedLinear`
-keeps the bf16 weight, half of float32's bytes, decodes in bf16 and multiplies prompts in float32
-(storage WIDENED, compiled or not).
+`PackedLinear` keeps a bf16 weight in the blocked layout of oneDNN's kernel (PREPACKED, unless
+compiled). Where oneDNN emulates bf16, `WidenedLinear` keeps the bf16 weight (half of float32's
+bytes), decodes one row in PyTorch's own kernel and multiplies prompts in float32 (WIDENED).
 
 Shape legend: N output features (rows of W), K input features, G group size, M rows of x.
 """
@@ -535,18 +533,31 @@ def bf16_is_emulated(device: torch.device, dtype: torch.dtype, features: Optiona
     return device.type == "cpu" and dtype == torch.bfloat16 and float_matmul_dtype(dtype, device, features) != dtype
 
 
+def own_kernel_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear in PyTorch's own kernel: oneDNN switched off for the call (a process-wide switch, so
+    one forward pass at a time, as the engine runs them). For one bf16 row it reads the weight as a
+    stream of dot products, at memory speed (docs/benchmarks.md)."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        return F.linear(rows, weight)
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
 class WidenedLinear(nn.Module):
     """nn.Linear(K, N, bias=False) with a bf16 weight, for a CPU without native bf16.
 
     There a bf16 matmul is emulated: oneDNN (AVX-512) or PyTorch's own loops (AVX2) widen both
-    operands to float32 as they go. Decoding (a few rows of x) waits on memory, not arithmetic, so
-    it still gains from reading half of float32's bytes (the demo under an Ice Lake's instructions:
-    38 tokens/s against 18 in float32; README, "Speed"). A prompt (many rows) is arithmetic-bound,
-    and there emulation costs 2-4x against float32. The two cross at ~16 rows (8-16 with AVX2:
-    docs/benchmarks.md), so from DEQUANTIZED_ROWS[WIDENED] = 24 rows on (a decode step has a batch's
-    rows, or 11 with drafts) the weight is widened to float32 a chunk at a time, the product taken
-    in float32 (`dequantized_linear`) and rounded back to bf16: prompts run at float32's speed, in
-    half its memory, and come out slightly more exact than in bf16.
+    operands to float32 as they go. The fastest way depends on the rows of x (the demo under an Ice
+    Lake's instructions; docs/benchmarks.md):
+    * one row (decoding one sequence) waits on memory: bf16 reads half of float32's bytes, and
+      PyTorch's own kernel streams them ~1.5x faster than oneDNN (`own_kernel_linear`);
+    * a few rows (a batch, 11 with drafts): oneDNN's emulated bf16 matmul;
+    * from DEQUANTIZED_ROWS[WIDENED] = 24 rows (prompts), arithmetic-bound, where emulation costs 2-4x
+      against float32 (they cross at ~16 rows, 8-16 with AVX2): the weight widened to float32 a chunk
+      at a time, the product taken in float32 (`dequantized_linear`) and rounded back to bf16, at
+      float32's speed in half its memory, slightly more exact than in bf16.
     """
 
     def __init__(self, weight: torch.Tensor):
@@ -558,10 +569,13 @@ class WidenedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)
-        # Not inside a compiled graph: its freezing would fold the widened weight into a stored
-        # float32 copy (three times the bf16 weight's memory). Compiled steps decode; prompts run eager.
-        if rows.shape[0] >= DEQUANTIZED_ROWS[WIDENED] and not torch.compiler.is_compiling():
+        # Eager only. A compiled graph's freezing would fold the widened weight into a stored float32
+        # copy (three times the bf16 weight's memory), and its kernels are Inductor's to choose.
+        eager = not torch.compiler.is_compiling()
+        if rows.shape[0] >= DEQUANTIZED_ROWS[WIDENED] and eager:
             y = dequantized_linear(rows, self, self.float_dtype)
+        elif rows.shape[0] == 1 and eager:
+            y = own_kernel_linear(rows, self.weight)  # (1, N)
         else:
             y = F.linear(rows, self.weight)  # (M, N)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -574,21 +588,6 @@ class WidenedLinear(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Whole models
 # --------------------------------------------------------------------------------------------
-
-
-def linear_bytes(out_features: int, in_features: int, storage: Optional[str], dtype: torch.dtype) -> int:
-    """Bytes of one (N, K) linear layer's tensors, stored as `storage` (None: PLAIN) in `dtype`.
-
-    A prepacked weight takes the bytes of the plain one: oneDNN's blocked layout only reorders it."""
-    itemsize = dtype.itemsize
-    if storage in (None, PLAIN, PREPACKED, WIDENED):
-        return out_features * in_features * itemsize
-    if storage == INT8:
-        return out_features * in_features + out_features * itemsize  # 1 byte per weight + scales
-    if storage == W8A8:
-        return out_features * in_features + 2 * out_features * torch.float32.itemsize  # + scales, weight sums
-    n_groups = in_features // DEFAULT_INT4_GROUP_SIZE
-    return out_features * in_features // 2 + n_groups * out_features * 2 * itemsize  # + scales and zeros
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
@@ -684,12 +683,12 @@ def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
 
 
 # Names this module had before: `linear_storage` became the one decision of how a layer is stored,
-# and the CPU's features moved to cpu.py.
+# the CPU's features moved to cpu.py, and the bytes of a layer to the memory planner.
 MOVED_NAMES = {
     "fast_linear": "quantize.make_linear(name, weight, linear_storage(...), dtype)",
     "layer_scheme": "quantize.layer_storage",
     "cpu_flags": "cpu.cpu_flags", "CPUINFO": "cpu.CPUINFO", "INT8_DOT_FLAGS": "cpu.INT8_DOT_FLAGS",
-    "NATIVE_BF16_FLAGS": "cpu.NATIVE_BF16_FLAGS",
+    "NATIVE_BF16_FLAGS": "cpu.NATIVE_BF16_FLAGS", "linear_bytes": "memory.linear_bytes",
 }
 
 

@@ -158,33 +158,40 @@ def test_bf16_on_cpu_is_prepacked_by_default_and_gives_the_same_logits_as_nn_lin
 
 
 class LinearDtypes(TorchFunctionMode):
-    """Records the dtype of x in every F.linear call made while it is active."""
+    """Records, for every F.linear call made while it is active, the dtype of x (`seen`) and whether
+    oneDNN was switched on (`onednn`)."""
 
     def __init__(self):
         super().__init__()
-        self.seen = []
+        self.seen, self.onednn = [], []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.linear:
             self.seen.append(args[0].dtype)
+            self.onednn.append(torch.backends.mkldnn.enabled)
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("rows", [1, 8, DEQUANTIZED_ROWS[WIDENED], 100])
-def test_widened_linear_multiplies_few_rows_in_bf16_and_many_in_float32(rows):
+def test_widened_linear_multiplies_one_row_in_pytorchs_own_kernel_a_few_in_bf16_and_many_in_float32(rows):
     torch.manual_seed(0)
     weight = torch.randn(96, 64, dtype=torch.bfloat16)
     x = torch.randn(rows, 64, dtype=torch.bfloat16)
     with LinearDtypes() as matmuls:
         y = WidenedLinear(weight)(x)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 96)
-    if rows < DEQUANTIZED_ROWS[WIDENED]:  # decoding: the bf16 matmul itself
-        assert matmuls.seen == [torch.bfloat16]
+    assert torch.backends.mkldnn.enabled  # switched back on after the call
+    # Within one bf16 step of the float64 product: summed in float32, rounded once to bf16.
+    exact, one_bf16_step = x.double() @ weight.double().T, dict(rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6)
+    if rows == 1:  # decoding one sequence: bf16, in PyTorch's own kernel (oneDNN off for this call)
+        assert matmuls.seen == [torch.bfloat16] and matmuls.onednn == [False]
+        torch.testing.assert_close(y.double(), exact, **one_bf16_step)
+    elif rows < DEQUANTIZED_ROWS[WIDENED]:  # a batch, or drafts: the bf16 matmul itself
+        assert matmuls.seen == [torch.bfloat16] and matmuls.onednn == [True]
         torch.testing.assert_close(y, F.linear(x, weight), rtol=0, atol=0)
-    else:  # prompts: in float32, the product rounded once to bf16 (within one bf16 step of float64's)
+    else:  # prompts: in float32, the product rounded once to bf16
         assert matmuls.seen == [torch.float32]
-        exact = x.double() @ weight.double().T
-        torch.testing.assert_close(y.double(), exact, rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6)
+        torch.testing.assert_close(y.double(), exact, **one_bf16_step)
 
 
 NO_BF16_CPU = CpuFeatures(name="x86_64: AVX512 (avx512_vnni), made up", native_bf16=False, int8_dot=True)
