@@ -152,7 +152,7 @@ def flag_spelling(message: str) -> str:
 STORAGE_WORDS = {
     PLAIN: "linear layers plain",
     PREPACKED: "linear layers prepacked for oneDNN",
-    WIDENED: "linear layers bf16, prompts in float32 (no native bf16 here)",
+    WIDENED: "linear layers bf16 (one row in PyTorch's own kernel), prompts in float32 (no native bf16 here)",
     INT8: "linear layers int8 (weight-only)",
     INT4: "linear layers int4 (weight-only, head int8 weight-only)",  # or its head in w8a8: `storage_words`
     W8A8: "linear layers w8a8 (int8 x uint8 matmuls; head and w2 weight-only int8)",
