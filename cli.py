@@ -24,7 +24,7 @@ from chat import DEFAULT_CHAT_MAX_GEN_LEN, ChatSession, enable_line_editing, run
 from checkpoint import CheckpointError
 from cpu import choose_threads, cpu_features, cpu_quota, usable_cpus, whole_cpus
 from inference import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, Generation, LLaMa
-from quantize import INT4, INT8, PLAIN, PREPACKED, SCHEMES, W8A8, WIDENED, W8A8Linear
+from quantize import INT4, INT8, PLAIN, PREPACKED, SCHEMES, W8A8, WIDENED, W8A8Linear, WidenedLinear
 from sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, NO_REPETITION_PENALTY, SAMPLING_KEYWORDS, SamplingParams
 from streaming import GenerationRow
 from tensor_parallel import TensorParallel, init_from_torchrun, main_rank_first
@@ -171,6 +171,9 @@ def storage_words(llama: LLaMa) -> str:
     products (quantize.layer_storage): say which."""
     if llama.linear_storage == INT4 and isinstance(llama.model.output, W8A8Linear):
         return "linear layers int4 (weight-only, head w8a8: int8 x uint8 matmul)"
+    if llama.linear_storage == WIDENED and isinstance(llama.model.output, WidenedLinear):  # rows: by CPU
+        rows = llama.model.output.widen_from_rows
+        return f"linear layers bf16 (one row in PyTorch's own kernel), {rows}+ rows in float32 (no native bf16 here)"
     return STORAGE_WORDS.get(llama.linear_storage, llama.linear_storage)
 
 

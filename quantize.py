@@ -74,10 +74,9 @@ slow part (5-8x slower than a float matmul on the same CPU, measured), so from `
 rows on, a layer widens its weight once, to floats, a chunk of output rows at a time, and calls the
 float matmul (`dequantized_linear`): the same numbers up to float rounding, at float-matmul speed.
 
-Without quantization there is still something to gain on a CPU. Where it computes bf16 natively,
-`PackedLinear` keeps a bf16 weight in the blocked layout of oneDNN's kernel (PREPACKED, unless
-compiled). Where oneDNN emulates bf16, `WidenedLinear` keeps the bf16 weight (half of float32's
-bytes), decodes one row in PyTorch's own kernel and multiplies prompts in float32 (WIDENED).
+Unquantized on a CPU: with native bf16, `PackedLinear` keeps the weight in oneDNN's blocked layout
+(PREPACKED, unless compiled); where bf16 is emulated, `WidenedLinear` keeps the bf16 weight (half
+of float32's bytes) and multiplies many rows in float32 (WIDENED).
 
 Shape legend: N output features (rows of W), K input features, G group size, M rows of x.
 """
@@ -128,8 +127,9 @@ ROWS_PER_CHUNK = 4096
 # rather than with the weight-only kernel. Measured on 2 cores of a Xeon (Sapphire Rapids) for the
 # demo model's layers: the int8 kernel costs ~25 us a row, widening the weight once ~0.5 ms, so they
 # cross at ~24 rows; int4's kernel costs about as much a row, its unpacking ~1 ms. Decoding (8 rows,
-# or 11 with drafts) stays on the kernels; prompts go to the float matmul. WIDENED: see WidenedLinear.
+# or 11 with drafts) stays on the kernels; prompts go to the float matmul. WIDENED (two): see WidenedLinear.
 DEQUANTIZED_ROWS = {INT8: 32, INT4: 64, WIDENED: 24}
+WIDENED_ROWS_IN_OWN_LOOPS = 6
 OUTPUT_HEAD = "output"  # Meta's name of the final linear layer
 # w8a8 rounds each token's activations to 256 levels. Two layers read activations where that is too
 # coarse: the feed-forward's w2 (silu(w1 x) * w3 x has a few entries far larger than the rest, and
@@ -546,18 +546,17 @@ def own_kernel_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class WidenedLinear(nn.Module):
-    """nn.Linear(K, N, bias=False) with a bf16 weight, for a CPU without native bf16.
-
-    There a bf16 matmul is emulated: oneDNN (AVX-512) or PyTorch's own loops (AVX2) widen both
-    operands to float32 as they go. The fastest way depends on the rows of x (the demo under an Ice
-    Lake's instructions; docs/benchmarks.md):
+    """nn.Linear(K, N, bias=False) with a bf16 weight, for a CPU without native bf16, where a bf16
+    matmul is emulated (oneDNN with AVX-512, PyTorch's own loops with AVX2, widening both operands
+    to float32 as they go). The fastest way depends on the rows of x (docs/benchmarks.md):
     * one row (decoding one sequence) waits on memory: bf16 reads half of float32's bytes, and
       PyTorch's own kernel streams them ~1.5x faster than oneDNN (`own_kernel_linear`);
-    * a few rows (a batch, 11 with drafts): oneDNN's emulated bf16 matmul;
-    * from DEQUANTIZED_ROWS[WIDENED] = 24 rows (prompts), arithmetic-bound, where emulation costs 2-4x
-      against float32 (they cross at ~16 rows, 8-16 with AVX2): the weight widened to float32 a chunk
-      at a time, the product taken in float32 (`dequantized_linear`) and rounded back to bf16, at
-      float32's speed in half its memory, slightly more exact than in bf16.
+    * a few rows: the emulated bf16 matmul;
+    * from `widen_from_rows` on, arithmetic-bound, emulation costs 2-4x against float32: the weight
+      is widened to float32 a chunk at a time, the product taken in float32 (`dequantized_linear`)
+      and rounded to bf16, at float32's speed in half its memory. oneDNN's emulation and float32
+      cross at ~16 rows (DEQUANTIZED_ROWS[WIDENED] = 24: prompts); PyTorch's own loops pay for every
+      row and cross at 5-6 (WIDENED_ROWS_IN_OWN_LOOPS: batches and drafts are widened too).
     """
 
     def __init__(self, weight: torch.Tensor):
@@ -566,13 +565,15 @@ class WidenedLinear(nn.Module):
         # A parameter, as nn.Linear's: torch.compile's freezing then lays it out for oneDNN once.
         self.weight = nn.Parameter(weight, requires_grad=False)  # (N, K) bf16
         self.float_dtype = torch.float32  # for prompts
+        in_onednn = prepacking_helps(weight.device, weight.dtype)  # PyTorch's test: bf16 matmuls to oneDNN
+        self.widen_from_rows = DEQUANTIZED_ROWS[WIDENED] if in_onednn else WIDENED_ROWS_IN_OWN_LOOPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)
         # Eager only. A compiled graph's freezing would fold the widened weight into a stored float32
         # copy (three times the bf16 weight's memory), and its kernels are Inductor's to choose.
         eager = not torch.compiler.is_compiling()
-        if rows.shape[0] >= DEQUANTIZED_ROWS[WIDENED] and eager:
+        if rows.shape[0] >= self.widen_from_rows and eager:
             y = dequantized_linear(rows, self, self.float_dtype)
         elif rows.shape[0] == 1 and eager:
             y = own_kernel_linear(rows, self.weight)  # (1, N)

@@ -22,12 +22,13 @@ from torch.overrides import TorchFunctionMode
 import cpu
 import quantize
 from checkpoint import load_model_args, load_transformer
+from cli import how_it_runs
 from conftest import LLAMA2_TOKENIZER
 from cpu import CpuFeatures, cpu_features
 from inference import LLaMa
 from model import ModelArgs, Transformer, apply_rotary_emb, apply_rotary_emb_real, precompute_freqs_cis
-from quantize import (DEQUANTIZED_ROWS, PREPACKED, WIDENED, PackedLinear, WidenedLinear, linear_storage,
-                      prepacking_helps)
+from quantize import (DEQUANTIZED_ROWS, PREPACKED, WIDENED, WIDENED_ROWS_IN_OWN_LOOPS, PackedLinear, WidenedLinear,
+                      linear_storage, prepacking_helps)
 from sampling import SamplingParams
 from tiny import replay_prompt, write_tiny_llama2_checkpoint
 
@@ -172,13 +173,24 @@ class LinearDtypes(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("rows", [1, 8, DEQUANTIZED_ROWS[WIDENED], 100])
-def test_widened_linear_multiplies_one_row_in_pytorchs_own_kernel_a_few_in_bf16_and_many_in_float32(rows):
+@pytest.mark.parametrize("bf16_in_onednn, widen_from_rows", [
+    pytest.param(True, DEQUANTIZED_ROWS[WIDENED], id="avx512-onednn-emulates-bf16"),
+    pytest.param(False, WIDENED_ROWS_IN_OWN_LOOPS, id="avx2-pytorchs-own-loops"),
+])
+@pytest.mark.parametrize("rows", [1, 4, WIDENED_ROWS_IN_OWN_LOOPS, 8, 11, DEQUANTIZED_ROWS[WIDENED], 100])
+def test_widened_linear_multiplies_one_row_in_pytorchs_own_kernel_a_few_in_bf16_and_many_in_float32(
+        rows, bf16_in_onednn, widen_from_rows, monkeypatch):
+    # Where PyTorch hands bf16 matmuls to oneDNN (its own test, as in prepacking_helps), emulation is
+    # cheap up to ~16 rows; where its own loops multiply them (AVX2), every row costs, and a batch of 8
+    # or 11 drafts is already widened.
+    monkeypatch.setattr(quantize, "prepacking_helps", lambda device, dtype: bf16_in_onednn)
     torch.manual_seed(0)
     weight = torch.randn(96, 64, dtype=torch.bfloat16)
     x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    layer = WidenedLinear(weight)
+    assert layer.widen_from_rows == widen_from_rows
     with LinearDtypes() as matmuls:
-        y = WidenedLinear(weight)(x)
+        y = layer(x)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 96)
     assert torch.backends.mkldnn.enabled  # switched back on after the call
     # Within one bf16 step of the float64 product: summed in float32, rounded once to bf16.
@@ -186,7 +198,7 @@ def test_widened_linear_multiplies_one_row_in_pytorchs_own_kernel_a_few_in_bf16_
     if rows == 1:  # decoding one sequence: bf16, in PyTorch's own kernel (oneDNN off for this call)
         assert matmuls.seen == [torch.bfloat16] and matmuls.onednn == [False]
         torch.testing.assert_close(y.double(), exact, **one_bf16_step)
-    elif rows < DEQUANTIZED_ROWS[WIDENED]:  # a batch, or drafts: the bf16 matmul itself
+    elif rows < widen_from_rows:  # a batch, or drafts: the bf16 matmul itself
         assert matmuls.seen == [torch.bfloat16] and matmuls.onednn == [True]
         torch.testing.assert_close(y, F.linear(x, weight), rtol=0, atol=0)
     else:  # prompts: in float32, the product rounded once to bf16
@@ -216,6 +228,15 @@ def test_bf16_on_a_cpu_without_native_bf16_is_widened_and_gives_the_logits_of_nn
     widened_logits, plain_logits = llama.model(tokens, 0).float(), plain(tokens, 0).float()
     # bf16 rounds each layer's output either way; float32 products differ from bf16 ones by those roundings.
     torch.testing.assert_close(widened_logits, plain_logits, **BF16_TOLERANCE)
+
+
+@pytest.mark.parametrize("bf16_in_onednn, rows", [(True, DEQUANTIZED_ROWS[WIDENED]), (False, WIDENED_ROWS_IN_OWN_LOOPS)])
+def test_the_loaded_line_says_from_how_many_rows_widened_layers_multiply_in_float32(
+        tiny_ckpt, cpu_without_native_bf16, monkeypatch, bf16_in_onednn, rows):
+    monkeypatch.setattr(quantize, "prepacking_helps", lambda device, dtype: bf16_in_onednn)  # AVX-512 or AVX2
+    llama = LLaMa.build(tiny_ckpt, max_seq_len=64, device="cpu", progress=False)
+    assert all(layer.widen_from_rows == rows for layer in llama.model.modules() if isinstance(layer, WidenedLinear))
+    assert f"bfloat16; linear layers bf16 (one row in PyTorch's own kernel), {rows}+ rows in float32" in how_it_runs(llama)
 
 
 def test_compiled_widened_layers_decode_the_eager_logits(tiny_ckpt, cpu_without_native_bf16):
