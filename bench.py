@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from atomic import atomic_dir, write_text_atomically
+from atomic import write_text_atomically
 
 # --------------------------------------------------------------------------------------------
 # What to run
@@ -76,8 +76,6 @@ PROMPT_SEED = 0
 FIRST_ORDINARY_TOKEN = 17
 LLAMA_CPP_BATCH = 512  # llama.cpp's n_batch: prompt tokens per forward pass
 MB = 1024 * 1024
-
-HF_DIR_NAME = "smollm2-135m-instruct-hf-bf16"  # next to the demo model in its cache
 
 # The speculative section: a request grounded in its input, which the answer copies.
 DEFAULT_SPECULATE = 10  # drafts per pass: Saxena's `num_pred_tokens=10`, also HF's documented example
@@ -562,39 +560,6 @@ def format_targets(evaluations: list[dict]) -> str:
                      for e in evaluations)
 
 
-# --------------------------------------------------------------------------------------------
-# Preparing the three copies of the model
-# --------------------------------------------------------------------------------------------
-
-
-def prepare_paths() -> dict:
-    """Our Meta dir, the GGUF, and a Hugging Face safetensors copy of the same weights (made once)."""
-    from demo_model import ensure_demo_gguf, ensure_demo_model
-
-    ckpt_dir = ensure_demo_model()
-    gguf = ensure_demo_gguf()
-    hf_dir = ckpt_dir.parent / HF_DIR_NAME
-    if not (hf_dir / "config.json").is_file():
-        print(f"making a Hugging Face bf16 copy of {gguf.name} in {hf_dir} (once) ...", file=sys.stderr)
-        make_hf_copy(gguf, hf_dir)
-    return {"ckpt_dir": ckpt_dir, "gguf": gguf, "hf_dir": hf_dir}
-
-
-def make_hf_copy(gguf: Path, out_dir: Path) -> None:
-    """HF's own reading of the GGUF, unpacked to plain bf16 weights (`dequantize=True`: transformers
-    would otherwise keep the Q4_1 blocks and compute with GGUF kernels), saved as safetensors."""
-    import torch
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16,
-        quantization_config=transformers.GgufConfig(dequantize=True),
-    )
-    # Saved under a temporary name, then renamed: an interrupted run leaves no half-written copy.
-    with atomic_dir(out_dir, replace=True) as tmp_dir:
-        model.save_pretrained(tmp_dir)
-
-
 def checkpoint_mb(ckpt_dir: Path) -> float:
     return sum(p.stat().st_size for p in Path(ckpt_dir).glob("consolidated.*.pth")) / MB
 
@@ -622,6 +587,23 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def runnable_here(specs: list[EngineSpec], named: bool, features=None) -> list[EngineSpec]:
+    """Our configurations this CPU can run (`features`, None: this CPU's). One it refuses (w8a8 without
+    int8 dot products) is a one-line error when the user `named` it, else left out with a note."""
+    import torch
+    from quantize import QuantizationError, check_scheme_runs_here
+    runnable = []
+    for spec in specs:
+        try:
+            check_scheme_runs_here(spec.quantize, torch.device("cpu"), torch.bfloat16, features)
+            runnable.append(spec)
+        except QuantizationError as error:
+            if named:
+                raise SystemExit(f"error: {error}") from None
+            print(f"note: {spec.name} is skipped on this CPU: {error}", file=sys.stderr)
+    return runnable
+
+
 def chosen_specs(args: argparse.Namespace) -> list[EngineSpec]:
     if args.quantize or args.compile:
         names = [(args.quantize or "default") + ("+compile" if args.compile else "")]
@@ -630,7 +612,8 @@ def chosen_specs(args: argparse.Namespace) -> list[EngineSpec]:
     unknown = [n for n in names if n not in OUR_CONFIGS]
     if unknown:
         raise SystemExit(f"error: unknown configuration(s) {unknown} for --ours; choose from {', '.join(OUR_CONFIGS)}")
-    specs = [OUR_CONFIGS[n] for n in names]
+    named = bool(args.quantize or args.compile) or args.ours != ",".join(OUR_CONFIGS)
+    specs = runnable_here([OUR_CONFIGS[n] for n in names], named)
     peers = [p for p in args.peers.split(",") if p]
     if "hf" in peers:
         specs += [HF, HF_FP32]
@@ -660,7 +643,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json and args.json != "-" and not Path(args.json).resolve().parent.is_dir():
         raise SystemExit(f"error: --json {args.json}: the directory {Path(args.json).resolve().parent} does not exist")
     specs = chosen_specs(args)
-    paths = prepare_paths()
+    from demo_model import demo_model_copies  # here, not at the top: it imports torch
+    paths = demo_model_copies()
     vocab_size = json.loads((Path(paths["ckpt_dir"]) / "params.json").read_text())["vocab_size"]
     machine = machine_description(args.threads)
     speculative = SpeculativeRun(copy_request_prompt(paths["ckpt_dir"]), args.speculate) if args.speculate else None

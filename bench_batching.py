@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from bench import PASSAGE, machine_description, markdown_table, prepare_paths, write_json
+from bench import PASSAGE, machine_description, markdown_table, write_json
 
 N_PROMPTS = 64
 MIN_PROMPT_TOKENS, MAX_PROMPT_TOKENS = 16, 256
@@ -314,7 +314,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from inference import LLaMa
 
     threads = choose_threads(args.threads)
-    paths = prepare_paths()
+    from demo_model import demo_model_copies  # here, not at the top: it imports torch
+    paths = demo_model_copies()
     llama = LLaMa.build(paths["ckpt_dir"], max_seq_len=MAX_SEQ_LEN, max_batch_size=args.max_batch_size,
                         progress=False, threads=threads)
     jobs = make_workload(llama, args.prompts, WORKLOAD_SEED)

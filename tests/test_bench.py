@@ -12,6 +12,7 @@ import pytest
 import bench
 from bench import EngineResult, Metric, Target, Timing
 from conftest import LLAMA2_TOKENIZER
+from cpu import CpuFeatures
 from tiny import LLAMA2_VOCAB_SIZE, write_tiny_llama2_checkpoint
 
 
@@ -91,6 +92,22 @@ def test_compile_alone_benchmarks_the_compiled_default():
     args = bench.parse_args(["--compile", "--peers", ""])
     assert [spec.name for spec in bench.chosen_specs(args)] == ["ours default compile"]
     assert bench.OUR_CONFIGS["default"].dtype is None  # the engine chooses, as `python inference.py` does
+
+
+AVX2_CPU = CpuFeatures(name="x86_64: AVX2, made up", native_bf16=False, int8_dot=False)
+VNNI_CPU = CpuFeatures(name="x86_64: AVX512 (avx512_vnni), made up", native_bf16=False, int8_dot=True)
+
+
+def test_a_configuration_this_cpu_refuses_is_skipped_with_a_note_unless_named(capsys):
+    # w8a8 without int8 dot products (an AVX2 CPU): the default list goes on without it ...
+    every = list(bench.OUR_CONFIGS.values())
+    kept = bench.runnable_here(every, named=False, features=AVX2_CPU)
+    assert [spec.name for spec in kept] == [spec.name for spec in every if spec.quantize != "w8a8"]
+    assert "note: ours w8a8 is skipped on this CPU: --quantize w8a8 needs a CPU with int8 dot-product" in capsys.readouterr().err
+    assert bench.runnable_here(every, named=False, features=VNNI_CPU) == every
+    # ... and asking for it by name is a one-line error naming what to use instead.
+    with pytest.raises(SystemExit, match="^error: --quantize w8a8 needs .* use --quantize int8$"):
+        bench.runnable_here([bench.OUR_CONFIGS["w8a8"]], named=True, features=AVX2_CPU)
 
 
 @pytest.fixture(scope="module")
