@@ -25,7 +25,8 @@ import torch
 
 from layers import LAST_POSITION, check_position, positions_for, residual_stream, token_tensor
 from model import Transformer
-from quantize import Int4Linear, Int8Linear, PackedLinear, W8A8Linear, WidenedLinear
+from bf16_layers import PackedLinear, WidenedLinear
+from quantize import Int4Linear, Int8Linear, W8A8Linear
 
 DEFAULT_IG_STEPS = 128  # completeness within 0.1% on the demo model's examples; 64 gave 4-7% (README)
 COMPLETENESS_TOLERANCE = 0.02  # warn above 2%: the scores do not yet add up to the logit difference
@@ -91,8 +92,8 @@ class IntegratedGradients:
 def check_differentiable(model: Transformer) -> None:
     """Attribution differentiates through every linear layer: they must be plain nn.Linear.
 
-    `LLaMa.build` in bf16 on a CPU stores them prepacked for oneDNN (quantize.PackedLinear) or
-    widened for prompts (quantize.WidenedLinear), and `quantize=` stores them as int8/int4/w8a8: fast
+    `LLaMa.build` in bf16 on a CPU stores them prepacked for oneDNN (bf16_layers.PackedLinear) or
+    widened for prompts (bf16_layers.WidenedLinear), and `quantize=` stores them as int8/int4/w8a8: fast
     for generation, but no gradient flows through them.
     """
     fast = [name for name, module in model.named_modules() if isinstance(module, FAST_LINEAR_TYPES)]

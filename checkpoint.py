@@ -146,7 +146,7 @@ def choose_dtype(
     * GPUs: float16; but bfloat16 for int4 on CUDA, the only activation dtype its kernel takes.
     * CPUs: bfloat16, half of float32's memory. Where the CPU has no native bf16 (e.g. Ice Lake),
       oneDNN emulates bf16 matmuls with float32 arithmetic, which makes prompts 2-2.5x slower than
-      in float32; there the linear layers multiply prompts in float32 (quantize.WidenedLinear) and
+      in float32; there the linear layers multiply prompts in float32 (bf16_layers.WidenedLinear) and
       decode in bf16, which reads half the bytes (measured faster than float32: README, "Speed").
     """
     if dtype is None:
@@ -547,7 +547,7 @@ def load_transformer(
     "int8" or "int4") quantizes each weight as soon as it is read, so the full-precision model
     never exists in memory; bf16 on a CPU is prepacked for oneDNN where the CPU has native bf16
     (unless the model is to be compiled: `compile=True`), widened for prompts where it has not
-    (quantize.WidenedLinear), and plain nn.Linear when differentiated (`needs_gradients=True`). Before
+    (bf16_layers.WidenedLinear), and plain nn.Linear when differentiated (`needs_gradients=True`). Before
     anything is loaded, the memory plan (weights + KV cache) is checked against `available_bytes`
     (None: what the device has free now), and a model that will not fit is refused with suggestions.
     w8a8: smoothed once loaded (smoothing.py), re-reading the weights that follow each RMSNorm.
@@ -643,7 +643,7 @@ MOVED_NAMES = {
     "infer_vocab_size": "checkpoint.ShardedCheckpoint (read, pieces, layouts)",
     "check_same_tensor_names": "checkpoint.ShardedCheckpoint (read, pieces, layouts)",
     "usable_cpus": "cpu.usable_cpus", "choose_threads": "cpu.choose_threads",
-    "fit_default_dtype": "checkpoint.choose_dtype (bf16 on every CPU: quantize.WidenedLinear where it is emulated)",
+    "fit_default_dtype": "checkpoint.choose_dtype (bf16 on every CPU: bf16_layers.WidenedLinear where it is emulated)",
     "dtype_note": "cli.how_it_runs (the linear layers' storage says how a CPU computes)",
 }
 

@@ -24,7 +24,8 @@ from chat import DEFAULT_CHAT_MAX_GEN_LEN, ChatSession, enable_line_editing, run
 from checkpoint import CheckpointError
 from cpu import choose_threads, cpu_features, cpu_quota, usable_cpus, whole_cpus
 from inference import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, Generation, LLaMa
-from quantize import INT4, INT8, PLAIN, PREPACKED, SCHEMES, W8A8, WIDENED, W8A8Linear, WidenedLinear
+from bf16_layers import WidenedLinear
+from quantize import INT4, INT8, PLAIN, PREPACKED, SCHEMES, W8A8, WIDENED, W8A8Linear
 from sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, NO_REPETITION_PENALTY, SAMPLING_KEYWORDS, SamplingParams
 from streaming import GenerationRow
 from tensor_parallel import TensorParallel, init_from_torchrun, main_rank_first

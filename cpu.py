@@ -7,7 +7,7 @@ A small model's speed on a CPU depends less on the model than on which instructi
   so a bf16 matmul of many rows is *slower* than a float32 one (measured 2-2.5x at 512 rows with
   an Ice Lake's instruction set), while one of a few rows, which waits on memory, still gains from
   bf16's half-size weights. `float_matmul_dtype` says which dtype a matmul of many rows should run
-  in: quantized layers multiply prompts in it, and bf16 layers (quantize.WidenedLinear) in float32
+  in: quantized layers multiply prompts in it, and bf16 layers (bf16_layers.WidenedLinear) in float32
   wherever bf16 is emulated.
 * **int8 dot products** (AVX-512 VNNI, AVX-VNNI, AMX): four 8-bit multiply-adds into one 32-bit sum
   per lane and instruction. This is what makes w8a8's integer matmul (`torch._int_mm`) fast, and

@@ -371,7 +371,7 @@ def decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int, pad_le
 # How the decode step is compiled. Each option removes work that would otherwise be repeated on
 # every token:
 # - freezing: the weights become constants of the compiled graph, so Inductor lays bf16 weights out
-#   for oneDNN once (as quantize.PackedLinear does in eager mode). Compiled bf16 models therefore
+#   for oneDNN once (as bf16_layers.PackedLinear does in eager mode). Compiled bf16 models therefore
 #   hold a second, packed copy of their linear weights; quantized ones do not.
 # - guard_filter_fn: before each call, TorchDynamo checks ("guards") that whatever the graph was
 #   compiled for is unchanged, including every attribute of every module of the model: ~1.5 ms a

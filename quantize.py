@@ -74,9 +74,9 @@ slow part (5-8x slower than a float matmul on the same CPU, measured), so from `
 rows on, a layer widens its weight once, to floats, a chunk of output rows at a time, and calls the
 float matmul (`dequantized_linear`): the same numbers up to float rounding, at float-matmul speed.
 
-Unquantized on a CPU: with native bf16, `PackedLinear` keeps the weight in oneDNN's blocked layout
-(PREPACKED, unless compiled); where bf16 is emulated, `WidenedLinear` keeps the bf16 weight (half
-of float32's bytes) and multiplies many rows in float32 (WIDENED).
+Unquantized bf16 on a CPU has layers of its own (bf16_layers.py): with native bf16, `PackedLinear`
+keeps the weight in oneDNN's blocked layout (PREPACKED, unless compiled); where bf16 is emulated,
+`WidenedLinear` keeps the bf16 weight and multiplies many rows in float32 (WIDENED).
 
 Shape legend: N output features (rows of W), K input features, G group size, M rows of x.
 """
@@ -88,6 +88,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bf16_layers import PackedLinear, WidenedLinear, bf16_is_emulated, prepacking_helps
 from cpu import CpuFeatures, cpu_features, float_matmul_dtype
 
 # The storages of a linear layer (see the table above). A quantization scheme's name is also the
@@ -127,9 +128,8 @@ ROWS_PER_CHUNK = 4096
 # rather than with the weight-only kernel. Measured on 2 cores of a Xeon (Sapphire Rapids) for the
 # demo model's layers: the int8 kernel costs ~25 us a row, widening the weight once ~0.5 ms, so they
 # cross at ~24 rows; int4's kernel costs about as much a row, its unpacking ~1 ms. Decoding (8 rows,
-# or 11 with drafts) stays on the kernels; prompts go to the float matmul. WIDENED (two): see WidenedLinear.
-DEQUANTIZED_ROWS = {INT8: 32, INT4: 64, WIDENED: 24}
-WIDENED_ROWS_IN_OWN_LOOPS = 6
+# or 11 with drafts) stays on the kernels; prompts go to the float matmul. (bf16: bf16_layers.WidenedLinear.)
+DEQUANTIZED_ROWS = {INT8: 32, INT4: 64}
 OUTPUT_HEAD = "output"  # Meta's name of the final linear layer
 # w8a8 rounds each token's activations to 256 levels. Two layers read activations where that is too
 # coarse: the feed-forward's w2 (silu(w1 x) * w3 x has a few entries far larger than the rest, and
@@ -493,100 +493,6 @@ class Int4Linear(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# No quantization: bf16 weights, prepacked for oneDNN or widened for prompts
-# --------------------------------------------------------------------------------------------
-
-
-def prepacking_helps(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `PackedLinear` applies: bf16 on a CPU where PyTorch hands bf16 matmuls to oneDNN (mkldnn).
-    PyTorch's own test, which Inductor's freezing also asks before it packs a bf16 weight: AVX-512
-    or AVX-NE-CONVERT on x86 (plain AVX2 gets PyTorch's own loops), BF16 on arm64; oneDNN's cap counts."""
-    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
-        return False
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-class PackedLinear(nn.Module):
-    """nn.Linear(K, N, bias=False) in bf16 with its weight stored in oneDNN's blocked layout.
-
-    `F.linear` on a CPU hands the weight to oneDNN (the kernel library PyTorch uses for bf16) in
-    PyTorch's row-major layout, and oneDNN rearranges it into the tiles its kernel reads, on every
-    call. Rearranging it once, at load, makes a decode step's matmuls about 1.6x faster; the result
-    is bit-for-bit the same. (torch.compile's "freezing" does the same for compiled graphs.) The packed
-    weight is opaque: torch.compile cannot trace it, so compiled models keep nn.Linear.
-    """
-
-    # oneDNN picks its blocking for an expected number of rows of x; decoding sends one per sequence.
-    EXPECTED_ROWS = 1
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, self.EXPECTED_ROWS))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
-
-
-def bf16_is_emulated(device: torch.device, dtype: torch.dtype, features: Optional[CpuFeatures] = None) -> bool:
-    """Whether `WidenedLinear` applies: bf16 on a CPU without native bf16 (`features`, None: this CPU's)."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and float_matmul_dtype(dtype, device, features) != dtype
-
-
-def own_kernel_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear in PyTorch's own kernel: oneDNN switched off for the call (a process-wide switch, so
-    one forward pass at a time, as the engine runs them). For one bf16 row it reads the weight as a
-    stream of dot products, at memory speed (docs/benchmarks.md)."""
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        return F.linear(rows, weight)
-    finally:
-        torch.backends.mkldnn.enabled = enabled
-
-
-class WidenedLinear(nn.Module):
-    """nn.Linear(K, N, bias=False) with a bf16 weight, for a CPU without native bf16, where a bf16
-    matmul is emulated (oneDNN with AVX-512, PyTorch's own loops with AVX2, widening both operands
-    to float32 as they go). The fastest way depends on the rows of x (docs/benchmarks.md):
-    * one row (decoding one sequence) waits on memory: bf16 reads half of float32's bytes, and
-      PyTorch's own kernel streams them ~1.5x faster than oneDNN (`own_kernel_linear`);
-    * a few rows: the emulated bf16 matmul;
-    * from `widen_from_rows` on, arithmetic-bound, emulation costs 2-4x against float32: the weight
-      is widened to float32 a chunk at a time, the product taken in float32 (`dequantized_linear`)
-      and rounded to bf16, at float32's speed in half its memory. oneDNN's emulation and float32
-      cross at ~16 rows (DEQUANTIZED_ROWS[WIDENED] = 24: prompts); PyTorch's own loops pay for every
-      row and cross at 5-6 (WIDENED_ROWS_IN_OWN_LOOPS: batches and drafts are widened too).
-    """
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        # A parameter, as nn.Linear's: torch.compile's freezing then lays it out for oneDNN once.
-        self.weight = nn.Parameter(weight, requires_grad=False)  # (N, K) bf16
-        self.float_dtype = torch.float32  # for prompts
-        in_onednn = prepacking_helps(weight.device, weight.dtype)  # PyTorch's test: bf16 matmuls to oneDNN
-        self.widen_from_rows = DEQUANTIZED_ROWS[WIDENED] if in_onednn else WIDENED_ROWS_IN_OWN_LOOPS
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)  # (M, K)
-        # Eager only. A compiled graph's freezing would fold the widened weight into a stored float32
-        # copy (three times the bf16 weight's memory), and its kernels are Inductor's to choose.
-        eager = not torch.compiler.is_compiling()
-        if rows.shape[0] >= self.widen_from_rows and eager:
-            y = dequantized_linear(rows, self, self.float_dtype)
-        elif rows.shape[0] == 1 and eager:
-            y = own_kernel_linear(rows, self.weight)  # (1, N)
-        else:
-            y = F.linear(rows, self.weight)  # (M, N)
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows start ... stop of the weight, (stop - start, K) in `dtype`."""
-        return self.weight[start:stop].to(dtype)
-
-
-# --------------------------------------------------------------------------------------------
 # Whole models
 # --------------------------------------------------------------------------------------------
 
@@ -684,12 +590,14 @@ def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
 
 
 # Names this module had before: `linear_storage` became the one decision of how a layer is stored,
-# the CPU's features moved to cpu.py, and the bytes of a layer to the memory planner.
+# the CPU's features moved to cpu.py, the bytes of a layer to the memory planner, and the bf16
+# layers (PackedLinear, WidenedLinear, which it still imports) to bf16_layers.py.
 MOVED_NAMES = {
     "fast_linear": "quantize.make_linear(name, weight, linear_storage(...), dtype)",
     "layer_scheme": "quantize.layer_storage",
     "cpu_flags": "cpu.cpu_flags", "CPUINFO": "cpu.CPUINFO", "INT8_DOT_FLAGS": "cpu.INT8_DOT_FLAGS",
     "NATIVE_BF16_FLAGS": "cpu.NATIVE_BF16_FLAGS", "linear_bytes": "memory.linear_bytes",
+    "own_kernel_linear": "bf16_layers.own_kernel_linear",
 }
 
 

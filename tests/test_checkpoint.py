@@ -270,10 +270,11 @@ def test_reader_of_one_shard_reads_without_copying(one_shard):
 # ---- the import rule: the loading files stand on the model, never on a tool -----------------
 
 REPO = Path(__file__).resolve().parent.parent
-ALLOWED_LOCAL_IMPORTS = {  # ours only; reading order: model, cpu, quantize, memory, smoothing, checkpoint, then the tools
+ALLOWED_LOCAL_IMPORTS = {  # ours only; reading order: model, cpu, bf16_layers, quantize, memory, smoothing, checkpoint, ...
     "model": set(),
     "cpu": set(),
-    "quantize": {"cpu"},
+    "bf16_layers": {"cpu"},
+    "quantize": {"cpu", "bf16_layers"},
     "memory": {"model", "quantize"},
     "smoothing": {"model", "quantize"},
     "checkpoint": {"model", "quantize", "memory", "smoothing"},
@@ -305,7 +306,8 @@ def test_loading_files_import_only_what_stands_before_them(module):
 
 from checkpoint import choose_dtype, load_model_args  # noqa: E402
 from cpu import CpuFeatures  # noqa: E402
-from quantize import PREPACKED, WIDENED, QuantizationError, linear_storage, prepacking_helps  # noqa: E402
+from bf16_layers import prepacking_helps  # noqa: E402
+from quantize import PREPACKED, WIDENED, QuantizationError, linear_storage  # noqa: E402
 
 BF16_CPU = CpuFeatures(name="x86_64: AVX512 (amx_bf16)", native_bf16=True, int8_dot=True)
 NO_BF16_CPU = CpuFeatures(name="x86_64: AVX512 (avx512_vnni)", native_bf16=False, int8_dot=True)

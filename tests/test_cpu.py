@@ -106,7 +106,8 @@ def test_the_onednn_isa_cap_is_read_from_the_environment_as_onednn_reads_it():
 ONEDNN_ISA_REPORT = textwrap.dedent("""
     import torch
     from cpu import cpu_features
-    from quantize import linear_storage, prepacking_helps
+    from bf16_layers import prepacking_helps
+    from quantize import linear_storage
     torch.nn.functional.linear(torch.ones(64, 576, dtype=torch.bfloat16), torch.ones(1536, 576, dtype=torch.bfloat16))
     torch._int_mm(torch.ones(64, 576, dtype=torch.int8), torch.ones(576, 1536, dtype=torch.int8))  # oneDNN under any cap
     features = cpu_features()

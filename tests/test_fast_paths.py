@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+import bf16_layers
 import cpu
 import quantize
 from checkpoint import load_model_args, load_transformer
@@ -27,8 +28,9 @@ from conftest import LLAMA2_TOKENIZER
 from cpu import CpuFeatures, cpu_features
 from inference import LLaMa
 from model import ModelArgs, Transformer, apply_rotary_emb, apply_rotary_emb_real, precompute_freqs_cis
-from quantize import (DEQUANTIZED_ROWS, PREPACKED, WIDENED, WIDENED_ROWS_IN_OWN_LOOPS, PackedLinear, WidenedLinear,
-                      linear_storage, prepacking_helps)
+from bf16_layers import (WIDENED_ROWS_IN_ONEDNN, WIDENED_ROWS_IN_OWN_LOOPS, PackedLinear, WidenedLinear,
+                         prepacking_helps)
+from quantize import PREPACKED, WIDENED, linear_storage
 from sampling import SamplingParams
 from tiny import replay_prompt, write_tiny_llama2_checkpoint
 
@@ -174,16 +176,16 @@ class LinearDtypes(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("bf16_in_onednn, widen_from_rows", [
-    pytest.param(True, DEQUANTIZED_ROWS[WIDENED], id="avx512-onednn-emulates-bf16"),
+    pytest.param(True, WIDENED_ROWS_IN_ONEDNN, id="avx512-onednn-emulates-bf16"),
     pytest.param(False, WIDENED_ROWS_IN_OWN_LOOPS, id="avx2-pytorchs-own-loops"),
 ])
-@pytest.mark.parametrize("rows", [1, 4, WIDENED_ROWS_IN_OWN_LOOPS, 8, 11, DEQUANTIZED_ROWS[WIDENED], 100])
+@pytest.mark.parametrize("rows", [1, 4, WIDENED_ROWS_IN_OWN_LOOPS, 8, 11, WIDENED_ROWS_IN_ONEDNN, 100])
 def test_widened_linear_multiplies_one_row_in_pytorchs_own_kernel_a_few_in_bf16_and_many_in_float32(
         rows, bf16_in_onednn, widen_from_rows, monkeypatch):
     # Where PyTorch hands bf16 matmuls to oneDNN (its own test, as in prepacking_helps), emulation is
     # cheap up to ~16 rows; where its own loops multiply them (AVX2), every row costs, and a batch of 8
     # or 11 drafts is already widened.
-    monkeypatch.setattr(quantize, "prepacking_helps", lambda device, dtype: bf16_in_onednn)
+    monkeypatch.setattr(bf16_layers, "prepacking_helps", lambda device, dtype: bf16_in_onednn)
     torch.manual_seed(0)
     weight = torch.randn(96, 64, dtype=torch.bfloat16)
     x = torch.randn(rows, 64, dtype=torch.bfloat16)
@@ -206,6 +208,27 @@ def test_widened_linear_multiplies_one_row_in_pytorchs_own_kernel_a_few_in_bf16_
         torch.testing.assert_close(y.double(), exact, **one_bf16_step)
 
 
+@pytest.mark.parametrize("chunk_elements, chunks, buffer_elements", [
+    (40 * 64, (3, 2), 40 * 64),  # 40 rows a chunk: 40 + 40 + 16 rows of the first's 96, 40 + 10 of the second's 50
+    (32, (96, 50), 64),  # not even one row of 64 fits: a row at a time, the buffer grown to one row
+])
+def test_widened_layers_share_one_buffer_and_widen_a_chunk_of_rows_at_a_time(
+        monkeypatch, chunk_elements, chunks, buffer_elements):
+    monkeypatch.setattr(bf16_layers, "WIDEN_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(bf16_layers, "WIDENING_BUFFERS", {})
+    torch.manual_seed(0)
+    first, second = (WidenedLinear(torch.randn(n, 64, dtype=torch.bfloat16)) for n in (96, 50))
+    x = torch.randn(WIDENED_ROWS_IN_ONEDNN + 6, 64, dtype=torch.bfloat16)  # widened on every CPU
+    with LinearDtypes() as matmuls:
+        y_first, y_second = first(x), second(x)
+    assert matmuls.seen == [torch.float32] * sum(chunks)
+    (buffer,) = bf16_layers.WIDENING_BUFFERS.values()  # one for the device, shared by both layers
+    assert buffer.numel() == buffer_elements
+    for layer, y in ((first, y_first), (second, y_second)):  # the second layer's chunks left the first's y alone
+        exact = x.double() @ layer.weight.double().T
+        torch.testing.assert_close(y.double(), exact, rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6)
+
+
 NO_BF16_CPU = CpuFeatures(name="x86_64: AVX512 (avx512_vnni), made up", native_bf16=False, int8_dot=True)
 
 
@@ -224,16 +247,16 @@ def test_bf16_on_a_cpu_without_native_bf16_is_widened_and_gives_the_logits_of_nn
     assert isinstance(llama.model.output, WidenedLinear)
     plain = load_transformer(tiny_ckpt, llama.args, torch.device("cpu"), torch.bfloat16, progress=False,
                              needs_gradients=True)
-    tokens = torch.tensor([list(range(3, 3 + 2 * DEQUANTIZED_ROWS[WIDENED]))])  # a prompt: widened to float32
+    tokens = torch.tensor([list(range(3, 3 + 2 * WIDENED_ROWS_IN_ONEDNN))])  # a prompt: widened to float32
     widened_logits, plain_logits = llama.model(tokens, 0).float(), plain(tokens, 0).float()
     # bf16 rounds each layer's output either way; float32 products differ from bf16 ones by those roundings.
     torch.testing.assert_close(widened_logits, plain_logits, **BF16_TOLERANCE)
 
 
-@pytest.mark.parametrize("bf16_in_onednn, rows", [(True, DEQUANTIZED_ROWS[WIDENED]), (False, WIDENED_ROWS_IN_OWN_LOOPS)])
+@pytest.mark.parametrize("bf16_in_onednn, rows", [(True, WIDENED_ROWS_IN_ONEDNN), (False, WIDENED_ROWS_IN_OWN_LOOPS)])
 def test_the_loaded_line_says_from_how_many_rows_widened_layers_multiply_in_float32(
         tiny_ckpt, cpu_without_native_bf16, monkeypatch, bf16_in_onednn, rows):
-    monkeypatch.setattr(quantize, "prepacking_helps", lambda device, dtype: bf16_in_onednn)  # AVX-512 or AVX2
+    monkeypatch.setattr(bf16_layers, "prepacking_helps", lambda device, dtype: bf16_in_onednn)  # AVX-512 or AVX2
     llama = LLaMa.build(tiny_ckpt, max_seq_len=64, device="cpu", progress=False)
     assert all(layer.widen_from_rows == rows for layer in llama.model.modules() if isinstance(layer, WidenedLinear))
     assert f"bfloat16; linear layers bf16 (one row in PyTorch's own kernel), {rows}+ rows in float32" in how_it_runs(llama)

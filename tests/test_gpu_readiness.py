@@ -253,7 +253,7 @@ CPU_PROBES = ("_is_vnni_supported", "_is_amx_tile_supported", "_is_avx512_bf16_s
 
 def has_mkldnn_op(name: str) -> bool:
     if not torch.backends.mkldnn.is_available():
-        pytest.skip("this torch has no oneDNN (mkldnn): quantize.PackedLinear is not used with it")
+        pytest.skip("this torch has no oneDNN (mkldnn): bf16_layers.PackedLinear is not used with it")
     return hasattr(torch.ops.mkldnn, name)
 
 

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SPINE = ["model", "tokenizer", "sampling", "cpu", "quantize", "memory", "smoothing", "checkpoint", "decoding", "streaming",
+SPINE = ["model", "tokenizer", "sampling", "cpu", "bf16_layers", "quantize", "memory", "smoothing", "checkpoint", "decoding", "streaming",
          "batching", "chat_format", "inference"]
 AROUND_THE_SPINE = ["atomic", "tokenizer_files", "convert_source", "convert_vocab", "convert_gguf", "convert_hf",
                     "convert", "demo_model", "chat", "tensor_parallel", "cli"]

@@ -1,0 +1,156 @@
+"""bf16 linear layers on a CPU: prepacked where the CPU computes bf16, widened where it emulates it.
+
+A linear layer computes y = x W^T for x (M, K) and W (N, K): M·N·K multiply-adds over N·K weights.
+Two regimes decide how to run it fast on a CPU:
+
+* **Few rows** (decoding: M = 1 per sequence) use each weight once. The time is the weight's bytes
+  over the memory bandwidth, so bf16 (2 bytes) beats float32 (4 bytes), whoever does the arithmetic.
+* **Many rows** (a prompt: M = 512) use each weight M times. The time is the arithmetic, and that
+  depends on whether the CPU has bf16 instructions.
+
+Where it has them (AVX-512 BF16, AMX: Sapphire Rapids, Zen 4 and later; BF16 on arm64) oneDNN
+multiplies bf16 natively, and `PackedLinear` lays the weight out in oneDNN's tiles once, at load.
+
+Where it has not, a bf16 matmul is *emulated*: both operands are widened to float32 as they are
+read, and multiplied in float32. With AVX-512 (Ice Lake, Skylake-SP) oneDNN emulates it, cheaply up
+to ~16 rows; with AVX2 only (Zen 2 and 3, Alder Lake) PyTorch hands bf16 matmuls not to oneDNN but
+to its own loops, which pay for every row again. Many rows are then 2-4x slower than a float32
+matmul. So `WidenedLinear` keeps the weight in bf16 (half of float32's memory), multiplies one row
+in bf16, and from `widen_from_rows` rows on widens the weight to float32 a chunk at a time and
+multiplies in float32:
+
+    y = x (float32)  @  widen(W[chunk])^T  (float32),   chunk by chunk of output rows,
+
+then rounds y to bf16. The product is float32's, slightly more exact than bf16's, at float32's
+speed; the memory is bf16's plus one chunk.
+
+Shape legend: M rows of x, K input features, N output features (rows of W), n rows of a chunk.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cpu import CpuFeatures, float_matmul_dtype
+
+# From how many rows of x a widened layer multiplies in float32, by who emulates its bf16 matmuls.
+# Measured on the demo's layers (docs/benchmarks.md): oneDNN's emulation (AVX-512, under an Ice Lake's
+# instructions) and float32 cross at ~16 rows, so prompts are widened and batches are not; PyTorch's
+# own loops (AVX2, a real Zen 3) cross at 5-6 rows, so a batch of 8 and 11 draft rows are widened too.
+WIDENED_ROWS_IN_ONEDNN = 24
+WIDENED_ROWS_IN_OWN_LOOPS = 6
+# A widened chunk holds at most this many float32 weights (8 MiB): a chunk of whole rows of W.
+WIDEN_CHUNK_ELEMENTS = 2 * 1024 * 1024
+
+
+def prepacking_helps(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `PackedLinear` applies: bf16 on a CPU where PyTorch hands bf16 matmuls to oneDNN (mkldnn).
+    PyTorch's own test, which Inductor's freezing also asks before it packs a bf16 weight: AVX-512
+    or AVX-NE-CONVERT on x86 (plain AVX2 gets PyTorch's own loops), BF16 on arm64; oneDNN's cap counts."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class PackedLinear(nn.Module):
+    """nn.Linear(K, N, bias=False) in bf16 with its weight stored in oneDNN's blocked layout.
+
+    `F.linear` on a CPU hands the weight to oneDNN (the kernel library PyTorch uses for bf16) in
+    PyTorch's row-major layout, and oneDNN rearranges it into the tiles its kernel reads, on every
+    call. Rearranging it once, at load, makes a decode step's matmuls about 1.6x faster; the result
+    is bit-for-bit the same. (torch.compile's "freezing" does the same for compiled graphs.) The packed
+    weight is opaque: torch.compile cannot trace it, so compiled models keep nn.Linear.
+    """
+
+    # oneDNN picks its blocking for an expected number of rows of x; decoding sends one per sequence.
+    EXPECTED_ROWS = 1
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, self.EXPECTED_ROWS))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+
+def bf16_is_emulated(device: torch.device, dtype: torch.dtype, features: Optional[CpuFeatures] = None) -> bool:
+    """Whether `WidenedLinear` applies: bf16 on a CPU without native bf16 (`features`, None: this CPU's)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and float_matmul_dtype(dtype, device, features) != dtype
+
+
+def own_kernel_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear in PyTorch's own kernel: oneDNN switched off for the call (a process-wide switch, so
+    one forward pass at a time, as the engine runs them). For one bf16 row it reads the weight as a
+    stream of dot products, at memory speed (docs/benchmarks.md)."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        return F.linear(rows, weight)
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
+# The float32 buffer each device's widened layers widen their weights into, shared by every layer and
+# call (one forward pass at a time, as the engine runs them). A fresh 8 MB tensor per chunk at every
+# decode step made the memory allocator hand its pages back and fault them in again, at some steps
+# and not others: batch-8 steps then took 2-3x as long (docs/benchmarks.md).
+WIDENING_BUFFERS: dict[torch.device, torch.Tensor] = {}
+
+
+def widening_buffer(device: torch.device, elements: int) -> torch.Tensor:
+    """At least `elements` float32 numbers of `device`'s shared widening buffer (made, or grown, once)."""
+    buffer = WIDENING_BUFFERS.get(device)
+    if buffer is None or buffer.numel() < elements:
+        buffer = WIDENING_BUFFERS[device] = torch.empty(max(elements, WIDEN_CHUNK_ELEMENTS), device=device)
+    return buffer
+
+
+class WidenedLinear(nn.Module):
+    """nn.Linear(K, N, bias=False) with a bf16 weight, for a CPU without native bf16 (module docstring):
+    * one row (decoding one sequence) in bf16, in PyTorch's own kernel (`own_kernel_linear`), which
+      streams the weight ~1.5x faster than oneDNN's emulation;
+    * a few rows, below `widen_from_rows`: the emulated bf16 matmul;
+    * from `widen_from_rows` on: in float32, the weight widened a chunk at a time (`widened_linear`).
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        # A parameter, as nn.Linear's: torch.compile's freezing then lays it out for oneDNN once.
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (N, K) bf16
+        in_onednn = prepacking_helps(weight.device, weight.dtype)  # PyTorch's test: bf16 matmuls to oneDNN
+        self.widen_from_rows = WIDENED_ROWS_IN_ONEDNN if in_onednn else WIDENED_ROWS_IN_OWN_LOOPS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # (M, K)
+        # Eager only. A compiled graph's freezing would fold the widened weight into a stored float32
+        # copy (three times the bf16 weight's memory), and its kernels are Inductor's to choose.
+        eager = not torch.compiler.is_compiling()
+        if rows.shape[0] >= self.widen_from_rows and eager:
+            y = self.widened_linear(rows)
+        elif rows.shape[0] == 1 and eager:
+            y = own_kernel_linear(rows, self.weight)  # (1, N)
+        else:
+            y = F.linear(rows, self.weight)  # (M, N)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def widened_linear(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (M, K) @ W^T in float32, W widened a chunk of rows at a time into the shared buffer;
+        the result rounded to rows' dtype."""
+        x = rows.float()  # (M, K)
+        output = torch.empty(rows.shape[0], self.out_features, dtype=rows.dtype, device=rows.device)  # (M, N)
+        chunk_rows = max(1, WIDEN_CHUNK_ELEMENTS // self.in_features)
+        buffer = widening_buffer(rows.device, chunk_rows * self.in_features)
+        for start in range(0, self.out_features, chunk_rows):
+            stop = min(start + chunk_rows, self.out_features)
+            chunk = buffer[: (stop - start) * self.in_features].view(stop - start, self.in_features)  # (n, K)
+            chunk.copy_(self.weight[start:stop])  # widened: bf16 -> float32
+            output[:, start:stop] = F.linear(x, chunk)  # (M, n)
+        return output
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows start ... stop of the weight, (stop - start, K) in `dtype`."""
+        return self.weight[start:stop].to(dtype)
