@@ -108,11 +108,50 @@ def widening_buffer(device: torch.device, elements: int) -> torch.Tensor:
     return buffer
 
 
+def widened_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """rows (M, K) @ weight (N, K)^T in float32, the weight widened a chunk of rows at a time into
+    the shared buffer; the result rounded to rows' dtype."""
+    n_rows, in_features = weight.shape
+    x = rows.float()  # (M, K)
+    output = torch.empty(rows.shape[0], n_rows, dtype=rows.dtype, device=rows.device)  # (M, N)
+    chunk_rows = max(1, WIDEN_CHUNK_ELEMENTS // in_features)
+    buffer = widening_buffer(rows.device, chunk_rows * in_features)
+    for start in range(0, n_rows, chunk_rows):
+        stop = min(start + chunk_rows, n_rows)
+        chunk = buffer[: (stop - start) * in_features].view(stop - start, in_features)  # (n, K)
+        chunk.copy_(weight[start:stop])  # widened: bf16 -> float32
+        output[:, start:stop] = F.linear(x, chunk)  # (M, n)
+    return output
+
+
+def one_row_or_widened_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One row in PyTorch's own kernel, more rows widened to float32: the two products of
+    `WidenedLinear` that are not the emulated bf16 matmul."""
+    if rows.shape[0] == 1:
+        return own_kernel_linear(rows, weight)  # (1, N)
+    return widened_linear(rows, weight)  # (M, N)
+
+
+# The same function as an operator that torch.compile treats as one opaque call, so that a compiled
+# decode step multiplies as the eager one does. Traced, Inductor would choose its own kernel for the
+# one row (oneDNN, with the weight it packed) and freezing would store the widened weight as a float32
+# constant (three times the bf16 weight's memory). Eager code calls the function itself: the operator's
+# dispatch costs some microseconds a call.
+one_row_or_widened_linear_op = torch.library.custom_op(
+    "llama_from_scratch::one_row_or_widened_linear", one_row_or_widened_linear, mutates_args=())
+
+
+@one_row_or_widened_linear_op.register_fake
+def one_row_or_widened_linear_shape(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What the operator returns, as torch.compile traces it: (M, N) in rows' dtype."""
+    return rows.new_empty(rows.shape[0], weight.shape[0])
+
+
 class WidenedLinear(nn.Module):
     """nn.Linear(K, N, bias=False) with a bf16 weight, for a CPU without native bf16 (module docstring):
     * one row (decoding one sequence) in bf16, in PyTorch's own kernel (`own_kernel_linear`), which
       streams the weight ~1.5x faster than oneDNN's emulation;
-    * a few rows, below `widen_from_rows`: the emulated bf16 matmul;
+    * a few rows, below `widen_from_rows`: the emulated bf16 matmul (compiled: Inductor's);
     * from `widen_from_rows` on: in float32, the weight widened a chunk at a time (`widened_linear`).
     """
 
@@ -126,30 +165,13 @@ class WidenedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)
-        # Eager only. A compiled graph's freezing would fold the widened weight into a stored float32
-        # copy (three times the bf16 weight's memory), and its kernels are Inductor's to choose.
-        eager = not torch.compiler.is_compiling()
-        if rows.shape[0] >= self.widen_from_rows and eager:
-            y = self.widened_linear(rows)
-        elif rows.shape[0] == 1 and eager:
-            y = own_kernel_linear(rows, self.weight)  # (1, N)
-        else:
+        if 1 < rows.shape[0] < self.widen_from_rows:
             y = F.linear(rows, self.weight)  # (M, N)
+        elif torch.compiler.is_compiling():
+            y = one_row_or_widened_linear_op(rows, self.weight)
+        else:
+            y = one_row_or_widened_linear(rows, self.weight)
         return y.reshape(*x.shape[:-1], self.out_features)
-
-    def widened_linear(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows (M, K) @ W^T in float32, W widened a chunk of rows at a time into the shared buffer;
-        the result rounded to rows' dtype."""
-        x = rows.float()  # (M, K)
-        output = torch.empty(rows.shape[0], self.out_features, dtype=rows.dtype, device=rows.device)  # (M, N)
-        chunk_rows = max(1, WIDEN_CHUNK_ELEMENTS // self.in_features)
-        buffer = widening_buffer(rows.device, chunk_rows * self.in_features)
-        for start in range(0, self.out_features, chunk_rows):
-            stop = min(start + chunk_rows, self.out_features)
-            chunk = buffer[: (stop - start) * self.in_features].view(stop - start, self.in_features)  # (n, K)
-            chunk.copy_(self.weight[start:stop])  # widened: bf16 -> float32
-            output[:, start:stop] = F.linear(x, chunk)  # (M, n)
-        return output
 
     def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows start ... stop of the weight, (stop - start, K) in `dtype`."""

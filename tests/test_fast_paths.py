@@ -208,6 +208,19 @@ def test_widened_linear_multiplies_one_row_in_pytorchs_own_kernel_a_few_in_bf16_
         torch.testing.assert_close(y.double(), exact, **one_bf16_step)
 
 
+@pytest.mark.parametrize("bf16_in_onednn", [True, False], ids=["avx512-onednn-emulates-bf16", "avx2-pytorchs-own-loops"])
+def test_a_compiled_widened_layer_multiplies_every_row_count_exactly_as_the_eager_one(monkeypatch, bf16_in_onednn):
+    # One row and the widened rows go through one operator that Inductor cannot look into
+    # (`one_row_or_widened_linear_op`): the same kernels as eager, so the same bits.
+    monkeypatch.setattr(bf16_layers, "prepacking_helps", lambda device, dtype: bf16_in_onednn)
+    torch.manual_seed(0)
+    layer = WidenedLinear(torch.randn(300, 64, dtype=torch.bfloat16))
+    compiled = torch.compile(layer, dynamic=False)
+    for rows in (1, 3, layer.widen_from_rows, WIDENED_ROWS_IN_ONEDNN + 6):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        assert torch.equal(compiled(x), layer(x)), rows
+
+
 @pytest.mark.parametrize("chunk_elements, chunks, buffer_elements", [
     (40 * 64, (3, 2), 40 * 64),  # 40 rows a chunk: 40 + 40 + 16 rows of the first's 96, 40 + 10 of the second's 50
     (32, (96, 50), 64),  # not even one row of 64 fits: a row at a time, the buffer grown to one row
