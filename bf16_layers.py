@@ -171,7 +171,3 @@ class WidenedLinear(nn.Module):
         else:
             y = one_row_or_widened_linear(rows, self.weight)
         return y.reshape(*x.shape[:-1], self.out_features)
-
-    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows start ... stop of the weight, (stop - start, K) in `dtype`."""
-        return self.weight[start:stop].to(dtype)

@@ -253,7 +253,7 @@ def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
 
 
 def dequantized_linear(rows: torch.Tensor, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """rows (M, K) @ W^T for a quantized or bf16 `layer`, with W widened to `dtype` (`layer.dequantize_rows`)
+    """rows (M, K) @ W^T for a quantized `layer`, with W widened to `dtype` (`layer.dequantize_rows`)
     ROWS_PER_CHUNK output rows at a time (a whole Llama 3 head at once would be a 1 GB copy), by the
     float matmul; the result in rows' dtype. For prompts: see DEQUANTIZED_ROWS."""
     x = rows.to(dtype)  # (M, K)
