@@ -22,11 +22,14 @@ multiplies in float32:
     y = x (float32)  @  widen(W[chunk])^T  (float32),   chunk by chunk of output rows,
 
 then rounds y to bf16. The product is float32's, slightly more exact than bf16's, at float32's
-speed; the memory is bf16's plus one chunk.
+speed; the memory is bf16's plus one chunk. Who multiplies the widened chunk is chosen too: where
+PyTorch runs bf16 in its own loops (x86 with AVX2 only), oneDNN's float32 matmul, which took 0.7-0.9x
+the time of PyTorch's usual one (MKL's) for 6-64 rows on a Zen 3 (`onednn_linear`).
 
 Shape legend: M rows of x, K input features, N output features (rows of W), n rows of a chunk.
 """
 
+import platform
 from typing import Optional
 
 import torch
@@ -43,6 +46,9 @@ WIDENED_ROWS_IN_ONEDNN = 24
 WIDENED_ROWS_IN_OWN_LOOPS = 6
 # A widened chunk holds at most this many float32 weights (8 MiB): a chunk of whole rows of W.
 WIDEN_CHUNK_ELEMENTS = 2 * 1024 * 1024
+# The names platform.machine() gives x86 CPUs (Linux, macOS; Windows): where oneDNN's float32 matmul
+# was measured against MKL's (`onednn_linear`).
+X86_MACHINES = ("x86_64", "AMD64")
 
 
 def prepacking_helps(device: torch.device, dtype: torch.dtype) -> bool:
@@ -107,9 +113,25 @@ def widening_buffer(device: torch.device, elements: int) -> torch.Tensor:
     return buffer
 
 
-def widened_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear by oneDNN. For float32, PyTorch's F.linear calls MKL's matmul (sgemm) instead, which
+    on a Zen 3 took 1.1-1.4x oneDNN's time for 6-64 rows of x (11 rows: 1.4x; a 512-row prompt: the
+    same), on the demo's layers with the weight freshly widened (docs/benchmarks.md)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+def widened_in_onednn(bf16_in_onednn: bool) -> bool:
+    """Whether widened chunks are multiplied by `onednn_linear` rather than F.linear (MKL): where PyTorch
+    runs bf16 matmuls in its own loops (not `bf16_in_onednn`: x86 with AVX2 only), as measured on a
+    Zen 3. Where oneDNN emulates bf16 (AVX-512: Ice Lake), F.linear, as measured there."""
+    x86 = platform.machine() in X86_MACHINES
+    return x86 and not bf16_in_onednn and torch.backends.mkldnn.is_available()
+
+
+def widened_linear(rows: torch.Tensor, weight: torch.Tensor, in_onednn: bool) -> torch.Tensor:
     """rows (M, K) @ weight (N, K)^T in float32, the weight widened a chunk of rows at a time into
-    the shared buffer; the result rounded to rows' dtype."""
+    the shared buffer, each chunk multiplied by oneDNN (`in_onednn`) or F.linear; the result rounded
+    to rows' dtype."""
     n_rows, in_features = weight.shape
     x = rows.float()  # (M, K)
     output = torch.empty(rows.shape[0], n_rows, dtype=rows.dtype, device=rows.device)  # (M, N)
@@ -119,16 +141,19 @@ def widened_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         stop = min(start + chunk_rows, n_rows)
         chunk = buffer[: (stop - start) * in_features].view(stop - start, in_features)  # (n, K)
         chunk.copy_(weight[start:stop])  # widened: bf16 -> float32
-        output[:, start:stop] = F.linear(x, chunk)  # (M, n)
+        if in_onednn:
+            output[:, start:stop] = onednn_linear(x, chunk)  # (M, n)
+        else:
+            output[:, start:stop] = F.linear(x, chunk)  # (M, n)
     return output
 
 
-def one_row_or_widened_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """One row in PyTorch's own kernel, more rows widened to float32: the two products of
-    `WidenedLinear` that are not the emulated bf16 matmul."""
+def one_row_or_widened_linear(rows: torch.Tensor, weight: torch.Tensor, in_onednn: bool) -> torch.Tensor:
+    """One row in PyTorch's own kernel, more rows widened to float32 (and multiplied by oneDNN if
+    `in_onednn`): the two products of `WidenedLinear` that are not the emulated bf16 matmul."""
     if rows.shape[0] == 1:
         return own_kernel_linear(rows, weight)  # (1, N)
-    return widened_linear(rows, weight)  # (M, N)
+    return widened_linear(rows, weight, in_onednn)  # (M, N)
 
 
 # The same function as an operator that torch.compile treats as one opaque call, so that a compiled
@@ -141,7 +166,7 @@ one_row_or_widened_linear_op = torch.library.custom_op(
 
 
 @one_row_or_widened_linear_op.register_fake
-def one_row_or_widened_linear_shape(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def one_row_or_widened_linear_shape(rows: torch.Tensor, weight: torch.Tensor, in_onednn: bool) -> torch.Tensor:
     """What the operator returns, as torch.compile traces it: (M, N) in rows' dtype."""
     return rows.new_empty(rows.shape[0], weight.shape[0])
 
@@ -151,7 +176,8 @@ class WidenedLinear(nn.Module):
     * one row (decoding one sequence) in bf16, in PyTorch's own kernel (`own_kernel_linear`), which
       streams the weight ~1.5x faster than oneDNN's emulation;
     * a few rows, below `widen_from_rows`: the emulated bf16 matmul (compiled: Inductor's);
-    * from `widen_from_rows` on: in float32, the weight widened a chunk at a time (`widened_linear`).
+    * from `widen_from_rows` on: in float32, the weight widened a chunk at a time (`widened_linear`),
+      multiplied by oneDNN where PyTorch's own loops multiply bf16 (`widened_in_onednn`).
     """
 
     def __init__(self, weight: torch.Tensor):
@@ -161,13 +187,14 @@ class WidenedLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)  # (N, K) bf16
         in_onednn = prepacking_helps(weight.device, weight.dtype)  # PyTorch's test: bf16 matmuls to oneDNN
         self.widen_from_rows = WIDENED_ROWS_IN_ONEDNN if in_onednn else WIDENED_ROWS_IN_OWN_LOOPS
+        self.widened_in_onednn = widened_in_onednn(in_onednn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)
         if 1 < rows.shape[0] < self.widen_from_rows:
             y = F.linear(rows, self.weight)  # (M, N)
         elif torch.compiler.is_compiling():
-            y = one_row_or_widened_linear_op(rows, self.weight)
+            y = one_row_or_widened_linear_op(rows, self.weight, self.widened_in_onednn)
         else:
-            y = one_row_or_widened_linear(rows, self.weight)
+            y = one_row_or_widened_linear(rows, self.weight, self.widened_in_onednn)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -13,6 +13,7 @@ Tiny random-weight models keep these fast; the compiled test compiles one small 
 """
 
 import dataclasses
+import platform
 
 import pytest
 import torch
@@ -28,8 +29,8 @@ from conftest import LLAMA2_TOKENIZER
 from cpu import CpuFeatures, cpu_features
 from inference import LLaMa
 from model import ModelArgs, Transformer, apply_rotary_emb, apply_rotary_emb_real, precompute_freqs_cis
-from bf16_layers import (WIDENED_ROWS_IN_ONEDNN, WIDENED_ROWS_IN_OWN_LOOPS, PackedLinear, WidenedLinear,
-                         prepacking_helps)
+from bf16_layers import (WIDENED_ROWS_IN_ONEDNN, WIDENED_ROWS_IN_OWN_LOOPS, X86_MACHINES, PackedLinear, WidenedLinear,
+                         onednn_linear, prepacking_helps, widened_in_onednn)
 from quantize import PREPACKED, WIDENED, linear_storage
 from sampling import SamplingParams
 from tiny import replay_prompt, write_tiny_llama2_checkpoint
@@ -161,17 +162,19 @@ def test_bf16_on_cpu_is_prepacked_by_default_and_gives_the_same_logits_as_nn_lin
 
 
 class LinearDtypes(TorchFunctionMode):
-    """Records, for every F.linear call made while it is active, the dtype of x (`seen`) and whether
-    oneDNN was switched on (`onednn`)."""
+    """Records, for every F.linear call and every call of oneDNN's linear operator made while it is
+    active, the dtype of x (`seen`), whether oneDNN was switched on (`onednn`) and which was called
+    (`by`: "F.linear" or "oneDNN")."""
 
     def __init__(self):
         super().__init__()
-        self.seen, self.onednn = [], []
+        self.seen, self.onednn, self.by = [], [], []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.linear:
+        if func is F.linear or func is torch.ops.mkldnn._linear_pointwise:
             self.seen.append(args[0].dtype)
             self.onednn.append(torch.backends.mkldnn.enabled)
+            self.by.append("F.linear" if func is F.linear else "oneDNN")
         return func(*args, **(kwargs or {}))
 
 
@@ -184,7 +187,7 @@ def test_widened_linear_multiplies_one_row_in_pytorchs_own_kernel_a_few_in_bf16_
         rows, bf16_in_onednn, widen_from_rows, monkeypatch):
     # Where PyTorch hands bf16 matmuls to oneDNN (its own test, as in prepacking_helps), emulation is
     # cheap up to ~16 rows; where its own loops multiply them (AVX2), every row costs, and a batch of 8
-    # or 11 drafts is already widened.
+    # or 11 drafts is already widened, and multiplied by oneDNN rather than F.linear (MKL) on x86.
     monkeypatch.setattr(bf16_layers, "prepacking_helps", lambda device, dtype: bf16_in_onednn)
     torch.manual_seed(0)
     weight = torch.randn(96, 64, dtype=torch.bfloat16)
@@ -205,7 +208,31 @@ def test_widened_linear_multiplies_one_row_in_pytorchs_own_kernel_a_few_in_bf16_
         torch.testing.assert_close(y, F.linear(x, weight), rtol=0, atol=0)
     else:  # prompts: in float32, the product rounded once to bf16
         assert matmuls.seen == [torch.float32]
+        own_loops_on_x86 = not bf16_in_onednn and platform.machine() in X86_MACHINES
+        assert matmuls.by == ["oneDNN" if own_loops_on_x86 else "F.linear"]
         torch.testing.assert_close(y.double(), exact, **one_bf16_step)
+
+
+@pytest.mark.parametrize("machine, bf16_in_onednn, expected", [
+    ("x86_64", False, True),  # AVX2 (a Zen 3): MKL's float32 matmul measured 1.1-1.4x slower than oneDNN's
+    ("AMD64", False, True),  # the same CPU under Windows
+    ("x86_64", True, False),  # oneDNN emulates bf16 (AVX-512: an Ice Lake): F.linear, as measured there
+    ("aarch64", False, False),  # arm64 without BF16: not measured, so PyTorch's usual float32 matmul
+])
+def test_widened_chunks_go_to_onednn_only_on_x86_cpus_whose_bf16_runs_in_pytorchs_own_loops(
+        monkeypatch, machine, bf16_in_onednn, expected):
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    assert widened_in_onednn(bf16_in_onednn) == expected
+
+
+@pytest.mark.parametrize("rows", [2, 8, 11, 64])
+def test_onednn_linear_multiplies_float32_as_f_linear_does(rows):
+    torch.manual_seed(0)
+    x, weight = torch.randn(rows, 576), torch.randn(1536, 576)
+    y = onednn_linear(x, weight)
+    assert y.dtype == torch.float32 and y.shape == (rows, 1536)
+    # Both sum 576 float32 products, in their own orders: equal within float32 rounding of such a sum.
+    torch.testing.assert_close(y, F.linear(x, weight), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("bf16_in_onednn", [True, False], ids=["avx512-onednn-emulates-bf16", "avx2-pytorchs-own-loops"])
