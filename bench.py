@@ -33,8 +33,8 @@ its streamer; llama.cpp: the first token its generator yields). The time before 
 a decode rate counts the tokens after it over the time after it. Each number is the median of
 --repeats runs after one warm-up run. Every engine runs in its own process (so RSS is its own, and
 imports do not mix), and the engines take turns on each repeat, so a slow spell on the machine falls
-on all of them alike. The machine's load average is printed: on a shared machine, compare only
-numbers from one run.
+on all of them alike; each target also shows its ratio in every round. The machine's load average is
+printed: on a shared machine, compare only numbers from one run.
 
 Peers: Hugging Face transformers (`LlamaForCausalLM`, SDPA attention, bf16) and llama.cpp through
 `llama-cpp-python` on the Q4_1 GGUF. llama-cpp-python is not a requirement (it builds from source in
@@ -472,6 +472,14 @@ TARGETS = [  # issue 17's, on every CPU
 LOAD_RSS_FACTOR, LOAD_RSS_ALLOWANCE_MB = 1.3, 300  # issue 6: peak RSS during load <= 1.3 x checkpoint + 300 MB
 
 
+def by_round(numerators: list[float], denominators: list[float]) -> str:
+    """Each timed round's ratio, as the target's text shows it: " (by round: 1.74, 1.90, 1.82)". The
+    engines take turns within a round, so each pair met the same spell of a machine whose speed wanders
+    (a shared VM's can, by 1.5-2x); the spread shows how far the median ratio can be trusted."""
+    ratios = [a / b for a, b in zip(numerators, denominators)]
+    return f" (by round: {', '.join(f'{r:.2f}' for r in ratios)})" if ratios else ""
+
+
 def evaluate_target(target: Target, by_name: dict) -> Optional[dict]:
     """The best of ours against the target, or None if an engine it needs did not run."""
     candidates = [by_name[n] for n in target.ours if n in by_name and by_name[n].metrics.get(target.metric)]
@@ -480,15 +488,18 @@ def evaluate_target(target: Target, by_name: dict) -> Optional[dict]:
     if target.peer is None:  # a cost ratio: lower is better
         costs = {c.name: c.metrics[target.base_metric] / c.metrics[target.metric] for c in candidates}
         best = min(costs, key=costs.get)
+        runs = by_name[best].runs
+        rounds = by_round(runs.get(target.base_metric, []), runs.get(target.metric, []))
         return {"target": target.label, "ours": best, "value": costs[best], "met": costs[best] <= target.at_most,
-                "text": f"{costs[best]:.2f}x"}
+                "text": f"{costs[best]:.2f}x{rounds}"}
     peer = by_name.get(target.peer)
     if peer is None or not peer.metrics.get(target.metric):
         return None
     ratios = {c.name: c.metrics[target.metric] / peer.metrics[target.metric] for c in candidates}
     best = max(ratios, key=ratios.get)
+    rounds = by_round(by_name[best].runs.get(target.metric, []), peer.runs.get(target.metric, []))
     return {"target": target.label, "ours": best, "value": ratios[best], "met": ratios[best] >= target.at_least,
-            "text": f"{ratios[best]:.2f}x"}
+            "text": f"{ratios[best]:.2f}x{rounds}"}
 
 
 def evaluate_load_memory(results: list[EngineResult], checkpoint_size_mb: float) -> list[dict]:

@@ -53,6 +53,23 @@ def test_the_late_context_target_is_the_cost_of_a_token_at_2000_relative_to_one_
     assert bench.evaluate_target(target, flat)["met"] is True
 
 
+def test_a_target_shows_its_ratio_in_every_round_as_well_as_the_ratio_of_the_medians():
+    # The engines take turns within a round, so each round's ratio pairs runs that met the same spell
+    # of the machine; the verdict stays on the medians.
+    target = Target("batch-8 >= 2.0x", ["ours bf16"], "batch8_tok_s", "peer", at_least=2.0)
+    ours = EngineResult("ours bf16", 1.0, 100.0, 0.1, metrics={"batch8_tok_s": 80.0},
+                        runs={"batch8_tok_s": [70.0, 80.0, 90.0]})
+    peer = EngineResult("peer", 1.0, 100.0, 0.1, metrics={"batch8_tok_s": 40.0},
+                        runs={"batch8_tok_s": [50.0, 40.0, 30.0]})
+    verdict = bench.evaluate_target(target, {"ours bf16": ours, "peer": peer})
+    assert verdict["value"] == pytest.approx(2.0) and verdict["met"] is True
+    assert verdict["text"] == "2.00x (by round: 1.40, 2.00, 3.00)"
+    late = Target("cost <= 1.5x", ["ours bf16"], "late_decode_tok_s", base_metric="decode_tok_s", at_most=1.5)
+    ours.metrics.update(decode_tok_s=30.0, late_decode_tok_s=20.0)
+    ours.runs.update(decode_tok_s=[30.0, 33.0], late_decode_tok_s=[20.0, 22.0])
+    assert bench.evaluate_target(late, {"ours bf16": ours})["text"] == "1.50x (by round: 1.50, 1.50)"
+
+
 def test_a_target_whose_peer_was_not_run_is_left_out():
     target = Target("vs llama.cpp", ["ours int4"], "decode_tok_s", "llama.cpp Q4_1", at_least=1.0)
     assert bench.evaluate_target(target, {"ours int4": result("ours int4", decode_tok_s=60.0)}) is None
