@@ -82,6 +82,12 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
 
 
+def bf16_linear_skips_onednn() -> bool:
+    """Whether PyTorch's F.linear of bf16 on this CPU never reaches oneDNN (x86 with AVX2 only, or a
+    build without oneDNN): its one-row product is then `own_kernel_linear`'s, whoever calls it."""
+    return not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def bf16_is_emulated(device: torch.device, dtype: torch.dtype, features: Optional[CpuFeatures] = None) -> bool:
     """Whether `WidenedLinear` applies: bf16 on a CPU without native bf16 (`features`, None: this CPU's)."""
     return device.type == "cpu" and dtype == torch.bfloat16 and float_matmul_dtype(dtype, device, features) != dtype
@@ -158,9 +164,10 @@ def one_row_or_widened_linear(rows: torch.Tensor, weight: torch.Tensor, in_onedn
 
 # The same function as an operator that torch.compile treats as one opaque call, so that a compiled
 # decode step multiplies as the eager one does. Traced, Inductor would choose its own kernel for the
-# one row (oneDNN, with the weight it packed) and freezing would store the widened weight as a float32
-# constant (three times the bf16 weight's memory). Eager code calls the function itself: the operator's
-# dispatch costs some microseconds a call.
+# one row where PyTorch hands bf16 to oneDNN (oneDNN, with the weight it packed; elsewhere it is our
+# kernel, and WidenedLinear lets it trace: `one_row_traced`) and freezing would store the widened
+# weight as a float32 constant (three times the bf16 weight's memory). Eager code calls the function
+# itself: the operator's dispatch costs some microseconds a call (20-30 us here).
 one_row_or_widened_linear_op = torch.library.custom_op(
     "llama_from_scratch::one_row_or_widened_linear", one_row_or_widened_linear, mutates_args=())
 
@@ -174,7 +181,8 @@ def one_row_or_widened_linear_shape(rows: torch.Tensor, weight: torch.Tensor, in
 class WidenedLinear(nn.Module):
     """nn.Linear(K, N, bias=False) with a bf16 weight, for a CPU without native bf16 (module docstring):
     * one row (decoding one sequence) in bf16, in PyTorch's own kernel (`own_kernel_linear`), which
-      streams the weight ~1.5x faster than oneDNN's emulation;
+      streams the weight ~1.5x faster than oneDNN's emulation (compiled: our operator, or Inductor's
+      call of the same kernel where F.linear never reaches oneDNN, `one_row_traced`);
     * a few rows, below `widen_from_rows`: the emulated bf16 matmul (compiled: Inductor's);
     * from `widen_from_rows` on: in float32, the weight widened a chunk at a time (`widened_linear`),
       multiplied by oneDNN where PyTorch's own loops multiply bf16 (`widened_in_onednn`).
@@ -188,13 +196,19 @@ class WidenedLinear(nn.Module):
         in_onednn = prepacking_helps(weight.device, weight.dtype)  # PyTorch's test: bf16 matmuls to oneDNN
         self.widen_from_rows = WIDENED_ROWS_IN_ONEDNN if in_onednn else WIDENED_ROWS_IN_OWN_LOOPS
         self.widened_in_onednn = widened_in_onednn(in_onednn)
+        # Where F.linear of bf16 never reaches oneDNN (AVX2), a compiled step leaves one row to Inductor,
+        # which calls the same kernel without our operator's dispatch: a compiled decode step took 0.93x
+        # as long on a Zen 3 (same process, 10 rounds). (PyTorch's own answer, not `in_onednn`.)
+        self.one_row_traced = bf16_linear_skips_onednn()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)
         if 1 < rows.shape[0] < self.widen_from_rows:
             y = F.linear(rows, self.weight)  # (M, N)
-        elif torch.compiler.is_compiling():
-            y = one_row_or_widened_linear_op(rows, self.weight, self.widened_in_onednn)
-        else:
+        elif not torch.compiler.is_compiling():
             y = one_row_or_widened_linear(rows, self.weight, self.widened_in_onednn)
+        elif rows.shape[0] == 1 and self.one_row_traced:
+            y = F.linear(rows, self.weight)  # (1, N): Inductor calls PyTorch's own kernel itself
+        else:
+            y = one_row_or_widened_linear_op(rows, self.weight, self.widened_in_onednn)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -30,7 +30,8 @@ from cpu import CpuFeatures, cpu_features
 from inference import LLaMa
 from model import ModelArgs, Transformer, apply_rotary_emb, apply_rotary_emb_real, precompute_freqs_cis
 from bf16_layers import (WIDENED_ROWS_IN_ONEDNN, WIDENED_ROWS_IN_OWN_LOOPS, X86_MACHINES, PackedLinear, WidenedLinear,
-                         onednn_linear, prepacking_helps, widened_in_onednn)
+                         bf16_linear_skips_onednn, onednn_linear, own_kernel_linear, prepacking_helps,
+                         widened_in_onednn)
 from quantize import PREPACKED, WIDENED, linear_storage
 from sampling import SamplingParams
 from tiny import replay_prompt, write_tiny_llama2_checkpoint
@@ -246,6 +247,36 @@ def test_a_compiled_widened_layer_multiplies_every_row_count_exactly_as_the_eage
     for rows in (1, 3, layer.widen_from_rows, WIDENED_ROWS_IN_ONEDNN + 6):
         x = torch.randn(rows, 64, dtype=torch.bfloat16)
         assert torch.equal(compiled(x), layer(x)), rows
+
+
+@pytest.mark.parametrize("one_row_traced", [True, False], ids=["f-linear-never-reaches-onednn", "onednn-would-take-it"])
+def test_a_compiled_step_leaves_one_row_to_inductor_only_where_f_linear_never_reaches_onednn(one_row_traced):
+    # Traced, one row becomes F.linear in the graph: Inductor then calls PyTorch's mm, which on such a
+    # CPU (AVX2) is our own kernel anyway, without our operator's dispatch. Elsewhere, the operator.
+    torch._dynamo.reset()  # no graph of another test's layer reused: this one is traced afresh
+    layer = WidenedLinear(torch.randn(96, 64, dtype=torch.bfloat16))
+    layer.one_row_traced = one_row_traced
+    graphs = []
+
+    def keep_graph(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch.compile(layer, backend=keep_graph, dynamic=False)(torch.randn(1, 64, dtype=torch.bfloat16))
+    (graph,) = graphs
+    called = {node.target for node in graph.graph.nodes if node.op == "call_function"}
+    operator = torch.ops.llama_from_scratch.one_row_or_widened_linear.default
+    assert called == ({F.linear} if one_row_traced else {operator})
+
+
+def test_where_f_linear_of_bf16_never_reaches_onednn_one_row_gets_pytorchs_own_kernels_bits():
+    # What makes tracing one row safe: F.linear with oneDNN on (as Inductor calls it) is then the
+    # very kernel `own_kernel_linear` picks by switching oneDNN off.
+    if not bf16_linear_skips_onednn():
+        pytest.skip("PyTorch hands bf16 matmuls to oneDNN on this CPU: one row goes through the operator")
+    torch.manual_seed(0)
+    weight, x = torch.randn(1536, 576, dtype=torch.bfloat16), torch.randn(1, 576, dtype=torch.bfloat16)
+    assert torch.equal(F.linear(x, weight), own_kernel_linear(x, weight))
 
 
 @pytest.mark.parametrize("chunk_elements, chunks, buffer_elements", [
