@@ -23,7 +23,7 @@ multiplies in float32:
 
 then rounds y to bf16. The product is float32's, slightly more exact than bf16's, at float32's
 speed; the memory is bf16's plus one chunk. Who multiplies the widened chunk is chosen too: where
-PyTorch runs bf16 in its own loops (x86 with AVX2 only), oneDNN's float32 matmul, which took 0.7-0.9x
+PyTorch runs bf16 in its own loops (x86 with AVX2 only), oneDNN's float32 matmul, which took 0.66-0.94x
 the time of PyTorch's usual one (MKL's) for 6-64 rows on a Zen 3 (`onednn_linear`).
 
 Shape legend: M rows of x, K input features, N output features (rows of W), n rows of a chunk.
@@ -121,7 +121,7 @@ def widening_buffer(device: torch.device, elements: int) -> torch.Tensor:
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear by oneDNN. For float32, PyTorch's F.linear calls MKL's matmul (sgemm) instead, which
-    on a Zen 3 took 1.1-1.4x oneDNN's time for 6-64 rows of x (11 rows: 1.4x; a 512-row prompt: the
+    on a Zen 3 took 1.06-1.5x oneDNN's time for 6-64 rows of x (11 rows: 1.4x; a 512-row prompt: the
     same), on the demo's layers with the weight freshly widened (docs/benchmarks.md)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
