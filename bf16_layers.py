@@ -51,13 +51,16 @@ WIDEN_CHUNK_ELEMENTS = 2 * 1024 * 1024
 X86_MACHINES = ("x86_64", "AMD64")
 
 
-def prepacking_helps(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `PackedLinear` applies: bf16 on a CPU where PyTorch hands bf16 matmuls to oneDNN (mkldnn).
-    PyTorch's own test, which Inductor's freezing also asks before it packs a bf16 weight: AVX-512
+def bf16_linear_reaches_onednn() -> bool:
+    """Whether PyTorch hands bf16 matmuls (F.linear, and Inductor's calls) to oneDNN (mkldnn) on this
+    CPU. PyTorch's own test, which Inductor's freezing also asks before it packs a bf16 weight: AVX-512
     or AVX-NE-CONVERT on x86 (plain AVX2 gets PyTorch's own loops), BF16 on arm64; oneDNN's cap counts."""
-    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
-        return False
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def prepacking_helps(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `PackedLinear` applies: bf16 on a CPU where PyTorch hands bf16 matmuls to oneDNN."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and bf16_linear_reaches_onednn()
 
 
 class PackedLinear(nn.Module):
@@ -80,12 +83,6 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
-
-
-def bf16_linear_skips_onednn() -> bool:
-    """Whether PyTorch's F.linear of bf16 on this CPU never reaches oneDNN (x86 with AVX2 only, or a
-    build without oneDNN): its one-row product is then `own_kernel_linear`'s, whoever calls it."""
-    return not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def bf16_is_emulated(device: torch.device, dtype: torch.dtype, features: Optional[CpuFeatures] = None) -> bool:
@@ -141,16 +138,14 @@ def widened_linear(rows: torch.Tensor, weight: torch.Tensor, in_onednn: bool) ->
     n_rows, in_features = weight.shape
     x = rows.float()  # (M, K)
     output = torch.empty(rows.shape[0], n_rows, dtype=rows.dtype, device=rows.device)  # (M, N)
+    multiply = onednn_linear if in_onednn else F.linear
     chunk_rows = max(1, WIDEN_CHUNK_ELEMENTS // in_features)
     buffer = widening_buffer(rows.device, chunk_rows * in_features)
     for start in range(0, n_rows, chunk_rows):
         stop = min(start + chunk_rows, n_rows)
         chunk = buffer[: (stop - start) * in_features].view(stop - start, in_features)  # (n, K)
         chunk.copy_(weight[start:stop])  # widened: bf16 -> float32
-        if in_onednn:
-            output[:, start:stop] = onednn_linear(x, chunk)  # (M, n)
-        else:
-            output[:, start:stop] = F.linear(x, chunk)  # (M, n)
+        output[:, start:stop] = multiply(x, chunk)  # (M, n)
     return output
 
 
@@ -198,8 +193,9 @@ class WidenedLinear(nn.Module):
         self.widened_in_onednn = widened_in_onednn(in_onednn)
         # Where F.linear of bf16 never reaches oneDNN (AVX2), a compiled step leaves one row to Inductor,
         # which calls the same kernel without our operator's dispatch: a compiled decode step took 0.93x
-        # as long on a Zen 3 (same process, 10 rounds). (PyTorch's own answer, not `in_onednn`.)
-        self.one_row_traced = bf16_linear_skips_onednn()
+        # as long on a Zen 3 (same process, 10 rounds). (PyTorch's own answer, not `in_onednn`: F.linear's
+        # one-row product is then `own_kernel_linear`'s, whoever calls it.)
+        self.one_row_traced = not bf16_linear_reaches_onednn()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)
