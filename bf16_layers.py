@@ -24,13 +24,16 @@ multiplies in float32:
 then rounds y to bf16. The product is float32's, slightly more exact than bf16's, at float32's
 speed; the memory is bf16's plus one chunk. Who multiplies the widened chunk is chosen too: where
 PyTorch runs bf16 in its own loops (x86 with AVX2 only), oneDNN's float32 matmul, which took 0.66-0.94x
-the time of PyTorch's usual one (MKL's) for 6-64 rows on a Zen 3 (`onednn_linear`).
+the time of PyTorch's usual one (MKL's) for 6-64 rows on a Zen 3 (`onednn_linear`); for a batch of 8,
+16 or 24 rows it multiplies the transposed product, W x^T, whose columns are then x's rows, a whole
+number of AVX2 registers (`onednn_linear_transposed`). The same loop, chunk by chunk, multiplies
+quantized layers' prompts by their dequantized weight (`chunked_linear`, quantize.py).
 
 Shape legend: M rows of x, K input features, N output features (rows of W), n rows of a chunk.
 """
 
 import platform
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +49,12 @@ WIDENED_ROWS_IN_ONEDNN = 24
 WIDENED_ROWS_IN_OWN_LOOPS = 6
 # A widened chunk holds at most this many float32 weights (8 MiB): a chunk of whole rows of W.
 WIDEN_CHUNK_ELEMENTS = 2 * 1024 * 1024
+# An AVX2 register holds 8 float32 numbers. With x's rows as oneDNN's columns, (W x^T)^T, a widened
+# chunk's matmul took 0.87x the time of x W^T for 8 rows on a Zen 3 (a batch-8 step: 0.84-0.90x), 0.84x
+# for 16, 0.95x for 24; with a register part-filled, 1.13-1.18x for 11 and 1.0x for 6; from 32 rows on
+# x W^T is as fast (docs/benchmarks.md).
+AVX2_FLOATS = 8
+TRANSPOSED_ROWS_BELOW = 32
 # The names platform.machine() gives x86 CPUs (Linux, macOS; Windows): where oneDNN's float32 matmul
 # was measured against MKL's (`onednn_linear`).
 X86_MACHINES = ("x86_64", "AMD64")
@@ -123,6 +132,22 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
+def onednn_linear_transposed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ weight (n, K)^T computed as (weight @ x^T)^T by oneDNN: the weight's n rows become
+    oneDNN's rows and x's M rows its columns, which its AVX2 kernel holds 8 floats to a register."""
+    return onednn_linear(weight, x).t()  # (n, M) -> (M, n)
+
+
+def chunk_multiply(rows: int, in_onednn: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Who multiplies `rows` rows of x by a widened chunk: F.linear (MKL), or, `in_onednn` (AVX2),
+    oneDNN, as (W x^T)^T where x's rows fill whole AVX2 registers and are few (TRANSPOSED_ROWS_BELOW)."""
+    if not in_onednn:
+        return F.linear
+    if rows % AVX2_FLOATS == 0 and rows < TRANSPOSED_ROWS_BELOW:
+        return onednn_linear_transposed
+    return onednn_linear
+
+
 def widened_in_onednn(bf16_in_onednn: bool) -> bool:
     """Whether widened chunks are multiplied by `onednn_linear` rather than F.linear (MKL): where PyTorch
     runs bf16 matmuls in its own loops (not `bf16_in_onednn`: x86 with AVX2 only), as measured on a
@@ -131,22 +156,35 @@ def widened_in_onednn(bf16_in_onednn: bool) -> bool:
     return x86 and not bf16_in_onednn and torch.backends.mkldnn.is_available()
 
 
+def chunked_linear(rows: torch.Tensor, out_features: int, chunk_rows: int,
+                   float_chunk: Callable[[int, int], torch.Tensor], dtype: torch.dtype,
+                   multiply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear) -> torch.Tensor:
+    """rows (M, K) @ W^T for a weight W (N, K) stored in fewer bits than the float `dtype` it is
+    multiplied in, and never made float whole: `float_chunk(start, stop)` gives rows start ... stop
+    of W in `dtype` (widened from bf16 here, dequantized from int8 or int4 in quantize.py), and
+    `multiply` multiplies them chunk by chunk of `chunk_rows` output rows; the result in rows' dtype."""
+    x = rows.to(dtype)  # (M, K)
+    output = torch.empty(rows.shape[0], out_features, dtype=rows.dtype, device=rows.device)  # (M, N)
+    for start in range(0, out_features, chunk_rows):
+        stop = min(start + chunk_rows, out_features)
+        output[:, start:stop] = multiply(x, float_chunk(start, stop))  # (M, n)
+    return output
+
+
 def widened_linear(rows: torch.Tensor, weight: torch.Tensor, in_onednn: bool) -> torch.Tensor:
     """rows (M, K) @ weight (N, K)^T in float32, the weight widened a chunk of rows at a time into
-    the shared buffer, each chunk multiplied by oneDNN (`in_onednn`) or F.linear; the result rounded
-    to rows' dtype."""
+    the shared buffer, each chunk multiplied by oneDNN (`in_onednn`) or F.linear (`chunk_multiply`);
+    the result rounded to rows' dtype."""
     n_rows, in_features = weight.shape
-    x = rows.float()  # (M, K)
-    output = torch.empty(rows.shape[0], n_rows, dtype=rows.dtype, device=rows.device)  # (M, N)
-    multiply = onednn_linear if in_onednn else F.linear
     chunk_rows = max(1, WIDEN_CHUNK_ELEMENTS // in_features)
     buffer = widening_buffer(rows.device, chunk_rows * in_features)
-    for start in range(0, n_rows, chunk_rows):
-        stop = min(start + chunk_rows, n_rows)
+
+    def widened_chunk(start: int, stop: int) -> torch.Tensor:
         chunk = buffer[: (stop - start) * in_features].view(stop - start, in_features)  # (n, K)
-        chunk.copy_(weight[start:stop])  # widened: bf16 -> float32
-        output[:, start:stop] = multiply(x, chunk)  # (M, n)
-    return output
+        return chunk.copy_(weight[start:stop])  # widened: bf16 -> float32
+
+    multiply = chunk_multiply(rows.shape[0], in_onednn)
+    return chunked_linear(rows, n_rows, chunk_rows, widened_chunk, torch.float32, multiply)
 
 
 def one_row_or_widened_linear(rows: torch.Tensor, weight: torch.Tensor, in_onednn: bool) -> torch.Tensor:

@@ -88,7 +88,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bf16_layers import PackedLinear, WidenedLinear, bf16_is_emulated, prepacking_helps
+from bf16_layers import PackedLinear, WidenedLinear, bf16_is_emulated, chunked_linear, prepacking_helps
 from cpu import CpuFeatures, cpu_features, float_matmul_dtype
 
 # The storages of a linear layer (see the table above). A quantization scheme's name is also the
@@ -253,15 +253,14 @@ def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
 
 
 def dequantized_linear(rows: torch.Tensor, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """rows (M, K) @ W^T for a quantized `layer`, with W widened to `dtype` (`layer.dequantize_rows`)
+    """rows (M, K) @ W^T for a quantized `layer`, with W dequantized to `dtype` (`layer.dequantize_rows`)
     ROWS_PER_CHUNK output rows at a time (a whole Llama 3 head at once would be a 1 GB copy), by the
-    float matmul; the result in rows' dtype. For prompts: see DEQUANTIZED_ROWS."""
-    x = rows.to(dtype)  # (M, K)
-    output = torch.empty(rows.shape[0], layer.out_features, dtype=rows.dtype, device=rows.device)  # (M, N)
-    for start in range(0, layer.out_features, ROWS_PER_CHUNK):
-        stop = min(start + ROWS_PER_CHUNK, layer.out_features)
-        output[:, start:stop] = F.linear(x, layer.dequantize_rows(start, stop, dtype))  # (M, n)
-    return output
+    float matmul (`chunked_linear`); the result in rows' dtype. For prompts: see DEQUANTIZED_ROWS."""
+
+    def dequantized_chunk(start: int, stop: int) -> torch.Tensor:
+        return layer.dequantize_rows(start, stop, dtype)  # (n, K)
+
+    return chunked_linear(rows, layer.out_features, ROWS_PER_CHUNK, dequantized_chunk, dtype)
 
 
 class Int8Linear(nn.Module):

@@ -30,7 +30,8 @@ from cpu import CpuFeatures, cpu_features
 from inference import LLaMa
 from model import ModelArgs, Transformer, apply_rotary_emb, apply_rotary_emb_real, precompute_freqs_cis
 from bf16_layers import (WIDENED_ROWS_IN_ONEDNN, WIDENED_ROWS_IN_OWN_LOOPS, X86_MACHINES, PackedLinear, WidenedLinear,
-                         bf16_linear_reaches_onednn, onednn_linear, own_kernel_linear, prepacking_helps,
+                         bf16_linear_reaches_onednn, chunk_multiply, onednn_linear, onednn_linear_transposed,
+                         own_kernel_linear, prepacking_helps,
                          widened_in_onednn)
 from quantize import PREPACKED, WIDENED, linear_storage
 from sampling import SamplingParams
@@ -164,18 +165,20 @@ def test_bf16_on_cpu_is_prepacked_by_default_and_gives_the_same_logits_as_nn_lin
 
 class LinearDtypes(TorchFunctionMode):
     """Records, for every F.linear call and every call of oneDNN's linear operator made while it is
-    active, the dtype of x (`seen`), whether oneDNN was switched on (`onednn`) and which was called
-    (`by`: "F.linear" or "oneDNN")."""
+    active, the dtype of x (`seen`), whether oneDNN was switched on (`onednn`), which was called
+    (`by`: "F.linear" or "oneDNN") and the rows of its first operand (`first_rows`: x's, or the
+    weight's where the product is transposed)."""
 
     def __init__(self):
         super().__init__()
-        self.seen, self.onednn, self.by = [], [], []
+        self.seen, self.onednn, self.by, self.first_rows = [], [], [], []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.linear or func is torch.ops.mkldnn._linear_pointwise:
             self.seen.append(args[0].dtype)
             self.onednn.append(torch.backends.mkldnn.enabled)
             self.by.append("F.linear" if func is F.linear else "oneDNN")
+            self.first_rows.append(args[0].shape[0])
         return func(*args, **(kwargs or {}))
 
 
@@ -183,7 +186,7 @@ class LinearDtypes(TorchFunctionMode):
     pytest.param(True, WIDENED_ROWS_IN_ONEDNN, id="avx512-onednn-emulates-bf16"),
     pytest.param(False, WIDENED_ROWS_IN_OWN_LOOPS, id="avx2-pytorchs-own-loops"),
 ])
-@pytest.mark.parametrize("rows", [1, 4, WIDENED_ROWS_IN_OWN_LOOPS, 8, 11, WIDENED_ROWS_IN_ONEDNN, 100])
+@pytest.mark.parametrize("rows", [1, 4, WIDENED_ROWS_IN_OWN_LOOPS, 8, 11, 16, WIDENED_ROWS_IN_ONEDNN, 32, 100])
 def test_widened_linear_multiplies_one_row_in_pytorchs_own_kernel_a_few_in_bf16_and_many_in_float32(
         rows, bf16_in_onednn, widen_from_rows, monkeypatch):
     # Where PyTorch hands bf16 matmuls to oneDNN (its own test, as in prepacking_helps), emulation is
@@ -211,6 +214,9 @@ def test_widened_linear_multiplies_one_row_in_pytorchs_own_kernel_a_few_in_bf16_
         assert matmuls.seen == [torch.float32]
         own_loops_on_x86 = not bf16_in_onednn and platform.machine() in X86_MACHINES
         assert matmuls.by == ["oneDNN" if own_loops_on_x86 else "F.linear"]
+        # On AVX2, oneDNN multiplies 8, 16 or 24 rows as (W x^T)^T: the weight is its first operand.
+        transposed = own_loops_on_x86 and rows in (8, 16, 24)
+        assert matmuls.first_rows == [96 if transposed else rows]
         torch.testing.assert_close(y.double(), exact, **one_bf16_step)
 
 
@@ -226,14 +232,28 @@ def test_widened_chunks_go_to_onednn_only_on_x86_cpus_whose_bf16_runs_in_pytorch
     assert widened_in_onednn(bf16_in_onednn) == expected
 
 
+@pytest.mark.parametrize("multiply", [onednn_linear, onednn_linear_transposed])
 @pytest.mark.parametrize("rows", [2, 8, 11, 64])
-def test_onednn_linear_multiplies_float32_as_f_linear_does(rows):
+def test_onednn_linear_multiplies_float32_as_f_linear_does_and_so_does_its_transposed_product(multiply, rows):
     torch.manual_seed(0)
     x, weight = torch.randn(rows, 576), torch.randn(1536, 576)
-    y = onednn_linear(x, weight)
+    y = multiply(x, weight)
     assert y.dtype == torch.float32 and y.shape == (rows, 1536)
     # Both sum 576 float32 products, in their own orders: equal within float32 rounding of such a sum.
     torch.testing.assert_close(y, F.linear(x, weight), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows, in_onednn, expected", [
+    (6, True, onednn_linear),  # a part-filled AVX2 register: x W^T (the transposed one took 1.0x)
+    (8, True, onednn_linear_transposed),  # a batch of 8: one whole register (0.87x on a Zen 3)
+    (11, True, onednn_linear),  # 10 drafts and a token: part-filled (the transposed one took 1.13-1.18x)
+    (16, True, onednn_linear_transposed),
+    (24, True, onednn_linear_transposed),
+    (32, True, onednn_linear),  # many rows: x W^T is as fast
+    (8, False, F.linear),  # oneDNN emulates bf16 (AVX-512), or not x86: MKL, whatever the rows
+])
+def test_widened_chunks_of_a_batch_of_whole_avx2_registers_are_multiplied_transposed(rows, in_onednn, expected):
+    assert chunk_multiply(rows, in_onednn) is expected
 
 
 @pytest.mark.parametrize("bf16_in_onednn", [True, False], ids=["avx512-onednn-emulates-bf16", "avx2-pytorchs-own-loops"])
