@@ -9,7 +9,8 @@ Two regimes decide how to run it fast on a CPU:
   depends on whether the CPU has bf16 instructions.
 
 Where it has them (AVX-512 BF16, AMX: Sapphire Rapids, Zen 4 and later; BF16 on arm64) oneDNN
-multiplies bf16 natively, and `PackedLinear` lays the weight out in oneDNN's tiles once, at load.
+multiplies bf16 natively, and `PackedLinear` lays the weight out in oneDNN's tiles once, at load,
+for eager and compiled steps alike (compiled, through an operator Inductor does not look into).
 
 Where it has not, a bf16 matmul is *emulated*: both operands are widened to float32 as they are
 read, and multiplied in float32. With AVX-512 (Ice Lake, Skylake-SP) oneDNN emulates it, cheaply up
@@ -32,7 +33,9 @@ quantized layers' prompts by their dequantized weight (`chunked_linear`, quantiz
 Shape legend: M rows of x, K input features, N output features (rows of W), n rows of a chunk.
 """
 
+import itertools
 import platform
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -72,14 +75,25 @@ def prepacking_helps(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.bfloat16 and bf16_linear_reaches_onednn()
 
 
+# Every PackedLinear of this process by its number (`PackedLinear.key`), for the operator below, which
+# compiled steps call with the number: a packed weight is opaque, so a graph cannot take it as an input.
+# Weak references: a layer goes when its model does.
+PACKED_LAYERS: "weakref.WeakValueDictionary[int, PackedLinear]" = weakref.WeakValueDictionary()
+PACKED_LAYER_KEYS = itertools.count()
+
+
 class PackedLinear(nn.Module):
     """nn.Linear(K, N, bias=False) in bf16 with its weight stored in oneDNN's blocked layout.
 
     `F.linear` on a CPU hands the weight to oneDNN (the kernel library PyTorch uses for bf16) in
     PyTorch's row-major layout, and oneDNN rearranges it into the tiles its kernel reads, on every
     call. Rearranging it once, at load, makes a decode step's matmuls about 1.6x faster; the result
-    is bit-for-bit the same. (torch.compile's "freezing" does the same for compiled graphs.) The packed
-    weight is opaque: torch.compile cannot trace it, so compiled models keep nn.Linear.
+    is bit-for-bit the same.
+
+    The packed weight is opaque: torch.compile cannot trace it. A compiled step calls the layer through
+    `packed_linear_op` instead, an operator Inductor does not look into, given the layer's number
+    (`key`). (Inductor's own way, "freezing", packs a copy of every weight into each graph it compiles:
+    measured, +616 MB for the 270 MB demo with its one-row and batch graphs, and twice the compile time.)
     """
 
     # oneDNN picks its blocking for an expected number of rows of x; decoding sends one per sequence.
@@ -89,9 +103,39 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, self.EXPECTED_ROWS))
+        self.key = next(PACKED_LAYER_KEYS)
+        PACKED_LAYERS[self.key] = self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        if not torch.compiler.is_compiling():
+            return packed_linear(x, self.weight)
+        rows = x.reshape(-1, self.in_features)  # (M, K)
+        y = packed_linear_op(rows, self.key, self.out_features)  # (M, N)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ W^T for W packed by oneDNN (`PackedLinear.weight`): oneDNN's bf16 matmul."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, None, "none", [], "")
+
+
+def packed_layer_linear(rows: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    """rows (M, K) @ W^T for the PackedLinear numbered `key`: (M, out_features)."""
+    return packed_linear(rows, PACKED_LAYERS[key].weight)
+
+
+# The same as an operator torch.compile treats as one opaque call (as `one_row_or_widened_linear_op`
+# below): a compiled step multiplies by the weight its layer packed at load, and holds no copy of it.
+# On a Sapphire Rapids (AMX), compiled steps took 0.72x (one row) and 0.73x (8 rows) the time of the
+# same steps with nn.Linear, whose weight oneDNN rearranges on every call (docs/benchmarks.md).
+packed_linear_op = torch.library.custom_op(
+    "llama_from_scratch::packed_linear", packed_layer_linear, mutates_args=())
+
+
+@packed_linear_op.register_fake
+def packed_linear_shape(rows: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    """What the operator returns, as torch.compile traces it: (M, out_features) in rows' dtype."""
+    return rows.new_empty(rows.shape[0], out_features)
 
 
 def bf16_is_emulated(device: torch.device, dtype: torch.dtype, features: Optional[CpuFeatures] = None) -> bool:

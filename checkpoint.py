@@ -536,7 +536,6 @@ def load_transformer(
     dtype: torch.dtype,
     progress: bool = True,
     quantize: Optional[str] = None,
-    compile: bool = False,
     needs_gradients: bool = False,
     available_bytes: Optional[int] = None,
     fuse_projections: bool = False,
@@ -545,8 +544,8 @@ def load_transformer(
 
     How the linear layers are stored is `quantize.linear_storage`'s decision: quantize (None,
     "int8" or "int4") quantizes each weight as soon as it is read, so the full-precision model
-    never exists in memory; bf16 on a CPU is prepacked for oneDNN where the CPU has native bf16
-    (unless the model is to be compiled: `compile=True`), widened for prompts where it has not
+    never exists in memory; bf16 on a CPU is prepacked for oneDNN where the CPU has native bf16,
+    widened for prompts where it has not
     (bf16_layers.WidenedLinear), and plain nn.Linear when differentiated (`needs_gradients=True`). Before
     anything is loaded, the memory plan (weights + KV cache) is checked against `available_bytes`
     (None: what the device has free now), and a model that will not fit is refused with suggestions.
@@ -554,7 +553,7 @@ def load_transformer(
     fuse_projections: join wq|wk|wv and w1|w3 into one layer each as they are read
     (`ModelArgs.fused_projections`); the checkpoint is still read, and checked, under Meta's names.
     """
-    storage = linear_storage(device, dtype, quantize, compile, needs_gradients)
+    storage = linear_storage(device, dtype, quantize, needs_gradients)
     checkpoint = ShardedCheckpoint(ckpt_dir, args)
     args = checkpoint.args
     check_memory(plan_memory(args, dtype, quantize, device, available_bytes), args, dtype, quantize)

@@ -143,7 +143,7 @@ class LLaMa:
             device = tensor_parallel.device
         device = choose_device(device)
         dtype = choose_dtype(dtype, device, quantize)
-        storage = linear_storage(device, dtype, quantize, compile)  # a scheme this device cannot run is refused now
+        storage = linear_storage(device, dtype, quantize)  # a scheme this device cannot run is refused now
         torch.set_num_threads(choose_threads(threads))
         ckpt_dir = check_checkpoint_dir(ckpt_dir)
         read_params(ckpt_dir)  # a missing or broken params.json is reported before the tokenizer is read
@@ -155,7 +155,7 @@ class LLaMa:
         model = None
         if load_model and tensor_parallel is None:
             model = load_transformer(ckpt_dir, args, device, dtype, progress=progress, quantize=quantize,
-                                     compile=compile, fuse_projections=FUSE_PROJECTIONS)
+                                     fuse_projections=FUSE_PROJECTIONS)
         elif load_model:
             model = tensor_parallel.load_transformer(ckpt_dir, args, dtype, progress)
         # After loading: a params.json that disagrees with its own weights is named as that first.

@@ -1,12 +1,12 @@
 """How a linear layer is stored: plain, prepacked bf16, widened bf16, int8, int4 or w8a8. The one place that decides.
 
-Every loader asks `linear_storage(device, dtype, quantize, compile, needs_gradients)` which of the
+Every loader asks `linear_storage(device, dtype, quantize, needs_gradients)` which of the
 storages the model's linear layers get, and builds each layer with `make_linear`:
 
     storage      layer            when
-    PLAIN        nn.Linear        float32/float16, GPUs, compiled models with native bf16, and whenever
-                                  gradients are needed
-    PREPACKED    PackedLinear     bf16 on a CPU with native bf16, not compiled (the default there)
+    PLAIN        nn.Linear        float32/float16, GPUs, and whenever gradients are needed
+    PREPACKED    PackedLinear     bf16 on a CPU with native bf16 (the default there; compiled steps call
+                                  it through an operator: bf16_layers.packed_linear_op)
     WIDENED      WidenedLinear    bf16 on a CPU without native bf16 (the default there): decoding in bf16,
                                   prompts in float32
     INT8         Int8Linear       quantize="int8"
@@ -75,7 +75,7 @@ rows on, a layer widens its weight once, to floats, a chunk of output rows at a 
 float matmul (`dequantized_linear`): the same numbers up to float rounding, at float-matmul speed.
 
 Unquantized bf16 on a CPU has layers of its own (bf16_layers.py): with native bf16, `PackedLinear`
-keeps the weight in oneDNN's blocked layout (PREPACKED, unless compiled); where bf16 is emulated,
+keeps the weight in oneDNN's blocked layout (PREPACKED); where bf16 is emulated,
 `WidenedLinear` keeps the bf16 weight and multiplies many rows in float32 (WIDENED).
 
 Shape legend: N output features (rows of W), K input features, G group size, M rows of x.
@@ -510,7 +510,6 @@ def linear_storage(
     device: Union[str, torch.device],
     dtype: torch.dtype,
     quantize: Optional[str] = None,
-    compile: bool = False,
     needs_gradients: bool = False,
     features: Optional[CpuFeatures] = None,
     cuda_capability: Optional[tuple[int, int]] = None,
@@ -519,9 +518,8 @@ def linear_storage(
 
     quantize: None or one of SCHEMES (asked for by the user: always honoured, or refused where it
     cannot run: w8a8 needs a CPU with int8 dot products, int4 on CUDA an sm80+ GPU and bfloat16;
-    `features` and `cuda_capability`, None: this machine's). compile: the model
-    will be `torch.compile`d, which cannot trace the opaque prepacked weight (it packs its own
-    copy). needs_gradients: attribution (interpret.py) differentiates through every layer, which
+    `features` and `cuda_capability`, None: this machine's). Compiled or not, a model gets
+    the same storage (each runs compiled). needs_gradients: attribution (interpret.py) differentiates through every layer, which
     only nn.Linear allows. This only decides: nothing is allocated, so a CUDA device can be asked
     about on a machine without one.
     """
@@ -538,8 +536,6 @@ def linear_storage(
         return PLAIN
     if bf16_is_emulated(torch.device(device), dtype, features):
         return WIDENED
-    if compile:
-        return PLAIN
     return PREPACKED if prepacking_helps(torch.device(device), dtype) else PLAIN
 
 

@@ -326,16 +326,14 @@ def test_default_dtype_is_chosen_per_device_and_quantization(device, quantize, e
     assert choose_dtype(None, device, quantize) == expected
 
 
-@pytest.mark.parametrize("features, compile, expected", [
-    (BF16_CPU, False, PREPACKED if prepacking_helps(CPU, torch.bfloat16) else "plain"),
-    (BF16_CPU, True, "plain"),  # compiled: Inductor's freezing packs the weights itself
-    (NO_BF16_CPU, False, WIDENED),  # emulated bf16: prompts in float32, decoding in bf16
-    (NO_BF16_CPU, True, WIDENED),
+@pytest.mark.parametrize("features, expected", [
+    (BF16_CPU, PREPACKED if prepacking_helps(CPU, torch.bfloat16) else "plain"),  # eager and compiled alike
+    (NO_BF16_CPU, WIDENED),  # emulated bf16: prompts in float32, decoding in bf16
 ])
 def test_bf16_layers_are_prepacked_where_the_cpu_has_bf16_and_widened_for_prompts_where_it_does_not(
-        features, compile, expected):
-    assert linear_storage(CPU, torch.bfloat16, compile=compile, features=features) == expected
-    assert linear_storage(CPU, torch.float32, compile=compile, features=features) == "plain"
+        features, expected):
+    assert linear_storage(CPU, torch.bfloat16, features=features) == expected
+    assert linear_storage(CPU, torch.float32, features=features) == "plain"
     assert linear_storage(CPU, torch.bfloat16, needs_gradients=True, features=features) == "plain"
 
 

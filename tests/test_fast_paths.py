@@ -13,6 +13,7 @@ Tiny random-weight models keep these fast; the compiled test compiles one small 
 """
 
 import dataclasses
+import gc
 import platform
 
 import pytest
@@ -137,6 +138,42 @@ def test_prepacked_linear_is_bit_exact_with_f_linear(shape):
     weight = torch.randn(96, 64, dtype=torch.bfloat16)
     x = torch.randn(shape, dtype=torch.bfloat16)
     torch.testing.assert_close(PackedLinear(weight)(x), F.linear(x, weight), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not prepacking_helps(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bf16 here")
+def test_a_compiled_prepacked_layer_calls_its_packed_weight_through_the_operator_with_the_same_bits():
+    # The packed weight is opaque to torch.compile: the graph calls our operator with the layer's
+    # number, which multiplies by the very weight the eager layer uses, so the same bits.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = PackedLinear(torch.randn(300, 64, dtype=torch.bfloat16))
+    graphs = []
+
+    def keep_graph(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    torch.compile(layer, backend=keep_graph, dynamic=False)(x)
+    (graph,) = graphs
+    called = {node.target for node in graph.graph.nodes if node.op == "call_function"}
+    assert torch.ops.llama_from_scratch.packed_linear.default in called
+    assert torch.ops.mkldnn._linear_pointwise.default not in called and F.linear not in called
+    compiled = torch.compile(layer, dynamic=True)
+    for rows in (1, 8, 11):
+        x = torch.randn(rows, 1, 64, dtype=torch.bfloat16)
+        assert torch.equal(compiled(x), layer(x)), rows
+
+
+@pytest.mark.skipif(not prepacking_helps(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bf16 here")
+def test_packed_layers_are_found_by_their_number_and_forgotten_with_their_model():
+    layer = PackedLinear(torch.randn(96, 64, dtype=torch.bfloat16))
+    other = PackedLinear(torch.randn(96, 64, dtype=torch.bfloat16))
+    assert layer.key != other.key and bf16_layers.PACKED_LAYERS[layer.key] is layer
+    key = layer.key
+    del layer
+    gc.collect()
+    assert key not in bf16_layers.PACKED_LAYERS  # a weak reference: the registry keeps no model alive
 
 
 @pytest.fixture(scope="module")

@@ -261,18 +261,17 @@ NATIVE_BF16_CPU = CpuFeatures(name="x86_64: AVX512 (avx512_vnni avx512_bf16)", n
 
 @pytest.mark.parametrize("device, dtype, options, expected", [
     (CPU, torch.bfloat16, {}, PREPACKED if HAS_ONEDNN_BF16 else PLAIN),
-    (CPU, torch.bfloat16, dict(compile=True), PLAIN),  # torch.compile cannot trace the packed weight
     (CPU, torch.bfloat16, dict(needs_gradients=True), PLAIN),  # attribution differentiates nn.Linear
     (CPU, torch.float32, {}, PLAIN),
     (CPU, torch.float16, {}, PLAIN),
     (CUDA, torch.float16, {}, PLAIN),
     (CUDA, torch.bfloat16, {}, PLAIN),  # prepacking is oneDNN's, a CPU library
     (CPU, torch.bfloat16, dict(quantize="int8"), INT8),
-    (CPU, torch.bfloat16, dict(quantize="int4", compile=True), INT4),
+    (CPU, torch.bfloat16, dict(quantize="int4"), INT4),
     (CUDA, torch.bfloat16, dict(quantize="int4", cuda_capability=(8, 0)), INT4),  # the CUDA int4 kernel: bf16, sm80+
     ("cpu", torch.float32, dict(quantize="int8"), INT8),
 ])
-def test_linear_storage_is_decided_from_device_dtype_quantize_compile_and_gradients(device, dtype, options, expected):
+def test_linear_storage_is_decided_from_device_dtype_quantize_and_gradients(device, dtype, options, expected):
     assert linear_storage(device, dtype, features=NATIVE_BF16_CPU, **options) == expected
 
 
@@ -282,9 +281,8 @@ VNNI_CPU = CpuFeatures(name="x86_64: AVX512 (avx512_vnni)", native_bf16=False, i
 OLD_CPU = CpuFeatures(name="x86_64: AVX2", native_bf16=False, int8_dot=False)
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_w8a8_is_chosen_on_a_cpu_with_int8_dot_products_eager_or_compiled(compile):
-    assert linear_storage(CPU, torch.bfloat16, quantize=W8A8, compile=compile, features=VNNI_CPU) == W8A8
+def test_w8a8_is_chosen_on_a_cpu_with_int8_dot_products():
+    assert linear_storage(CPU, torch.bfloat16, quantize=W8A8, features=VNNI_CPU) == W8A8
 
 
 def test_w8a8_is_refused_where_it_cannot_run_naming_what_to_use_instead():
