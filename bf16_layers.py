@@ -268,7 +268,7 @@ class WidenedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        # A parameter, as nn.Linear's: torch.compile's freezing then lays it out for oneDNN once.
+        # A parameter, as nn.Linear's (the few rows of an emulated bf16 matmul are Inductor's to call).
         self.weight = nn.Parameter(weight, requires_grad=False)  # (N, K) bf16
         in_onednn = prepacking_helps(weight.device, weight.dtype)  # PyTorch's test: bf16 matmuls to oneDNN
         self.widen_from_rows = WIDENED_ROWS_IN_ONEDNN if in_onednn else WIDENED_ROWS_IN_OWN_LOOPS
