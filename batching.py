@@ -48,7 +48,7 @@ from typing import AbstractSet, Callable, Iterator, Optional
 
 import torch
 
-from decoding import FILLER_TOKEN_ID, NonFiniteLogitsError, compile_decode_step, log_prob_of, non_finite_advice
+from decoding import FILLER_TOKEN_ID, NonFiniteLogitsError, all_finite, compile_decode_step, log_prob_of, non_finite_advice
 from sampling import SamplingParams, sample
 from streaming import Generation, GenerationRow, TextTracker
 
@@ -211,7 +211,7 @@ class ContinuousBatching:
         """Sample the request's next token from its logits (V,), record it, and end the request if
         that was a stop token, completed a stop string, or was its last allowed one."""
         changed.append(request)
-        if not torch.isfinite(logits).all():
+        if not all_finite(logits):
             dtype = str(self.model.norm.weight.dtype).removeprefix("torch.")
             request.error = NonFiniteLogitsError(
                 f"the checkpoint produced NaN/inf logits at position {request.cached} ({dtype}): "

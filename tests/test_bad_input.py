@@ -12,7 +12,7 @@ import torch
 
 from checkpoint import CheckpointError, load_model_args
 from conftest import LLAMA2_TOKENIZER
-from decoding import NonFiniteLogitsError
+from decoding import NonFiniteLogitsError, all_finite
 from inference import LLaMa
 from sampling import SamplingParams, logits_to_probs, sample
 from tensor_parallel import TensorParallel, init_from_torchrun
@@ -245,3 +245,14 @@ def test_a_world_size_that_does_not_divide_n_kv_heads_fails_even_without_loading
     tp = TensorParallel(rank=0, world_size=4, device=torch.device("cpu"))
     one_line_error(ValueError, lambda: LLaMa.build(ckpt, load_model=False, tensor_parallel=tp, progress=False),
                    "world size 4 does not divide n_kv_heads=2", "use a world size (nodes x --nproc_per_node) in [1, 2]")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_finite_logits_check_catches_any_nan_or_infinity_and_never_a_finite_extreme(dtype):
+    largest = torch.finfo(dtype).max
+    assert all_finite(torch.full((8, 49152), largest, dtype=dtype))  # no overflow of the float64 sum
+    assert all_finite(torch.full((8, 49152), -largest, dtype=dtype))
+    for bad in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        logits = torch.randn(8, 49152).to(dtype)
+        logits[3, 100 : 100 + len(bad)] = torch.tensor(bad, dtype=dtype)
+        assert not all_finite(logits), bad
