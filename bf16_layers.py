@@ -45,10 +45,13 @@ from torch import nn
 from cpu import CpuFeatures, float_matmul_dtype
 
 # From how many rows of x a widened layer multiplies in float32, by who emulates its bf16 matmuls.
-# Measured on the demo's layers (docs/benchmarks.md): oneDNN's emulation (AVX-512, under an Ice Lake's
-# instructions) and float32 cross at ~16 rows, so prompts are widened and batches are not; PyTorch's
-# own loops (AVX2, a real Zen 3) cross at 5-6 rows, so a batch of 8 and 11 draft rows are widened too.
-WIDENED_ROWS_IN_ONEDNN = 24
+# Measured on the demo's layers (docs/benchmarks.md). oneDNN's emulation (AVX-512 without BF16: Intel's
+# Skylake-SP to Ice Lake), on a Sapphire Rapids under an Ice Lake's instructions: widened took 0.92x
+# the time at 3 rows, 0.83x at 6 and 8, 0.62x at 16, and a whole batch-8 step 0.84x, an 11-row
+# speculation pass 0.82x. (On an AMD Zen 4 under the same cap the two had crossed at ~16 rows; an
+# Intel core stands in better for an Ice Lake.) PyTorch's own loops (AVX2, a real Zen 3) cross at 5-6.
+# So a batch of 8 and 11 draft rows are widened on both.
+WIDENED_ROWS_IN_ONEDNN = 6
 WIDENED_ROWS_IN_OWN_LOOPS = 6
 # A widened chunk holds at most this many float32 weights (8 MiB): a chunk of whole rows of W.
 WIDEN_CHUNK_ELEMENTS = 2 * 1024 * 1024
