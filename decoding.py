@@ -382,7 +382,7 @@ def decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int, pad_le
 # every token:
 # - freezing: Inductor's freezing pass runs on the graph. Passed here, it does not pack the weights
 #   for oneDNN (measured with torch 2.13: TorchDynamo reads the process-wide
-#   torch._inductor.config.freezing, not these options, when it decides to treat parameters as
+#   Inductor config's `freezing`, not these options, when it decides to treat parameters as
 #   constants; with that set, every graph held a packed copy of every weight, +616 MB for the demo).
 #   bf16 weights are packed once, by bf16_layers.PackedLinear, for eager and compiled steps alike.
 # - guard_filter_fn: before each call, TorchDynamo checks ("guards") that whatever the graph was
