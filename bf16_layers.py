@@ -13,10 +13,10 @@ multiplies bf16 natively, and `PackedLinear` lays the weight out in oneDNN's til
 for eager and compiled steps alike (compiled, through an operator Inductor does not look into).
 
 Where it has not, a bf16 matmul is *emulated*: both operands are widened to float32 as they are
-read, and multiplied in float32. With AVX-512 (Ice Lake, Skylake-SP) oneDNN emulates it, cheaply up
-to ~16 rows; with AVX2 only (Zen 2 and 3, Alder Lake) PyTorch hands bf16 matmuls not to oneDNN but
-to its own loops, which pay for every row again. Many rows are then 2-4x slower than a float32
-matmul. So `WidenedLinear` keeps the weight in bf16 (half of float32's memory), multiplies one row
+read, and multiplied in float32. With AVX-512 (Ice Lake, Skylake-SP) oneDNN emulates it, at about
+a float32 matmul's speed for one row and slower from a few rows on; with AVX2 only (Zen 2 and 3,
+Alder Lake) PyTorch hands bf16 matmuls not to oneDNN but to its own loops, which pay for every row
+again. Many rows are then 2-4x slower than a float32 matmul. So `WidenedLinear` keeps the weight in bf16 (half of float32's memory), multiplies one row
 in bf16, and from `widen_from_rows` rows on widens the weight to float32 a chunk at a time and
 multiplies in float32:
 
@@ -44,15 +44,14 @@ from torch import nn
 
 from cpu import CpuFeatures, float_matmul_dtype
 
-# From how many rows of x a widened layer multiplies in float32, by who emulates its bf16 matmuls.
+# From how many rows of x a widened layer multiplies in float32, whoever emulates its bf16 matmuls.
 # Measured on the demo's layers (docs/benchmarks.md). oneDNN's emulation (AVX-512 without BF16: Intel's
 # Skylake-SP to Ice Lake), on a Sapphire Rapids under an Ice Lake's instructions: widened took 0.92x
 # the time at 3 rows, 0.83x at 6 and 8, 0.62x at 16, and a whole batch-8 step 0.84x, an 11-row
 # speculation pass 0.82x. (On an AMD Zen 4 under the same cap the two had crossed at ~16 rows; an
 # Intel core stands in better for an Ice Lake.) PyTorch's own loops (AVX2, a real Zen 3) cross at 5-6.
 # So a batch of 8 and 11 draft rows are widened on both.
-WIDENED_ROWS_IN_ONEDNN = 6
-WIDENED_ROWS_IN_OWN_LOOPS = 6
+WIDENED_ROWS = 6
 # A widened chunk holds at most this many float32 weights (8 MiB): a chunk of whole rows of W.
 WIDEN_CHUNK_ELEMENTS = 2 * 1024 * 1024
 # An AVX2 register holds 8 float32 numbers. With x's rows as oneDNN's columns, (W x^T)^T, a widened
@@ -111,20 +110,15 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
-            return packed_linear(x, self.weight)
+            return onednn_linear(x, self.weight)
         rows = x.reshape(-1, self.in_features)  # (M, K)
         y = packed_linear_op(rows, self.key, self.out_features)  # (M, N)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor) -> torch.Tensor:
-    """x (..., K) @ W^T for W packed by oneDNN (`PackedLinear.weight`): oneDNN's bf16 matmul."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, None, "none", [], "")
-
-
 def packed_layer_linear(rows: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
     """rows (M, K) @ W^T for the PackedLinear numbered `key`: (M, out_features)."""
-    return packed_linear(rows, PACKED_LAYERS[key].weight)
+    return onednn_linear(rows, PACKED_LAYERS[key].weight)
 
 
 # The same as an operator torch.compile treats as one opaque call (as `one_row_or_widened_linear_op`
@@ -173,7 +167,8 @@ def widening_buffer(device: torch.device, elements: int) -> torch.Tensor:
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear by oneDNN. For float32, PyTorch's F.linear calls MKL's matmul (sgemm) instead, which
+    """F.linear by oneDNN, with the weight as given: plain, or packed by oneDNN (`PackedLinear`).
+    For float32, PyTorch's F.linear calls MKL's matmul (sgemm) instead, which
     on a Zen 3 took 1.06-1.5x oneDNN's time for 6-64 rows of x (11 rows: 1.4x; a 512-row prompt: the
     same), on the demo's layers with the weight freshly widened (docs/benchmarks.md)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
@@ -274,7 +269,7 @@ class WidenedLinear(nn.Module):
         # A parameter, as nn.Linear's (the few rows of an emulated bf16 matmul are Inductor's to call).
         self.weight = nn.Parameter(weight, requires_grad=False)  # (N, K) bf16
         in_onednn = prepacking_helps(weight.device, weight.dtype)  # PyTorch's test: bf16 matmuls to oneDNN
-        self.widen_from_rows = WIDENED_ROWS_IN_ONEDNN if in_onednn else WIDENED_ROWS_IN_OWN_LOOPS
+        self.widen_from_rows = WIDENED_ROWS
         self.widened_in_onednn = widened_in_onednn(in_onednn)
         # Where F.linear of bf16 never reaches oneDNN (AVX2), a compiled step leaves one row to Inductor,
         # which calls the same kernel without our operator's dispatch: a compiled decode step took 0.93x

@@ -518,10 +518,10 @@ def linear_storage(
 
     quantize: None or one of SCHEMES (asked for by the user: always honoured, or refused where it
     cannot run: w8a8 needs a CPU with int8 dot products, int4 on CUDA an sm80+ GPU and bfloat16;
-    `features` and `cuda_capability`, None: this machine's). Compiled or not, a model gets
-    the same storage (each runs compiled). needs_gradients: attribution (interpret.py) differentiates through every layer, which
-    only nn.Linear allows. This only decides: nothing is allocated, so a CUDA device can be asked
-    about on a machine without one.
+    `features` and `cuda_capability`, None: this machine's). Eager and compiled models get the
+    same storage: a compiled step calls the same layers. needs_gradients: attribution
+    (interpret.py) differentiates through every layer, which only nn.Linear allows. This only
+    decides: nothing is allocated, so a CUDA device can be asked about on a machine without one.
     """
     check_scheme(quantize)
     if quantize is not None:

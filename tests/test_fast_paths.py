@@ -30,7 +30,7 @@ from conftest import LLAMA2_TOKENIZER
 from cpu import CpuFeatures, cpu_features
 from inference import LLaMa
 from model import ModelArgs, Transformer, apply_rotary_emb, apply_rotary_emb_real, precompute_freqs_cis
-from bf16_layers import (WIDENED_ROWS_IN_ONEDNN, WIDENED_ROWS_IN_OWN_LOOPS, X86_MACHINES, PackedLinear, WidenedLinear,
+from bf16_layers import (WIDENED_ROWS, X86_MACHINES, PackedLinear, WidenedLinear,
                          bf16_linear_reaches_onednn, chunk_multiply, onednn_linear, onednn_linear_transposed,
                          own_kernel_linear, prepacking_helps,
                          widened_in_onednn)
@@ -219,22 +219,19 @@ class LinearDtypes(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("bf16_in_onednn, widen_from_rows", [
-    pytest.param(True, WIDENED_ROWS_IN_ONEDNN, id="avx512-onednn-emulates-bf16"),
-    pytest.param(False, WIDENED_ROWS_IN_OWN_LOOPS, id="avx2-pytorchs-own-loops"),
-])
-@pytest.mark.parametrize("rows", [1, 4, WIDENED_ROWS_IN_OWN_LOOPS, 8, 11, 16, WIDENED_ROWS_IN_ONEDNN, 32, 100])
+@pytest.mark.parametrize("bf16_in_onednn", [True, False], ids=["avx512-onednn-emulates-bf16", "avx2-pytorchs-own-loops"])
+@pytest.mark.parametrize("rows", [1, 4, WIDENED_ROWS, 8, 11, 16, 24, 32, 100])
 def test_widened_linear_multiplies_one_row_in_pytorchs_own_kernel_a_few_in_bf16_and_many_in_float32(
-        rows, bf16_in_onednn, widen_from_rows, monkeypatch):
-    # Where PyTorch hands bf16 matmuls to oneDNN (its own test, as in prepacking_helps), emulation is
-    # cheap up to ~16 rows; where its own loops multiply them (AVX2), every row costs, and a batch of 8
-    # or 11 drafts is already widened, and multiplied by oneDNN rather than F.linear (MKL) on x86.
+        rows, bf16_in_onednn, monkeypatch):
+    # Whether PyTorch hands bf16 matmuls to oneDNN (its own test, as in prepacking_helps: AVX-512) or
+    # multiplies them in its own loops (AVX2), a batch of 8 or 11 drafts is already widened; on x86
+    # with AVX2 only, multiplied by oneDNN rather than F.linear (MKL).
     monkeypatch.setattr(bf16_layers, "prepacking_helps", lambda device, dtype: bf16_in_onednn)
     torch.manual_seed(0)
     weight = torch.randn(96, 64, dtype=torch.bfloat16)
     x = torch.randn(rows, 64, dtype=torch.bfloat16)
     layer = WidenedLinear(weight)
-    assert layer.widen_from_rows == widen_from_rows
+    assert layer.widen_from_rows == WIDENED_ROWS
     with LinearDtypes() as matmuls:
         y = layer(x)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 96)
@@ -244,7 +241,7 @@ def test_widened_linear_multiplies_one_row_in_pytorchs_own_kernel_a_few_in_bf16_
     if rows == 1:  # decoding one sequence: bf16, in PyTorch's own kernel (oneDNN off for this call)
         assert matmuls.seen == [torch.bfloat16] and matmuls.onednn == [False]
         torch.testing.assert_close(y.double(), exact, **one_bf16_step)
-    elif rows < widen_from_rows:  # a batch, or drafts: the bf16 matmul itself
+    elif rows < WIDENED_ROWS:  # a batch, or drafts: the bf16 matmul itself
         assert matmuls.seen == [torch.bfloat16] and matmuls.onednn == [True]
         torch.testing.assert_close(y, F.linear(x, weight), rtol=0, atol=0)
     else:  # prompts: in float32, the product rounded once to bf16
@@ -301,7 +298,7 @@ def test_a_compiled_widened_layer_multiplies_every_row_count_exactly_as_the_eage
     torch.manual_seed(0)
     layer = WidenedLinear(torch.randn(300, 64, dtype=torch.bfloat16))
     compiled = torch.compile(layer, dynamic=False)
-    for rows in (1, 3, layer.widen_from_rows, WIDENED_ROWS_IN_ONEDNN + 6):
+    for rows in (1, 3, layer.widen_from_rows, WIDENED_ROWS + 24):
         x = torch.randn(rows, 64, dtype=torch.bfloat16)
         assert torch.equal(compiled(x), layer(x)), rows
 
@@ -346,7 +343,7 @@ def test_widened_layers_share_one_buffer_and_widen_a_chunk_of_rows_at_a_time(
     monkeypatch.setattr(bf16_layers, "WIDENING_BUFFERS", {})
     torch.manual_seed(0)
     first, second = (WidenedLinear(torch.randn(n, 64, dtype=torch.bfloat16)) for n in (96, 50))
-    x = torch.randn(WIDENED_ROWS_IN_ONEDNN + 6, 64, dtype=torch.bfloat16)  # widened on every CPU
+    x = torch.randn(WIDENED_ROWS + 24, 64, dtype=torch.bfloat16)  # widened on every CPU
     with LinearDtypes() as matmuls:
         y_first, y_second = first(x), second(x)
     assert matmuls.seen == [torch.float32] * sum(chunks)
@@ -375,15 +372,16 @@ def test_bf16_on_a_cpu_without_native_bf16_is_widened_and_gives_the_logits_of_nn
     assert isinstance(llama.model.output, WidenedLinear)
     plain = load_transformer(tiny_ckpt, llama.args, torch.device("cpu"), torch.bfloat16, progress=False,
                              needs_gradients=True)
-    tokens = torch.tensor([list(range(3, 3 + 2 * WIDENED_ROWS_IN_ONEDNN))])  # a prompt: widened to float32
+    tokens = torch.tensor([list(range(3, 3 + 2 * WIDENED_ROWS))])  # a prompt: widened to float32
     widened_logits, plain_logits = llama.model(tokens, 0).float(), plain(tokens, 0).float()
     # bf16 rounds each layer's output either way; float32 products differ from bf16 ones by those roundings.
     torch.testing.assert_close(widened_logits, plain_logits, **BF16_TOLERANCE)
 
 
-@pytest.mark.parametrize("bf16_in_onednn, rows", [(True, WIDENED_ROWS_IN_ONEDNN), (False, WIDENED_ROWS_IN_OWN_LOOPS)])
+@pytest.mark.parametrize("bf16_in_onednn", [True, False], ids=["avx512-onednn-emulates-bf16", "avx2-pytorchs-own-loops"])
 def test_the_loaded_line_says_from_how_many_rows_widened_layers_multiply_in_float32(
-        tiny_ckpt, cpu_without_native_bf16, monkeypatch, bf16_in_onednn, rows):
+        tiny_ckpt, cpu_without_native_bf16, monkeypatch, bf16_in_onednn):
+    rows = WIDENED_ROWS
     monkeypatch.setattr(bf16_layers, "prepacking_helps", lambda device, dtype: bf16_in_onednn)  # AVX-512 or AVX2
     llama = LLaMa.build(tiny_ckpt, max_seq_len=64, device="cpu", progress=False)
     assert all(layer.widen_from_rows == rows for layer in llama.model.modules() if isinstance(layer, WidenedLinear))
