@@ -54,6 +54,14 @@ from cpu import CpuFeatures, float_matmul_dtype
 WIDENED_ROWS = 6
 # A widened chunk holds at most this many float32 weights (8 MiB): a chunk of whole rows of W.
 WIDEN_CHUNK_ELEMENTS = 2 * 1024 * 1024
+# For at most FEW_ROWS rows of x multiplied by F.linear (MKL), a chunk of 2 MB instead: each core's
+# half stays in its L2 cache (1.25-2 MB) from its widening to its matmul, where the matmul of a few
+# rows is quick and waits on memory. On a Sapphire Rapids under an Ice Lake's instructions, a token's
+# 121 widened matmuls of the demo took 0.84x the time at 8 rows, 0.82x at 11, 0.92x at 16, 0.97x at
+# 32, but 1.06x at 64 and 1.16x at 512 (docs/benchmarks.md). oneDNN's chunks (AVX2) stay 8 MiB: 2 MB
+# ones took 1.12x the time at 8 rows on a Zen 3.
+FEW_ROWS = 32
+FEW_ROWS_CHUNK_ELEMENTS = 512 * 1024
 # An AVX2 register holds 8 float32 numbers. With x's rows as oneDNN's columns, (W x^T)^T, a widened
 # chunk's matmul took 0.87x the time of x W^T for 8 rows on a Zen 3 (a batch-8 step: 0.84-0.90x), 0.84x
 # for 16, 0.95x for 24; with a register part-filled, 1.13-1.18x for 11 and 1.0x for 6; from 32 rows on
@@ -213,12 +221,20 @@ def chunked_linear(rows: torch.Tensor, out_features: int, chunk_rows: int,
     return output
 
 
+def widen_chunk_elements(rows: int, in_onednn: bool) -> int:
+    """How many float32 weights a widened chunk holds at most, for `rows` rows of x multiplied by
+    oneDNN (`in_onednn`) or F.linear: small chunks that stay in L2 for F.linear's few rows."""
+    if not in_onednn and rows <= FEW_ROWS:
+        return FEW_ROWS_CHUNK_ELEMENTS
+    return WIDEN_CHUNK_ELEMENTS
+
+
 def widened_linear(rows: torch.Tensor, weight: torch.Tensor, in_onednn: bool) -> torch.Tensor:
     """rows (M, K) @ weight (N, K)^T in float32, the weight widened a chunk of rows at a time into
     the shared buffer, each chunk multiplied by oneDNN (`in_onednn`) or F.linear (`chunk_multiply`);
     the result rounded to rows' dtype."""
     n_rows, in_features = weight.shape
-    chunk_rows = max(1, WIDEN_CHUNK_ELEMENTS // in_features)
+    chunk_rows = max(1, widen_chunk_elements(rows.shape[0], in_onednn) // in_features)
     buffer = widening_buffer(rows.device, chunk_rows * in_features)
 
     def widened_chunk(start: int, stop: int) -> torch.Tensor:

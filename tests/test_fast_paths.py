@@ -290,6 +290,20 @@ def test_widened_chunks_of_a_batch_of_whole_avx2_registers_are_multiplied_transp
     assert chunk_multiply(rows, in_onednn) is expected
 
 
+@pytest.mark.parametrize("rows, in_onednn, expected", [
+    (WIDENED_ROWS, False, bf16_layers.FEW_ROWS_CHUNK_ELEMENTS),  # MKL's few rows: chunks that stay in L2
+    (8, False, bf16_layers.FEW_ROWS_CHUNK_ELEMENTS),  # a batch of 8 (0.84x the time on an Intel core)
+    (11, False, bf16_layers.FEW_ROWS_CHUNK_ELEMENTS),  # 10 drafts and a token (0.82x)
+    (bf16_layers.FEW_ROWS, False, bf16_layers.FEW_ROWS_CHUNK_ELEMENTS),
+    (bf16_layers.FEW_ROWS + 1, False, bf16_layers.WIDEN_CHUNK_ELEMENTS),  # many rows: big chunks (1.16x at 512)
+    (512, False, bf16_layers.WIDEN_CHUNK_ELEMENTS),
+    (8, True, bf16_layers.WIDEN_CHUNK_ELEMENTS),  # oneDNN's chunks (AVX2): big at any rows (2 MB: 1.12x on a Zen 3)
+])
+def test_few_rows_multiplied_by_mkl_widen_chunks_small_enough_to_stay_in_l2(rows, in_onednn, expected):
+    assert bf16_layers.FEW_ROWS_CHUNK_ELEMENTS * 4 <= 2 * 1024 * 1024  # float32: at most 2 MB, 1 MB a core of two
+    assert bf16_layers.widen_chunk_elements(rows, in_onednn) == expected
+
+
 @pytest.mark.parametrize("bf16_in_onednn", [True, False], ids=["avx512-onednn-emulates-bf16", "avx2-pytorchs-own-loops"])
 def test_a_compiled_widened_layer_multiplies_every_row_count_exactly_as_the_eager_one(monkeypatch, bf16_in_onednn):
     # One row and the widened rows go through one operator that Inductor cannot look into
@@ -340,6 +354,7 @@ def test_where_f_linear_of_bf16_never_reaches_onednn_one_row_gets_pytorchs_own_k
 def test_widened_layers_share_one_buffer_and_widen_a_chunk_of_rows_at_a_time(
         monkeypatch, chunk_elements, chunks, buffer_elements):
     monkeypatch.setattr(bf16_layers, "WIDEN_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(bf16_layers, "FEW_ROWS_CHUNK_ELEMENTS", chunk_elements)  # whoever multiplies the rows
     monkeypatch.setattr(bf16_layers, "WIDENING_BUFFERS", {})
     torch.manual_seed(0)
     first, second = (WidenedLinear(torch.randn(n, 64, dtype=torch.bfloat16)) for n in (96, 50))
