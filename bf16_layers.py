@@ -16,9 +16,9 @@ Where it has not, a bf16 matmul is *emulated*: both operands are widened to floa
 read, and multiplied in float32. With AVX-512 (Ice Lake, Skylake-SP) oneDNN emulates it, at about
 a float32 matmul's speed for one row and slower from a few rows on; with AVX2 only (Zen 2 and 3,
 Alder Lake) PyTorch hands bf16 matmuls not to oneDNN but to its own loops, which pay for every row
-again. Many rows are then 2-4x slower than a float32 matmul. So `WidenedLinear` keeps the weight in bf16 (half of float32's memory), multiplies one row
-in bf16, and from `widen_from_rows` rows on widens the weight to float32 a chunk at a time and
-multiplies in float32:
+again. Many rows are then 2-4x slower than a float32 matmul. So `WidenedLinear` keeps the weight
+in bf16 (half of float32's memory), multiplies one row or a few in bf16, as F.linear does, and from
+`widen_from_rows` rows on widens the weight to float32 a chunk at a time and multiplies in float32:
 
     y = x (float32)  @  widen(W[chunk])^T  (float32),   chunk by chunk of output rows,
 
@@ -129,7 +129,7 @@ def packed_layer_linear(rows: torch.Tensor, key: int, out_features: int) -> torc
     return onednn_linear(rows, PACKED_LAYERS[key].weight)
 
 
-# The same as an operator torch.compile treats as one opaque call (as `one_row_or_widened_linear_op`
+# The same as an operator torch.compile treats as one opaque call (as `widened_linear_op`
 # below): a compiled step multiplies by the weight its layer packed at load, and holds no copy of it.
 # On a Sapphire Rapids (AMX), compiled steps took 0.72x (one row) and 0.73x (8 rows) the time of the
 # same steps with nn.Linear, whose weight oneDNN rearranges on every call (docs/benchmarks.md).
@@ -146,18 +146,6 @@ def packed_linear_shape(rows: torch.Tensor, key: int, out_features: int) -> torc
 def bf16_is_emulated(device: torch.device, dtype: torch.dtype, features: Optional[CpuFeatures] = None) -> bool:
     """Whether `WidenedLinear` applies: bf16 on a CPU without native bf16 (`features`, None: this CPU's)."""
     return device.type == "cpu" and dtype == torch.bfloat16 and float_matmul_dtype(dtype, device, features) != dtype
-
-
-def own_kernel_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear in PyTorch's own kernel: oneDNN switched off for the call (a process-wide switch, so
-    one forward pass at a time, as the engine runs them). For one bf16 row it reads the weight as a
-    stream of dot products, at memory speed (docs/benchmarks.md)."""
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        return F.linear(rows, weight)
-    finally:
-        torch.backends.mkldnn.enabled = enabled
 
 
 # The float32 buffer each device's widened layers widen their weights into, shared by every layer and
@@ -245,38 +233,32 @@ def widened_linear(rows: torch.Tensor, weight: torch.Tensor, in_onednn: bool) ->
     return chunked_linear(rows, n_rows, chunk_rows, widened_chunk, torch.float32, multiply)
 
 
-def one_row_or_widened_linear(rows: torch.Tensor, weight: torch.Tensor, in_onednn: bool) -> torch.Tensor:
-    """One row in PyTorch's own kernel, more rows widened to float32 (and multiplied by oneDNN if
-    `in_onednn`): the two products of `WidenedLinear` that are not the emulated bf16 matmul."""
-    if rows.shape[0] == 1:
-        return own_kernel_linear(rows, weight)  # (1, N)
-    return widened_linear(rows, weight, in_onednn)  # (M, N)
+# `widened_linear` as an operator that torch.compile treats as one opaque call, so that a compiled
+# step widens as the eager one does: traced, the chunk loop would become hundreds of graph nodes, and
+# Inductor's freezing would store each widened chunk as a float32 constant (three times the bf16
+# weight's memory). Eager code calls the function itself: the operator's dispatch costs some
+# microseconds a call (20-30 us here).
+widened_linear_op = torch.library.custom_op(
+    "llama_from_scratch::widened_linear", widened_linear, mutates_args=())
 
 
-# The same function as an operator that torch.compile treats as one opaque call, so that a compiled
-# decode step multiplies as the eager one does. Traced, Inductor would choose its own kernel for the
-# one row where PyTorch hands bf16 to oneDNN (oneDNN, with the weight it packed; elsewhere it is our
-# kernel, and WidenedLinear lets it trace: `one_row_traced`) and freezing would store the widened
-# weight as a float32 constant (three times the bf16 weight's memory). Eager code calls the function
-# itself: the operator's dispatch costs some microseconds a call (20-30 us here).
-one_row_or_widened_linear_op = torch.library.custom_op(
-    "llama_from_scratch::one_row_or_widened_linear", one_row_or_widened_linear, mutates_args=())
-
-
-@one_row_or_widened_linear_op.register_fake
-def one_row_or_widened_linear_shape(rows: torch.Tensor, weight: torch.Tensor, in_onednn: bool) -> torch.Tensor:
+@widened_linear_op.register_fake
+def widened_linear_shape(rows: torch.Tensor, weight: torch.Tensor, in_onednn: bool) -> torch.Tensor:
     """What the operator returns, as torch.compile traces it: (M, N) in rows' dtype."""
     return rows.new_empty(rows.shape[0], weight.shape[0])
 
 
 class WidenedLinear(nn.Module):
     """nn.Linear(K, N, bias=False) with a bf16 weight, for a CPU without native bf16 (module docstring):
-    * one row (decoding one sequence) in bf16, in PyTorch's own kernel (`own_kernel_linear`), which
-      streams the weight ~1.5x faster than oneDNN's emulation (compiled: our operator, or Inductor's
-      call of the same kernel where F.linear never reaches oneDNN, `one_row_traced`);
-    * a few rows, below `widen_from_rows`: the emulated bf16 matmul (compiled: Inductor's);
+    * one row (decoding one sequence) or a few, below `widen_from_rows`: F.linear's bf16 matmul,
+      oneDNN's emulation with AVX-512, PyTorch's own loops with AVX2 (compiled: Inductor calls it).
+      Until 2026-12-05 one row went to PyTorch's own loops on AVX-512 too (oneDNN switched off),
+      as measured on an AMD Zen 4 made to emulate bf16; on an Intel core so made, the CPUs that
+      really emulate bf16 with AVX-512 being Intel's, oneDNN's emulation took 0.95x the time a
+      token eager and 0.81x compiled (the demo, same process, 10 rounds: docs/benchmarks.md);
     * from `widen_from_rows` on: in float32, the weight widened a chunk at a time (`widened_linear`),
-      multiplied by oneDNN where PyTorch's own loops multiply bf16 (`widened_in_onednn`).
+      multiplied by oneDNN where PyTorch's own loops multiply bf16 (`widened_in_onednn`; compiled:
+      through `widened_linear_op`).
     """
 
     def __init__(self, weight: torch.Tensor):
@@ -287,20 +269,13 @@ class WidenedLinear(nn.Module):
         in_onednn = prepacking_helps(weight.device, weight.dtype)  # PyTorch's test: bf16 matmuls to oneDNN
         self.widen_from_rows = WIDENED_ROWS
         self.widened_in_onednn = widened_in_onednn(in_onednn)
-        # Where F.linear of bf16 never reaches oneDNN (AVX2), a compiled step leaves one row to Inductor,
-        # which calls the same kernel without our operator's dispatch: a compiled decode step took 0.93x
-        # as long on a Zen 3 (same process, 10 rounds). (PyTorch's own answer, not `in_onednn`: F.linear's
-        # one-row product is then `own_kernel_linear`'s, whoever calls it.)
-        self.one_row_traced = not bf16_linear_reaches_onednn()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)
-        if 1 < rows.shape[0] < self.widen_from_rows:
-            y = F.linear(rows, self.weight)  # (M, N)
+        if rows.shape[0] < self.widen_from_rows:
+            y = F.linear(rows, self.weight)  # (M, N) in bf16
         elif not torch.compiler.is_compiling():
-            y = one_row_or_widened_linear(rows, self.weight, self.widened_in_onednn)
-        elif rows.shape[0] == 1 and self.one_row_traced:
-            y = F.linear(rows, self.weight)  # (1, N): Inductor calls PyTorch's own kernel itself
+            y = widened_linear(rows, self.weight, self.widened_in_onednn)  # (M, N)
         else:
-            y = one_row_or_widened_linear_op(rows, self.weight, self.widened_in_onednn)
+            y = widened_linear_op(rows, self.weight, self.widened_in_onednn)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -153,7 +153,7 @@ def flag_spelling(message: str) -> str:
 STORAGE_WORDS = {
     PLAIN: "linear layers plain",
     PREPACKED: "linear layers prepacked for oneDNN",
-    WIDENED: "linear layers bf16 (one row in PyTorch's own kernel), prompts in float32 (no native bf16 here)",
+    WIDENED: "linear layers bf16, prompts in float32 (no native bf16 here)",
     INT8: "linear layers int8 (weight-only)",
     INT4: "linear layers int4 (weight-only, head int8 weight-only)",  # or its head in w8a8: `storage_words`
     W8A8: "linear layers w8a8 (int8 x uint8 matmuls; head and w2 weight-only int8)",
@@ -174,7 +174,7 @@ def storage_words(llama: LLaMa) -> str:
         return "linear layers int4 (weight-only, head w8a8: int8 x uint8 matmul)"
     if llama.linear_storage == WIDENED and isinstance(llama.model.output, WidenedLinear):  # rows: by CPU
         rows = llama.model.output.widen_from_rows
-        return f"linear layers bf16 (one row in PyTorch's own kernel), {rows}+ rows in float32 (no native bf16 here)"
+        return f"linear layers bf16, {rows}+ rows in float32 (no native bf16 here)"
     return STORAGE_WORDS.get(llama.linear_storage, llama.linear_storage)
 
 

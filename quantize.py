@@ -592,7 +592,7 @@ MOVED_NAMES = {
     "layer_scheme": "quantize.layer_storage",
     "cpu_flags": "cpu.cpu_flags", "CPUINFO": "cpu.CPUINFO", "INT8_DOT_FLAGS": "cpu.INT8_DOT_FLAGS",
     "NATIVE_BF16_FLAGS": "cpu.NATIVE_BF16_FLAGS", "linear_bytes": "memory.linear_bytes",
-    "own_kernel_linear": "bf16_layers.own_kernel_linear",
+    "own_kernel_linear": "F.linear (since 2026-12-05 one bf16 row goes to it on every CPU: bf16_layers.WidenedLinear)",
 }
 
 

@@ -32,7 +32,7 @@ from inference import LLaMa
 from model import ModelArgs, Transformer, apply_rotary_emb, apply_rotary_emb_real, precompute_freqs_cis
 from bf16_layers import (WIDENED_ROWS, X86_MACHINES, PackedLinear, WidenedLinear,
                          bf16_linear_reaches_onednn, chunk_multiply, onednn_linear, onednn_linear_transposed,
-                         own_kernel_linear, prepacking_helps,
+                         prepacking_helps,
                          widened_in_onednn)
 from quantize import PREPACKED, WIDENED, linear_storage
 from sampling import SamplingParams
@@ -221,7 +221,7 @@ class LinearDtypes(TorchFunctionMode):
 
 @pytest.mark.parametrize("bf16_in_onednn", [True, False], ids=["avx512-onednn-emulates-bf16", "avx2-pytorchs-own-loops"])
 @pytest.mark.parametrize("rows", [1, 4, WIDENED_ROWS, 8, 11, 16, 24, 32, 100])
-def test_widened_linear_multiplies_one_row_in_pytorchs_own_kernel_a_few_in_bf16_and_many_in_float32(
+def test_widened_linear_multiplies_one_row_and_a_few_in_bf16_and_many_in_float32(
         rows, bf16_in_onednn, monkeypatch):
     # Whether PyTorch hands bf16 matmuls to oneDNN (its own test, as in prepacking_helps: AVX-512) or
     # multiplies them in its own loops (AVX2), a batch of 8 or 11 drafts is already widened; on x86
@@ -235,15 +235,12 @@ def test_widened_linear_multiplies_one_row_in_pytorchs_own_kernel_a_few_in_bf16_
     with LinearDtypes() as matmuls:
         y = layer(x)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 96)
-    assert torch.backends.mkldnn.enabled  # switched back on after the call
     # Within one bf16 step of the float64 product: summed in float32, rounded once to bf16.
     exact, one_bf16_step = x.double() @ weight.double().T, dict(rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6)
-    if rows == 1:  # decoding one sequence: bf16, in PyTorch's own kernel (oneDNN off for this call)
-        assert matmuls.seen == [torch.bfloat16] and matmuls.onednn == [False]
-        torch.testing.assert_close(y.double(), exact, **one_bf16_step)
-    elif rows < WIDENED_ROWS:  # a batch, or drafts: the bf16 matmul itself
+    if rows < WIDENED_ROWS:  # decoding one sequence, a small batch, or drafts: the bf16 matmul itself
         assert matmuls.seen == [torch.bfloat16] and matmuls.onednn == [True]
         torch.testing.assert_close(y, F.linear(x, weight), rtol=0, atol=0)
+        torch.testing.assert_close(y.double(), exact, **one_bf16_step)
     else:  # prompts: in float32, the product rounded once to bf16
         assert matmuls.seen == [torch.float32]
         own_loops_on_x86 = not bf16_in_onednn and platform.machine() in X86_MACHINES
@@ -306,8 +303,8 @@ def test_few_rows_multiplied_by_mkl_widen_chunks_small_enough_to_stay_in_l2(rows
 
 @pytest.mark.parametrize("bf16_in_onednn", [True, False], ids=["avx512-onednn-emulates-bf16", "avx2-pytorchs-own-loops"])
 def test_a_compiled_widened_layer_multiplies_every_row_count_exactly_as_the_eager_one(monkeypatch, bf16_in_onednn):
-    # One row and the widened rows go through one operator that Inductor cannot look into
-    # (`one_row_or_widened_linear_op`): the same kernels as eager, so the same bits.
+    # One row and a few: Inductor calls the mm F.linear calls; the widened rows go through an operator
+    # that Inductor cannot look into (`widened_linear_op`): the same kernels as eager, so the same bits.
     monkeypatch.setattr(bf16_layers, "prepacking_helps", lambda device, dtype: bf16_in_onednn)
     torch.manual_seed(0)
     layer = WidenedLinear(torch.randn(300, 64, dtype=torch.bfloat16))
@@ -317,34 +314,23 @@ def test_a_compiled_widened_layer_multiplies_every_row_count_exactly_as_the_eage
         assert torch.equal(compiled(x), layer(x)), rows
 
 
-@pytest.mark.parametrize("one_row_traced", [True, False], ids=["f-linear-never-reaches-onednn", "onednn-would-take-it"])
-def test_a_compiled_step_leaves_one_row_to_inductor_only_where_f_linear_never_reaches_onednn(one_row_traced):
-    # Traced, one row becomes F.linear in the graph: Inductor then calls PyTorch's mm, which on such a
-    # CPU (AVX2) is our own kernel anyway, without our operator's dispatch. Elsewhere, the operator.
+@pytest.mark.parametrize("rows, traced", [(1, True), (WIDENED_ROWS - 1, True), (WIDENED_ROWS, False), (11, False)])
+def test_a_compiled_step_leaves_one_row_and_a_few_to_inductor_and_widens_the_rest_in_the_operator(rows, traced):
+    # Traced, one row or a few become F.linear in the graph: Inductor calls PyTorch's mm, the kernel
+    # F.linear calls, without our operator's dispatch. The widened rows: the operator.
     torch._dynamo.reset()  # no graph of another test's layer reused: this one is traced afresh
     layer = WidenedLinear(torch.randn(96, 64, dtype=torch.bfloat16))
-    layer.one_row_traced = one_row_traced
     graphs = []
 
     def keep_graph(graph_module, example_inputs):
         graphs.append(graph_module)
         return graph_module.forward
 
-    torch.compile(layer, backend=keep_graph, dynamic=False)(torch.randn(1, 64, dtype=torch.bfloat16))
+    torch.compile(layer, backend=keep_graph, dynamic=False)(torch.randn(rows, 64, dtype=torch.bfloat16))
     (graph,) = graphs
     called = {node.target for node in graph.graph.nodes if node.op == "call_function"}
-    operator = torch.ops.llama_from_scratch.one_row_or_widened_linear.default
-    assert called == ({F.linear} if one_row_traced else {operator})
-
-
-def test_where_f_linear_of_bf16_never_reaches_onednn_one_row_gets_pytorchs_own_kernels_bits():
-    # What makes tracing one row safe: F.linear with oneDNN on (as Inductor calls it) is then the
-    # very kernel `own_kernel_linear` picks by switching oneDNN off.
-    if bf16_linear_reaches_onednn():
-        pytest.skip("PyTorch hands bf16 matmuls to oneDNN on this CPU: one row goes through the operator")
-    torch.manual_seed(0)
-    weight, x = torch.randn(1536, 576, dtype=torch.bfloat16), torch.randn(1, 576, dtype=torch.bfloat16)
-    assert torch.equal(F.linear(x, weight), own_kernel_linear(x, weight))
+    operator = torch.ops.llama_from_scratch.widened_linear.default
+    assert called == ({F.linear} if traced else {operator})
 
 
 @pytest.mark.parametrize("chunk_elements, chunks, buffer_elements", [
@@ -400,7 +386,7 @@ def test_the_loaded_line_says_from_how_many_rows_widened_layers_multiply_in_floa
     monkeypatch.setattr(bf16_layers, "prepacking_helps", lambda device, dtype: bf16_in_onednn)  # AVX-512 or AVX2
     llama = LLaMa.build(tiny_ckpt, max_seq_len=64, device="cpu", progress=False)
     assert all(layer.widen_from_rows == rows for layer in llama.model.modules() if isinstance(layer, WidenedLinear))
-    assert f"bfloat16; linear layers bf16 (one row in PyTorch's own kernel), {rows}+ rows in float32" in how_it_runs(llama)
+    assert f"bfloat16; linear layers bf16, {rows}+ rows in float32" in how_it_runs(llama)
 
 
 def test_compiled_widened_layers_decode_the_eager_logits(tiny_ckpt, cpu_without_native_bf16):
