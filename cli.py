@@ -172,7 +172,7 @@ def storage_words(llama: LLaMa) -> str:
     products (quantize.layer_storage): say which."""
     if llama.linear_storage == INT4 and isinstance(llama.model.output, W8A8Linear):
         return "linear layers int4 (weight-only, head w8a8: int8 x uint8 matmul)"
-    if llama.linear_storage == WIDENED and isinstance(llama.model.output, WidenedLinear):  # rows: by CPU
+    if llama.linear_storage == WIDENED and isinstance(llama.model.output, WidenedLinear):  # rows: the layers' own count
         rows = llama.model.output.widen_from_rows
         return f"linear layers bf16, {rows}+ rows in float32 (no native bf16 here)"
     return STORAGE_WORDS.get(llama.linear_storage, llama.linear_storage)

@@ -31,8 +31,7 @@ from cpu import CpuFeatures, cpu_features
 from inference import LLaMa
 from model import ModelArgs, Transformer, apply_rotary_emb, apply_rotary_emb_real, precompute_freqs_cis
 from bf16_layers import (WIDENED_ROWS, X86_MACHINES, PackedLinear, WidenedLinear,
-                         bf16_linear_reaches_onednn, chunk_multiply, onednn_linear, onednn_linear_transposed,
-                         prepacking_helps,
+                         chunk_multiply, onednn_linear, onednn_linear_transposed, prepacking_helps,
                          widened_in_onednn)
 from quantize import PREPACKED, WIDENED, linear_storage
 from sampling import SamplingParams
