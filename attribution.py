@@ -25,7 +25,7 @@ import torch
 
 from layers import LAST_POSITION, check_position, positions_for, residual_stream, token_tensor
 from model import Transformer
-from bf16_layers import PackedLinear, WidenedLinear
+from bf16_layers import HalfLinear, PackedLinear, WidenedLinear
 from quantize import Int4Linear, Int8Linear, W8A8Linear
 
 DEFAULT_IG_STEPS = 128  # completeness within 0.1% on the demo model's examples; 64 gave 4-7% (README)
@@ -37,7 +37,7 @@ COMPLETENESS_TOLERANCE = 0.02  # warn above 2%: the scores do not yet add up to 
 IG_ROWS_PER_PASS = 512
 
 # The engine's fast stand-ins for nn.Linear (quantize.py): no gradients flow through them.
-FAST_LINEAR_TYPES = (PackedLinear, WidenedLinear, Int8Linear, Int4Linear, W8A8Linear)
+FAST_LINEAR_TYPES = (PackedLinear, HalfLinear, WidenedLinear, Int8Linear, Int4Linear, W8A8Linear)
 
 
 def check_token_id(model: Transformer, token: int, role: str) -> int:

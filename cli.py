@@ -25,7 +25,7 @@ from checkpoint import CheckpointError
 from cpu import choose_threads, cpu_features, cpu_quota, usable_cpus, whole_cpus
 from inference import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, Generation, LLaMa
 from bf16_layers import WidenedLinear
-from quantize import INT4, INT8, PLAIN, PREPACKED, SCHEMES, W8A8, WIDENED, W8A8Linear
+from quantize import HALF, INT4, INT8, PLAIN, PREPACKED, SCHEMES, W8A8, WIDENED, W8A8Linear
 from sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, NO_REPETITION_PENALTY, SAMPLING_KEYWORDS, SamplingParams
 from streaming import GenerationRow
 from tensor_parallel import TensorParallel, init_from_torchrun, main_rank_first
@@ -153,6 +153,7 @@ def flag_spelling(message: str) -> str:
 STORAGE_WORDS = {
     PLAIN: "linear layers plain",
     PREPACKED: "linear layers prepacked for oneDNN",
+    HALF: "linear layers bf16, held as float16 for FBGEMM's float32 matmul (no native bf16 here)",
     WIDENED: "linear layers bf16, prompts in float32 (no native bf16 here)",
     INT8: "linear layers int8 (weight-only)",
     INT4: "linear layers int4 (weight-only, head int8 weight-only)",  # or its head in w8a8: `storage_words`

@@ -9,6 +9,9 @@ A small model's speed on a CPU depends less on the model than on which instructi
   bf16's half-size weights. `float_matmul_dtype` says which dtype a matmul of many rows should run
   in: quantized layers multiply prompts in it, and bf16 layers (bf16_layers.WidenedLinear) in float32
   wherever bf16 is emulated.
+* **FBGEMM's float16-weight matmul** (PyTorch's x86 builds): where bf16 is emulated, bf16 weights
+  are held in float16 for it (bf16_layers.HalfLinear), which widens them in registers and reads
+  bf16's bytes for any number of rows. FBGEMM chooses its own kernels; oneDNN's cap does not reach it.
 * **int8 dot products** (AVX-512 VNNI, AVX-VNNI, AMX): four 8-bit multiply-adds into one 32-bit sum
   per lane and instruction. This is what makes w8a8's integer matmul (`torch._int_mm`) fast, and
   `--quantize w8a8` is refused without it. (arm64's dot products are not counted: how fast
@@ -73,6 +76,9 @@ class CpuFeatures:
     name: str  # e.g. "x86_64: AVX512 (avx512_vnni amx_int8)", for the "loaded ..." line and bench
     native_bf16: bool  # bf16 matmuls in hardware (AVX-512 BF16, AMX); else emulated: prompts 2-2.5x slower than fp32
     int8_dot: bool  # int8 dot products in hardware (AVX-512 VNNI, AVX-VNNI, AMX): w8a8 runs
+    # FBGEMM's matmul of float32 rows by float16 weights (x86 builds of PyTorch, AVX2 and up): where
+    # bf16 is emulated, bf16 weights are held in float16 for it (bf16_layers.HalfLinear)
+    fp16_weight_matmul: bool = False
 
 
 def cpu_flags() -> set[str]:
@@ -104,6 +110,7 @@ def capped_features(features: CpuFeatures, flags: set[str], cap: Optional[str]) 
         name=f"{features.name}, oneDNN capped at {cap} (keeps {' '.join(sorted(kept)) or 'none of them'})",
         native_bf16=features.native_bf16 and any(flag in kept for flag in NATIVE_BF16_FLAGS),
         int8_dot=features.int8_dot and any(flag in kept for flag in INT8_DOT_FLAGS),
+        fp16_weight_matmul=features.fp16_weight_matmul,  # FBGEMM's own kernels: oneDNN's cap does not reach them
     )
 
 
@@ -118,7 +125,16 @@ def cpu_features() -> CpuFeatures:
     int8_dot = torch.cpu._is_vnni_supported() or amx or any(f in flags for f in INT8_DOT_FLAGS)
     shown = " ".join(f for f in (*INT8_DOT_FLAGS, *NATIVE_BF16_FLAGS) if f in flags)
     name = f"{platform.machine()}: {torch.backends.cpu.get_cpu_capability()}" + (f" ({shown})" if shown else "")
-    return capped_features(CpuFeatures(name=name, native_bf16=native_bf16, int8_dot=int8_dot), flags, onednn_isa_cap())
+    features = CpuFeatures(name=name, native_bf16=native_bf16, int8_dot=int8_dot,
+                           fp16_weight_matmul=has_fp16_weight_matmul())
+    return capped_features(features, flags, onednn_isa_cap())
+
+
+def has_fp16_weight_matmul() -> bool:
+    """Whether this PyTorch has FBGEMM (x86 builds), whose matmul multiplies float32 rows by a float16
+    weight it has packed, widening each weight in registers (`torch.ops.quantized.linear_dynamic_fp16`).
+    FBGEMM picks its own kernels (AVX2 or AVX-512 FMA: every x86 CPU PyTorch runs on has them)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
 
 
 def float_matmul_dtype(dtype: torch.dtype, device: torch.device, features: Optional[CpuFeatures] = None) -> torch.dtype:

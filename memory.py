@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from model import EMBEDDING_KEY, ModelArgs, expected_shapes
-from quantize import DEFAULT_INT4_GROUP_SIZE, INT4, INT8, PLAIN, PREPACKED, W8A8, WIDENED, layer_storage
+from quantize import DEFAULT_INT4_GROUP_SIZE, HALF, INT4, INT8, PLAIN, PREPACKED, W8A8, WIDENED, layer_storage
 
 GIB = 1024**3
 MEMINFO = Path("/proc/meminfo")  # Linux: MemAvailable counts free memory plus reclaimable caches
@@ -80,9 +80,10 @@ def linear_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
 def linear_bytes(out_features: int, in_features: int, storage: Optional[str], dtype: torch.dtype) -> int:
     """Bytes of one (N, K) linear layer's tensors, stored as `storage` (None: PLAIN) in `dtype`.
 
-    A prepacked weight takes the bytes of the plain one: oneDNN's blocked layout only reorders it."""
+    A prepacked weight takes the bytes of the plain one: oneDNN's blocked layout only reorders it; so
+    does a bf16 weight held in float16 (FBGEMM's packing only reorders it)."""
     itemsize = dtype.itemsize
-    if storage in (None, PLAIN, PREPACKED, WIDENED):
+    if storage in (None, PLAIN, PREPACKED, HALF, WIDENED):
         return out_features * in_features * itemsize
     if storage == INT8:
         return out_features * in_features + out_features * itemsize  # 1 byte per weight + scales

@@ -7,8 +7,12 @@ storages the model's linear layers get, and builds each layer with `make_linear`
     PLAIN        nn.Linear        float32/float16, GPUs, and whenever gradients are needed
     PREPACKED    PackedLinear     bf16 on a CPU with native bf16 (the default there; compiled steps call
                                   it through an operator: bf16_layers.packed_linear_op)
-    WIDENED      WidenedLinear    bf16 on a CPU without native bf16 (the default there): decoding in bf16,
-                                  prompts in float32
+    HALF         HalfLinear       bf16 on a CPU without native bf16 where PyTorch has FBGEMM (x86: the
+                                  default there): the bf16 weights held exactly in float16, multiplied
+                                  in float32 by FBGEMM; compiled steps call it as PREPACKED's
+    WIDENED      WidenedLinear    bf16 on a CPU without native bf16 nor FBGEMM (arm64 before BF16): few
+                                  rows in bf16, many in float32 (a layer whose weights are not all
+                                  finite gets it too where HALF is chosen: FBGEMM would clip infinities)
     INT8         Int8Linear       quantize="int8"
     INT4         Int4Linear       quantize="int4" (the output head stays 8-bit: W8A8Linear where the
                                   CPU has int8 dot products, else Int8Linear: `layer_storage`)
@@ -76,6 +80,7 @@ float matmul (`dequantized_linear`): the same numbers up to float rounding, at f
 
 Unquantized bf16 on a CPU has layers of its own (bf16_layers.py): with native bf16, `PackedLinear`
 keeps the weight in oneDNN's blocked layout (PREPACKED); where bf16 is emulated,
+`HalfLinear` holds the bf16 weights in float16 for FBGEMM's float32 matmul (HALF) and, without FBGEMM,
 `WidenedLinear` keeps the bf16 weight and multiplies many rows in float32 (WIDENED).
 
 Shape legend: N output features (rows of W), K input features, G group size, M rows of x.
@@ -88,7 +93,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bf16_layers import PackedLinear, WidenedLinear, bf16_is_emulated, chunked_linear, prepacking_helps
+from bf16_layers import HalfLinear, PackedLinear, WidenedLinear, bf16_is_emulated, chunked_linear, prepacking_helps
 from cpu import CpuFeatures, cpu_features, float_matmul_dtype
 
 # The storages of a linear layer (see the table above). A quantization scheme's name is also the
@@ -96,11 +101,12 @@ from cpu import CpuFeatures, cpu_features, float_matmul_dtype
 PLAIN = "plain"  # nn.Linear, its weight in the model's dtype: the reference, and differentiable
 PREPACKED = "prepacked"  # PackedLinear: bf16 in oneDNN's blocked layout (CPU)
 WIDENED = "widened"  # WidenedLinear: bf16, prompts multiplied by the weight widened to float32 (CPU)
+HALF = "half"  # HalfLinear: bf16 weights held in float16, multiplied in float32 by FBGEMM (x86 CPU)
 INT8 = "int8"
 INT4 = "int4"
 W8A8 = "w8a8"
 SCHEMES = (INT8, INT4, W8A8)
-STORAGES = (PLAIN, PREPACKED, WIDENED, *SCHEMES)
+STORAGES = (PLAIN, PREPACKED, HALF, WIDENED, *SCHEMES)
 CPU_ONLY_SCHEMES = (W8A8,)
 
 INT8_MAX = 127  # symmetric: -127 ... 127, so that +x and -x round to opposite values
@@ -535,7 +541,8 @@ def linear_storage(
     if needs_gradients:
         return PLAIN
     if bf16_is_emulated(torch.device(device), dtype, features):
-        return WIDENED
+        features = features if features is not None else cpu_features()
+        return HALF if features.fp16_weight_matmul else WIDENED  # FBGEMM's float16 weights, where PyTorch has it
     return PREPACKED if prepacking_helps(torch.device(device), dtype) else PLAIN
 
 
@@ -555,6 +562,11 @@ def make_linear(
         return PackedLinear(weight.to(device=device, dtype=dtype))
     if storage == WIDENED:
         return WidenedLinear(weight.to(device=device, dtype=dtype))
+    if storage == HALF:
+        weight = weight.to(device=device, dtype=dtype)
+        # NaN or infinite weights (a broken checkpoint) stay as they are in WidenedLinear, where decoding
+        # finds and names them (decoding.py); FBGEMM would clip an infinity to float16's largest number.
+        return HalfLinear(weight) if torch.isfinite(weight).all() else WidenedLinear(weight)
     weight = weight.to(device)  # quantized on the target device
     if storage == INT8:
         return Int8Linear.from_float(weight, dtype)

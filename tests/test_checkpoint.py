@@ -307,10 +307,11 @@ def test_loading_files_import_only_what_stands_before_them(module):
 from checkpoint import choose_dtype, load_model_args  # noqa: E402
 from cpu import CpuFeatures  # noqa: E402
 from bf16_layers import prepacking_helps  # noqa: E402
-from quantize import PREPACKED, WIDENED, QuantizationError, linear_storage  # noqa: E402
+from quantize import HALF, PREPACKED, WIDENED, QuantizationError, linear_storage  # noqa: E402
 
 BF16_CPU = CpuFeatures(name="x86_64: AVX512 (amx_bf16)", native_bf16=True, int8_dot=True)
-NO_BF16_CPU = CpuFeatures(name="x86_64: AVX512 (avx512_vnni)", native_bf16=False, int8_dot=True)
+NO_BF16_CPU = CpuFeatures(name="x86_64: AVX512 (avx512_vnni)", native_bf16=False, int8_dot=True)  # and no FBGEMM
+ICE_LAKE = CpuFeatures(name="x86_64: AVX512 (avx512_vnni)", native_bf16=False, int8_dot=True, fp16_weight_matmul=True)
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")  # only asked about
 
 
@@ -328,9 +329,11 @@ def test_default_dtype_is_chosen_per_device_and_quantization(device, quantize, e
 
 @pytest.mark.parametrize("features, expected", [
     (BF16_CPU, PREPACKED if prepacking_helps(CPU, torch.bfloat16) else "plain"),  # eager and compiled alike
-    (NO_BF16_CPU, WIDENED),  # emulated bf16: prompts in float32, decoding in bf16
+    (ICE_LAKE, HALF),  # emulated bf16, and FBGEMM (x86 PyTorch): float16 weights, float32 arithmetic
+    (NO_BF16_CPU, WIDENED),  # emulated bf16 without FBGEMM: prompts in float32, decoding in bf16
+    (dataclasses.replace(BF16_CPU, fp16_weight_matmul=True), PREPACKED if prepacking_helps(CPU, torch.bfloat16) else "plain"),
 ])
-def test_bf16_layers_are_prepacked_where_the_cpu_has_bf16_and_widened_for_prompts_where_it_does_not(
+def test_bf16_layers_are_prepacked_where_the_cpu_has_bf16_and_held_in_float16_or_widened_where_it_does_not(
         features, expected):
     assert linear_storage(CPU, torch.bfloat16, features=features) == expected
     assert linear_storage(CPU, torch.float32, features=features) == "plain"

@@ -3,6 +3,7 @@ and oneDNN's own report of the instructions it uses; the decisions made from the
 (a test cannot choose the machine it runs on); and the oneDNN instruction-set cap, with which one
 machine can be made to compute as an older CPU does (README, "Speed")."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -28,6 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_a_prompts_float_matmul_runs_in_bf16_only_where_the_cpu_has_it(device, dtype, native_bf16, expected):
     features = CpuFeatures(name="made up", native_bf16=native_bf16, int8_dot=True)
     assert float_matmul_dtype(dtype, torch.device(device), features) == expected
+
+
+def test_float16_weight_matmuls_are_offered_where_this_pytorch_has_fbgemm():
+    # FBGEMM comes with PyTorch's x86 builds; its float16-weight matmul needs only AVX2's F16C and FMA.
+    assert cpu_features().fp16_weight_matmul == ("fbgemm" in torch.backends.quantized.supported_engines)
+    if cpu_features().fp16_weight_matmul:
+        packed = torch.ops.quantized.linear_prepack_fp16(torch.eye(4), None)
+        assert torch.equal(torch.ops.quantized.linear_dynamic_fp16(torch.eye(4), packed), torch.eye(4))
 
 
 def test_cpu_features_are_read_from_this_machine_consistently_with_linux():
@@ -89,6 +98,9 @@ ALDER_LAKE_FLAGS = {"avx2", "avx_vnni"}
 def test_a_onednn_isa_cap_keeps_only_the_instructions_inside_it(features, flags, cap, native_bf16, int8_dot):
     capped = capped_features(features, flags, cap)
     assert (capped.native_bf16, capped.int8_dot) == (native_bf16, int8_dot)
+    for fp16_weight_matmul in (True, False):  # FBGEMM's kernels are not oneDNN's: no cap reaches them
+        with_fbgemm = dataclasses.replace(features, fp16_weight_matmul=fp16_weight_matmul)
+        assert capped_features(with_fbgemm, flags, cap).fp16_weight_matmul == fp16_weight_matmul
     assert (f"oneDNN capped at {cap}" in capped.name) == (cap in ONEDNN_CAP_KEEPS)
     if cap == "AVX2":
         assert capped.name.endswith("oneDNN capped at AVX2 (keeps none of them)")  # the flags listed before it
@@ -131,7 +143,9 @@ def test_under_a_onednn_isa_cap_our_features_agree_with_the_isa_onednn_reports(c
     ours = next(line for line in result.stdout.splitlines() if line.startswith("ours")).split()
     assert ours[1] == str("bfloat16" in onednn_isa), onednn_isa
     assert ours[2] == str("DL Boost" in onednn_isa), onednn_isa
-    assert ours[3] == "widened"  # no native bf16 under the cap: bf16 layers multiply prompts in float32
+    # No native bf16 under the cap: bf16 weights held in float16 for FBGEMM where this PyTorch has it
+    # (x86), else widened for prompts.
+    assert ours[3] == ("half" if "fbgemm" in torch.backends.quantized.supported_engines else "widened")
     assert ours[4] == str("AVX-512" in onednn_isa), onednn_isa
 
 

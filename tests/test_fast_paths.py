@@ -4,8 +4,8 @@
   against the explicit `model.scaled_dot_product_attention` (`ModelArgs.reference_attention`);
 * last-position-only logits against the last row of all logits;
 * decoding late in a long context (position ~2000, through the KV cache) against a full recompute;
-* prepacked bf16 linear layers against `F.linear`; widened ones (CPUs without native bf16) against
-  a float64 product;
+* prepacked bf16 linear layers against `F.linear`; widened ones and those held in float16 (CPUs
+  without native bf16) against a float64 product, and the float16 copy against the bf16 weights;
 * the compiled decode step against the eager one, also beside speculative decoding's passes;
 * RoPE in real numbers (what a compiled step runs) against its complex form.
 
@@ -30,10 +30,10 @@ from conftest import LLAMA2_TOKENIZER
 from cpu import CpuFeatures, cpu_features
 from inference import LLaMa
 from model import ModelArgs, Transformer, apply_rotary_emb, apply_rotary_emb_real, precompute_freqs_cis
-from bf16_layers import (WIDENED_ROWS, X86_MACHINES, PackedLinear, WidenedLinear,
+from bf16_layers import (WIDENED_ROWS, X86_MACHINES, HalfLinear, PackedLinear, WidenedLinear,
                          chunk_multiply, onednn_linear, onednn_linear_transposed, prepacking_helps,
                          widened_in_onednn)
-from quantize import PREPACKED, WIDENED, linear_storage
+from quantize import HALF, PREPACKED, WIDENED, linear_storage
 from sampling import SamplingParams
 from tiny import replay_prompt, write_tiny_llama2_checkpoint
 
@@ -401,6 +401,121 @@ def test_compiled_widened_layers_decode_the_eager_logits(tiny_ckpt, cpu_without_
     # the largest logit (the compiled graph fuses the element-wise work in float32, rounding less
     # often; the tiny model's logits reach ~40, where a bf16 step is 0.25). In bf16 a near-tie may be
     # broken either way by those roundings, and then the inputs differ: the comparison stops there.
+    for (eager_tokens, eager_logits), (compiled_tokens, compiled_logits) in zip(steps(eager), steps(compiled)):
+        two_steps = 2 * torch.finfo(torch.bfloat16).eps * eager_logits.abs().max().item()
+        torch.testing.assert_close(compiled_logits, eager_logits, rtol=0, atol=two_steps)
+        if not torch.equal(compiled_tokens, eager_tokens):
+            break
+
+
+needs_fbgemm = pytest.mark.skipif(not cpu.has_fp16_weight_matmul(), reason="this PyTorch has no FBGEMM (not x86)")
+ICE_LAKE = CpuFeatures(name="x86_64: AVX512 (avx512_vnni), made up", native_bf16=False, int8_dot=True,
+                       fp16_weight_matmul=True)
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("scale", [2.0 ** -12, 0.02, 1.0, 3e4, 1e6], ids=["tiny", "llama-like", "one", "near-max", "beyond-float16"])
+def test_a_half_layer_holds_every_bf16_weight_exactly(scale):
+    # Weights of every size, down to bf16 numbers far below float16's smallest (2^-24) and up beyond
+    # its largest (65504): times the identity, the layer gives back each weight exactly, in float32.
+    torch.manual_seed(0)
+    weight = (torch.randn(96, 64) * scale).to(torch.bfloat16)
+    weight[0, :6] = torch.tensor([2.0 ** -30, -(2.0 ** -20), 3e-6, 0.0, 1.0 + 2.0 ** -7, -7.0]).to(torch.bfloat16) * scale
+    layer = HalfLinear(weight)
+    y = layer(torch.eye(64))  # (K, N): row k is column k of W
+    assert y.dtype == torch.float32
+    assert torch.equal(y.T, weight.float())
+
+
+@pytest.mark.parametrize("weights, expected", [
+    ([0.5, -3.0, 2.0 ** -17, 0.0], 0),  # all float16 numbers as they are: not scaled
+    ([0.5, -3.0, 2.0 ** -17, 2.0 ** -24], 0),  # a power of two down to 2^-24 is a float16 number too
+    ([0.5, -3.0, (1 + 2.0 ** -7) * 2.0 ** -20], 14),  # 8 bits at 2^-20 are not; 3 * 2^14 = 49152 <= 65504 < 3 * 2^15
+    ([1e5, 1.0], -1),  # beyond float16's largest: scaled down
+    ([float("inf"), (1 + 2.0 ** -7) * 2.0 ** -20], 0),  # not finite: left alone (make_linear gives such a layer WidenedLinear)
+])
+def test_a_weight_is_scaled_by_the_largest_power_of_two_that_keeps_it_in_float16_only_where_needed(weights, expected):
+    assert bf16_layers.float16_exponent(torch.tensor([weights]).to(torch.bfloat16)) == expected
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("rows", [1, 8, 11, 100])
+def test_a_half_layer_multiplies_bf16_rows_in_float32(rows):
+    torch.manual_seed(0)
+    weight = (torch.randn(300, 64) * 0.02).to(torch.bfloat16)
+    x = torch.randn(2, rows, 64, dtype=torch.bfloat16)
+    y = HalfLinear(weight)(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, rows, 300)
+    # Within one bf16 step of the float64 product: summed in float32, rounded once to bf16.
+    exact = x.double() @ weight.double().T
+    torch.testing.assert_close(y.double(), exact, rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6)
+
+
+@needs_fbgemm
+def test_a_compiled_half_layer_calls_its_packed_weight_through_the_operator_with_the_same_bits():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = HalfLinear(torch.randn(300, 64, dtype=torch.bfloat16))
+    graphs = []
+
+    def keep_graph(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch.compile(layer, backend=keep_graph, dynamic=False)(torch.randn(2, 3, 64, dtype=torch.bfloat16))
+    (graph,) = graphs
+    called = {node.target for node in graph.graph.nodes if node.op == "call_function"}
+    assert torch.ops.llama_from_scratch.packed_linear.default in called
+    compiled = torch.compile(layer, dynamic=True)
+    for rows in (1, 8, 11):
+        x = torch.randn(rows, 1, 64, dtype=torch.bfloat16)
+        assert torch.equal(compiled(x), layer(x)), rows
+
+
+@pytest.fixture
+def ice_lake(monkeypatch):
+    """The engine's view of an Ice Lake with FBGEMM (x86 PyTorch): bf16 emulated, float16 weights run."""
+    monkeypatch.setattr(cpu, "cpu_features", lambda: ICE_LAKE)
+    monkeypatch.setattr(quantize, "cpu_features", lambda: ICE_LAKE)
+
+
+@needs_fbgemm
+def test_bf16_on_an_x86_cpu_without_native_bf16_is_held_in_float16_and_gives_the_logits_of_nn_linear(tiny_ckpt, ice_lake):
+    llama = LLaMa.build(tiny_ckpt, max_seq_len=64, device="cpu", progress=False)  # the default dtype
+    assert llama.linear_storage == HALF and next(llama.model.parameters()).dtype == torch.bfloat16
+    assert isinstance(llama.model.layers[0].attention.wqkv, HalfLinear)
+    assert isinstance(llama.model.output, HalfLinear)
+    assert "bfloat16; linear layers bf16, held as float16 for FBGEMM's float32 matmul" in how_it_runs(llama)
+    plain = load_transformer(tiny_ckpt, llama.args, torch.device("cpu"), torch.bfloat16, progress=False,
+                             needs_gradients=True)
+    for tokens in (torch.tensor([[3]]), torch.tensor([list(range(3, 20))])):  # a token and a prompt
+        # bf16 rounds each layer's output either way; float32 products differ from bf16 ones by those roundings.
+        torch.testing.assert_close(llama.model(tokens, 0).float(), plain(tokens, 0).float(), **BF16_TOLERANCE)
+
+
+@needs_fbgemm
+def test_a_layer_with_non_finite_weights_is_widened_instead_so_decoding_still_names_it():
+    weight = torch.randn(96, 64, dtype=torch.bfloat16)
+    assert isinstance(quantize.make_linear("layers.0.attention.wq", weight, HALF, torch.bfloat16), HalfLinear)
+    weight[3, 5] = float("inf")  # FBGEMM would clip it to 65504: a finite, silently wrong layer
+    layer = quantize.make_linear("layers.0.attention.wq", weight, HALF, torch.bfloat16)
+    assert isinstance(layer, WidenedLinear)
+    assert not torch.isfinite(layer(torch.ones(1, 64, dtype=torch.bfloat16))).all()
+
+
+@needs_fbgemm
+def test_compiled_half_layers_decode_the_eager_tokens_and_logits(tiny_ckpt, ice_lake):
+    kwargs = dict(max_seq_len=64, max_batch_size=2, device="cpu", progress=False)
+    eager, compiled = LLaMa.build(tiny_ckpt, **kwargs), LLaMa.build(tiny_ckpt, compile=True, **kwargs)
+    assert compiled.linear_storage == HALF
+    prompts = [replay_prompt(eager, "Hello, my name is"), replay_prompt(eager, "1 2 3")]
+
+    def steps(llama):
+        return [(step.tokens.clone(), step.logits.float()) for step in llama.decode(prompts, 8, SamplingParams(temperature=0))]
+
+    # The same kernels for the matmuls, eager and compiled; the compiled graph fuses the element-wise
+    # work in float32 and rounds less often: within two bf16 steps at the largest logit, while both
+    # have the same tokens behind them (as for the widened layers above).
     for (eager_tokens, eager_logits), (compiled_tokens, compiled_logits) in zip(steps(eager), steps(compiled)):
         two_steps = 2 * torch.finfo(torch.bfloat16).eps * eager_logits.abs().max().item()
         torch.testing.assert_close(compiled_logits, eager_logits, rtol=0, atol=two_steps)

@@ -322,6 +322,12 @@ TORCH_APIS = [
     TorchApi("torch.ops.mkldnn._linear_pointwise", r"_linear_pointwise", "2.4",
              f"{OLDEST_CHECKED} (its inductor calls it)", lambda: has_mkldnn_op("_linear_pointwise"),
              symbols=("torch.ops.mkldnn._linear_pointwise",)),
+    TorchApi("torch.ops.quantized.linear_prepack_fp16, linear_dynamic_fp16 (bf16_layers.HalfLinear)",
+             r"linear_(?:prepack|dynamic)_fp16", "2.4",
+             "PyTorch's float16 dynamic quantization of nn.Linear (torch.ao.nn.quantized.dynamic.Linear, "
+             "dtype=torch.float16) calls both, and has since the 1.x releases",
+             lambda: all(hasattr(torch.ops.quantized, name) for name in ("linear_prepack_fp16", "linear_dynamic_fp16")),
+             symbols=("torch.ops.quantized.linear_prepack_fp16", "torch.ops.quantized.linear_dynamic_fp16")),
     TorchApi("torch._int_mm with uint8 activations on a CPU (--quantize w8a8)", r"torch\._int_mm\(", "2.12",
              f"{WHEELS}: 2.12.0's libtorch_cpu takes 'int8 or uint8' for _int_mm's first argument, 2.11.0's "
              f"only 'type int8'", runs_int_mm_on_uint8, symbols=("torch._int_mm",), gated=True),
