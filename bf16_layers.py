@@ -304,6 +304,25 @@ class WidenedLinear(nn.Module):
 
 # float16's largest finite number, 65504: a weight scaled beyond it would be clipped.
 FLOAT16_MAX = torch.finfo(torch.float16).max
+# FBGEMM packs a weight from a float32 copy of the whole matrix. Packing parts of at most this many
+# output rows bounds that copy (4096 x 576 floats, 9 MB, for the demo; its 49,152-row head at once took
+# the load's peak RSS from ~650 MB to ~950 here; Llama 3's 128,256-row head would need 2 GB), and so
+# do the checks below, a part at a time. The head's 12 parts cost 12 kernel calls a step instead of one.
+PART_ROWS = 4096
+# FBGEMM packs the input dimension K in blocks of 512 and pads the last block with zeros: the demo's
+# K of 576 would take the memory of 1024 (1.78x; its loading peaked at 783 MB, over the 704 allowed).
+# So the layer packs the first whole blocks and keeps the remaining columns (64 of 576) in float32.
+FBGEMM_K_BLOCK = 512
+
+
+def row_parts(weight: torch.Tensor) -> list[torch.Tensor]:
+    """`weight` (N, K) as views of at most PART_ROWS rows each."""
+    return list(weight.split(PART_ROWS))
+
+
+def all_finite(weight: torch.Tensor) -> bool:
+    """Whether every weight is finite (no NaN, no infinity), checked a part at a time."""
+    return all(bool(torch.isfinite(part).all()) for part in row_parts(weight))
 
 
 def float16_exponent(weight: torch.Tensor) -> int:
@@ -316,10 +335,13 @@ def float16_exponent(weight: torch.Tensor) -> int:
     weight within float16's range (0 for non-finite weights, which stay NaN or infinite): a weight
     then rounds only if it is below 2^-17-s, by less than 2^-25-s, which is less than 2^-40 of the
     matrix's largest weight, far below float32's own rounding of the sum (2^-24 of it)."""
-    as_float = weight.float()  # (N, K)
-    if torch.equal(as_float.half().float(), as_float) or not torch.isfinite(as_float).all():
+    exact, largest = True, 0.0
+    for part in row_parts(weight):
+        as_float = part.float()  # (n, K)
+        exact = exact and torch.equal(as_float.half().float(), as_float)
+        largest = max(largest, as_float.abs().max().item())
+    if exact or not math.isfinite(largest):
         return 0
-    largest = as_float.abs().max().item()
     return math.floor(math.log2(FLOAT16_MAX / largest))
 
 
@@ -332,26 +354,41 @@ class HalfLinear(nn.Module):
     weights) and never writing a float32 copy. The weight's bytes are read once, as bf16's would be,
     and the arithmetic is float32's. Its 16-bit format is float16, not bf16; every weight of a bf16
     model is a float16 number after scaling the matrix by a power of two (`float16_exponent`), so
-    the layer holds W·2^s in float16 in FBGEMM's packed layout, and computes
+    the layer holds W·2^s in float16 in FBGEMM's packed layout, in parts of at most PART_ROWS
+    output rows. FBGEMM pads K to whole blocks of FBGEMM_K_BLOCK, so only the first P columns,
+    a whole number of blocks, are packed; the other K - P (the demo's 64 of 576) stay in float32:
 
-        y = (x (float32) @ (W·2^s)^T) · 2^-s,   rounded to x's dtype,
+        y = (x[:, :P] (float32) @ (W[:, :P]·2^s)^T) · 2^-s  +  x[:, P:] @ W[:, P:]^T,   rounded to x's dtype,
 
     which is the float32 product of the bf16 weights (the power-of-two scalings are exact). On a
     Sapphire Rapids under an Ice Lake's instructions, a token's 121 matmuls of the demo took 14 ms
     against 18 for oneDNN's emulated bf16 at one row, 22 against 46 widened at 8 rows, and the same
-    as widened at 512 (docs/benchmarks.md). Memory: bf16's (2 bytes a weight). A compiled step calls
+    as widened at 512 (docs/benchmarks.md). Memory: bf16's (2 bytes a weight), and 4 for the K - P
+    columns in float32 (the demo: 1.11x bf16's). A compiled step calls
     it through `packed_linear_op`, like PackedLinear: the packed weight is opaque to torch.compile.
     """
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.exponent = float16_exponent(weight)
-        # FBGEMM packs from float32; a copy of one matrix at a time, gone once packed.
-        scaled = torch.ldexp(weight.float(), torch.tensor(self.exponent))  # (N, K), W·2^s
-        self.packed_weight = torch.ops.quantized.linear_prepack_fp16(scaled, None)  # opaque: (N, K) float16
+        self.packed_columns = self.in_features - self.in_features % FBGEMM_K_BLOCK  # P
+        packed, rest = weight[:, : self.packed_columns], weight[:, self.packed_columns :]  # (N, P), (N, K - P)
+        self.exponent = float16_exponent(packed) if self.packed_columns > 0 else 0
+        # Opaque FBGEMM objects, (n, P) float16 each, packed from a float32 copy of one part at a time,
+        # all made in one scratch tensor: fresh copies, freed between FBGEMM's own allocations, left
+        # the heap in pieces (the demo's load peaked 170 MB higher).
+        scratch = torch.empty(min(PART_ROWS, self.out_features), self.packed_columns)  # (n, P) float32
+        self.packed_parts = []
+        for part in row_parts(packed) if self.packed_columns > 0 else []:
+            scaled = scratch[: part.shape[0]].copy_(part).mul_(2.0 ** self.exponent)  # (n, P): W·2^s, exact
+            self.packed_parts.append(torch.ops.quantized.linear_prepack_fp16(scaled, None))
+        self.register_buffer("rest", rest.float().T.contiguous())  # (K - P, N), float32: x[:, P:] @ rest
         self.key = next(PACKED_LAYER_KEYS)
         PACKED_LAYERS[self.key] = self
+
+    def packed_bytes(self) -> int:
+        """The bytes FBGEMM holds for the packed columns: float16, 2 a weight (N and P fill its blocks)."""
+        return self.out_features * self.packed_columns * torch.float16.itemsize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)
@@ -363,7 +400,14 @@ class HalfLinear(nn.Module):
 
     def packed_product(self, rows: torch.Tensor) -> torch.Tensor:
         """rows (M, K) @ W^T: (M, N) in rows' dtype, multiplied in float32."""
-        y = torch.ops.quantized.linear_dynamic_fp16(rows.float(), self.packed_weight)  # (M, N) float32
+        x = rows.float()  # (M, K)
+        if not self.packed_parts:  # K below one block: all of it in float32
+            return (x @ self.rest).to(rows.dtype)
+        x_packed = x[:, : self.packed_columns].contiguous()  # (M, P)
+        parts = [torch.ops.quantized.linear_dynamic_fp16(x_packed, packed) for packed in self.packed_parts]  # (M, n) each
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (M, N) float32
         if self.exponent != 0:
             y = y.mul_(2.0 ** -self.exponent)  # undo the weight's scaling: exact
+        if self.rest.shape[0] > 0:
+            y = y.addmm_(x[:, self.packed_columns :], self.rest)  # + x[:, P:] @ W[:, P:]^T
         return y.to(rows.dtype)

@@ -28,7 +28,8 @@ from typing import Optional
 import torch
 
 from model import EMBEDDING_KEY, ModelArgs, expected_shapes
-from quantize import DEFAULT_INT4_GROUP_SIZE, HALF, INT4, INT8, PLAIN, PREPACKED, W8A8, WIDENED, layer_storage
+from quantize import (DEFAULT_INT4_GROUP_SIZE, FBGEMM_K_BLOCK, HALF, INT4, INT8, PLAIN, PREPACKED, W8A8, WIDENED, layer_storage,
+                      linear_storage)
 
 GIB = 1024**3
 MEMINFO = Path("/proc/meminfo")  # Linux: MemAvailable counts free memory plus reclaimable caches
@@ -80,11 +81,15 @@ def linear_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
 def linear_bytes(out_features: int, in_features: int, storage: Optional[str], dtype: torch.dtype) -> int:
     """Bytes of one (N, K) linear layer's tensors, stored as `storage` (None: PLAIN) in `dtype`.
 
-    A prepacked weight takes the bytes of the plain one: oneDNN's blocked layout only reorders it; so
-    does a bf16 weight held in float16 (FBGEMM's packing only reorders it)."""
+    A prepacked weight takes the bytes of the plain one: oneDNN's blocked layout only reorders it.
+    A bf16 weight held in float16 (bf16_layers.HalfLinear) takes 2 bytes a weight in FBGEMM's blocks
+    and 4 for the columns beyond them."""
     itemsize = dtype.itemsize
-    if storage in (None, PLAIN, PREPACKED, HALF, WIDENED):
+    if storage in (None, PLAIN, PREPACKED, WIDENED):
         return out_features * in_features * itemsize
+    if storage == HALF:  # float16 for whole FBGEMM blocks of K, the remaining columns in float32
+        packed_columns = in_features - in_features % FBGEMM_K_BLOCK
+        return out_features * (packed_columns * torch.float16.itemsize + (in_features - packed_columns) * torch.float32.itemsize)
     if storage == INT8:
         return out_features * in_features + out_features * itemsize  # 1 byte per weight + scales
     if storage == W8A8:
@@ -98,11 +103,13 @@ def weights_bytes(args: ModelArgs, dtype: torch.dtype, quantize: Optional[str],
     """Bytes of the model's weights in `dtype`, quantized as asked, on `device` (which can decide a
     layer's storage: `layer_storage`)."""
     linears = linear_shapes(args)
+    # Unquantized, the layers' storage is the device's and CPU's (HALF takes other bytes than bf16's).
+    unquantized = linear_storage(device, dtype) if device is not None else None
     total = 0
     for name, shape in expected_shapes(args).items():
         module_name = name.removesuffix(".weight")
         if module_name in linears:
-            storage = layer_storage(module_name, quantize, device) if quantize else None
+            storage = layer_storage(module_name, quantize, device) if quantize else unquantized
             total += linear_bytes(*shape, storage, dtype)
         else:  # the embedding and the norms stay in `dtype`
             total += torch.Size(shape).numel() * dtype.itemsize

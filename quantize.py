@@ -93,7 +93,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bf16_layers import HalfLinear, PackedLinear, WidenedLinear, bf16_is_emulated, chunked_linear, prepacking_helps
+from bf16_layers import (FBGEMM_K_BLOCK, HalfLinear, PackedLinear, WidenedLinear, all_finite, bf16_is_emulated, chunked_linear,
+                         prepacking_helps)
 from cpu import CpuFeatures, cpu_features, float_matmul_dtype
 
 # The storages of a linear layer (see the table above). A quantization scheme's name is also the
@@ -566,7 +567,7 @@ def make_linear(
         weight = weight.to(device=device, dtype=dtype)
         # NaN or infinite weights (a broken checkpoint) stay as they are in WidenedLinear, where decoding
         # finds and names them (decoding.py); FBGEMM would clip an infinity to float16's largest number.
-        return HalfLinear(weight) if torch.isfinite(weight).all() else WidenedLinear(weight)
+        return HalfLinear(weight) if all_finite(weight) else WidenedLinear(weight)
     weight = weight.to(device)  # quantized on the target device
     if storage == INT8:
         return Int8Linear.from_float(weight, dtype)

@@ -409,6 +409,7 @@ def test_compiled_widened_layers_decode_the_eager_logits(tiny_ckpt, cpu_without_
 
 
 needs_fbgemm = pytest.mark.skipif(not cpu.has_fp16_weight_matmul(), reason="this PyTorch has no FBGEMM (not x86)")
+DEMO_K = 576  # the demo's dim: one block of FBGEMM's 512 packed, 64 columns in float32
 ICE_LAKE = CpuFeatures(name="x86_64: AVX512 (avx512_vnni), made up", native_bf16=False, int8_dot=True,
                        fp16_weight_matmul=True)
 
@@ -419,12 +420,50 @@ def test_a_half_layer_holds_every_bf16_weight_exactly(scale):
     # Weights of every size, down to bf16 numbers far below float16's smallest (2^-24) and up beyond
     # its largest (65504): times the identity, the layer gives back each weight exactly, in float32.
     torch.manual_seed(0)
-    weight = (torch.randn(96, 64) * scale).to(torch.bfloat16)
+    weight = (torch.randn(96, DEMO_K) * scale).to(torch.bfloat16)
     weight[0, :6] = torch.tensor([2.0 ** -30, -(2.0 ** -20), 3e-6, 0.0, 1.0 + 2.0 ** -7, -7.0]).to(torch.bfloat16) * scale
+    weight[1, -3:] = weight[0, :3]  # and in the columns kept in float32
     layer = HalfLinear(weight)
-    y = layer(torch.eye(64))  # (K, N): row k is column k of W
+    assert layer.packed_columns == bf16_layers.FBGEMM_K_BLOCK and layer.rest.shape == (DEMO_K - layer.packed_columns, 96)
+    y = layer(torch.eye(DEMO_K))  # (K, N): row k is column k of W
     assert y.dtype == torch.float32
     assert torch.equal(y.T, weight.float())
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("in_features", [64, 512, DEMO_K, 1536])
+def test_the_memory_planner_counts_a_half_layers_float16_blocks_and_float32_columns(in_features):
+    from memory import linear_bytes
+
+    layer = HalfLinear(torch.randn(96, in_features, dtype=torch.bfloat16))
+    assert layer.packed_bytes() + layer.rest.nbytes == linear_bytes(96, in_features, HALF, torch.bfloat16)
+    assert layer.packed_bytes() == 96 * (in_features // 512) * 512 * 2
+
+
+@needs_fbgemm
+def test_a_half_layer_narrower_than_one_fbgemm_block_keeps_its_weights_in_float32():
+    # FBGEMM would pad 64 columns to 512: the memory of 8 layers. Float32 holds them exactly.
+    weight = torch.randn(96, 64, dtype=torch.bfloat16)
+    layer = HalfLinear(weight)
+    assert layer.packed_parts == [] and layer.packed_bytes() == 0 and layer.rest.dtype == torch.float32
+    assert torch.equal(layer(torch.eye(64)).T, weight.float())
+
+
+@needs_fbgemm
+def test_a_half_layer_packed_in_parts_holds_every_weight_and_scales_them_all_alike(monkeypatch):
+    # FBGEMM packs from a float32 copy of the matrix: parts of PART_ROWS rows bound it. The scaling is
+    # the whole matrix's: its largest weight in the first part, a weight needing it in the last.
+    monkeypatch.setattr(bf16_layers, "PART_ROWS", 40)
+    torch.manual_seed(0)
+    weight = (torch.randn(96, DEMO_K) * 0.02).to(torch.bfloat16)  # parts of 40, 40 and 16 rows
+    weight[0, 0], weight[95, 0] = 3.0, (1 + 2.0 ** -7) * 2.0 ** -20
+    weight[50, -1] = 100.0  # in the float32 columns: not part of the scaling
+    layer = HalfLinear(weight)
+    assert len(layer.packed_parts) == 3 and layer.exponent == 14  # 3 * 2^14 <= 65504
+    assert torch.equal(layer(torch.eye(DEMO_K)).T, weight.float())
+    x = torch.randn(8, DEMO_K, dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(x).double(), x.double() @ weight.double().T,
+                               rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6)
 
 
 @pytest.mark.parametrize("weights, expected", [
@@ -442,8 +481,8 @@ def test_a_weight_is_scaled_by_the_largest_power_of_two_that_keeps_it_in_float16
 @pytest.mark.parametrize("rows", [1, 8, 11, 100])
 def test_a_half_layer_multiplies_bf16_rows_in_float32(rows):
     torch.manual_seed(0)
-    weight = (torch.randn(300, 64) * 0.02).to(torch.bfloat16)
-    x = torch.randn(2, rows, 64, dtype=torch.bfloat16)
+    weight = (torch.randn(300, DEMO_K) * 0.02).to(torch.bfloat16)
+    x = torch.randn(2, rows, DEMO_K, dtype=torch.bfloat16)
     y = HalfLinear(weight)(x)
     assert y.dtype == torch.bfloat16 and y.shape == (2, rows, 300)
     # Within one bf16 step of the float64 product: summed in float32, rounded once to bf16.
@@ -455,20 +494,20 @@ def test_a_half_layer_multiplies_bf16_rows_in_float32(rows):
 def test_a_compiled_half_layer_calls_its_packed_weight_through_the_operator_with_the_same_bits():
     torch._dynamo.reset()
     torch.manual_seed(0)
-    layer = HalfLinear(torch.randn(300, 64, dtype=torch.bfloat16))
+    layer = HalfLinear(torch.randn(300, DEMO_K, dtype=torch.bfloat16))
     graphs = []
 
     def keep_graph(graph_module, example_inputs):
         graphs.append(graph_module)
         return graph_module.forward
 
-    torch.compile(layer, backend=keep_graph, dynamic=False)(torch.randn(2, 3, 64, dtype=torch.bfloat16))
+    torch.compile(layer, backend=keep_graph, dynamic=False)(torch.randn(2, 3, DEMO_K, dtype=torch.bfloat16))
     (graph,) = graphs
     called = {node.target for node in graph.graph.nodes if node.op == "call_function"}
     assert torch.ops.llama_from_scratch.packed_linear.default in called
     compiled = torch.compile(layer, dynamic=True)
     for rows in (1, 8, 11):
-        x = torch.randn(rows, 1, 64, dtype=torch.bfloat16)
+        x = torch.randn(rows, 1, DEMO_K, dtype=torch.bfloat16)
         assert torch.equal(compiled(x), layer(x)), rows
 
 
@@ -477,6 +516,9 @@ def ice_lake(monkeypatch):
     """The engine's view of an Ice Lake with FBGEMM (x86 PyTorch): bf16 emulated, float16 weights run."""
     monkeypatch.setattr(cpu, "cpu_features", lambda: ICE_LAKE)
     monkeypatch.setattr(quantize, "cpu_features", lambda: ICE_LAKE)
+    # FBGEMM blocks of 32 input columns, so that the tiny model's layers (64, 96, 192 wide) are packed
+    # whole, as the demo's are all but 64 of 576 columns.
+    monkeypatch.setattr(bf16_layers, "FBGEMM_K_BLOCK", 32)
 
 
 @needs_fbgemm
