@@ -320,27 +320,30 @@ def row_parts(weight: torch.Tensor) -> list[torch.Tensor]:
     return list(weight.split(PART_ROWS))
 
 
-def all_finite(weight: torch.Tensor) -> bool:
-    """Whether every weight is finite (no NaN, no infinity), checked a part at a time."""
-    return all(bool(torch.isfinite(part).all()) for part in row_parts(weight))
-
-
-def float16_exponent(weight: torch.Tensor) -> int:
-    """The power of two, 2^s, that a bf16 `weight` (N, K) is multiplied by before it is stored in float16.
+def float16_exponent(weight: torch.Tensor, done_with_part: Optional[Callable[[torch.Tensor], None]] = None) -> Optional[int]:
+    """The power of two, 2^s, that a bf16 `weight` (N, K) is multiplied by before it is stored in
+    float16; None where some weight is not finite (NaN or infinite: such a layer is not held in float16).
 
     A bf16 number has 8 significant bits and 8 exponent bits; float16 has 11 and 5. So every bf16
     number from 2^-17 (a little below 1e-5) up to 65504 is a float16 number exactly, and smaller
     ones keep the bits that fall on float16's smallest step, 2^-24. s = 0 where every weight
     converts exactly (all 163 million of the demo's do); else the largest s that keeps the largest
-    weight within float16's range (0 for non-finite weights, which stay NaN or infinite): a weight
-    then rounds only if it is below 2^-17-s, by less than 2^-25-s, which is less than 2^-40 of the
-    matrix's largest weight, far below float32's own rounding of the sum (2^-24 of it)."""
+    weight within float16's range: a weight then rounds only if it is below 2^-17-s, by less than
+    2^-25-s, which is less than 2^-40 of the matrix's largest weight, far below float32's own
+    rounding of the sum (2^-24 of it). One pass, a part of PART_ROWS rows at a time, each handed to
+    `done_with_part` once read (the loader gives the file's pages back)."""
     exact, largest = True, 0.0
     for part in row_parts(weight):
         as_float = part.float()  # (n, K)
+        low, high = torch.aminmax(as_float)
+        part_largest = torch.maximum(-low, high).item()  # NaN or infinite if some weight is
+        if not math.isfinite(part_largest):
+            return None
         exact = exact and torch.equal(as_float.half().float(), as_float)
-        largest = max(largest, as_float.abs().max().item())
-    if exact or not math.isfinite(largest):
+        largest = max(largest, part_largest)
+        if done_with_part is not None:
+            done_with_part(part)
+    if exact:
         return 0
     return math.floor(math.log2(FLOAT16_MAX / largest))
 
@@ -368,21 +371,35 @@ class HalfLinear(nn.Module):
     it through `packed_linear_op`, like PackedLinear: the packed weight is opaque to torch.compile.
     """
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, exponent: Optional[int] = None,
+                 done_with_part: Optional[Callable[[torch.Tensor], None]] = None):
+        """`exponent`: float16_exponent(weight), where the caller has it (None: found here). Each part
+        of PART_ROWS rows of `weight` is handed to `done_with_part` once it is held."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.packed_columns = self.in_features - self.in_features % FBGEMM_K_BLOCK  # P
-        packed, rest = weight[:, : self.packed_columns], weight[:, self.packed_columns :]  # (N, P), (N, K - P)
-        self.exponent = float16_exponent(packed) if self.packed_columns > 0 else 0
-        # Opaque FBGEMM objects, (n, P) float16 each, packed from a float32 copy of one part at a time,
-        # all made in one scratch tensor: fresh copies, freed between FBGEMM's own allocations, left
-        # the heap in pieces (the demo's load peaked 170 MB higher).
+        if exponent is None:
+            exponent = float16_exponent(weight)
+        if exponent is None:
+            raise ValueError("HalfLinear: some weights are not finite (NaN or infinite); float16 cannot hold them")
+        self.exponent = exponent
+        # Every part packed from one float32 scratch tensor (fresh copies, freed between FBGEMM's own
+        # allocations, left the heap in pieces: the demo's load peaked 170 MB higher). FBGEMM packs on
+        # one thread, ~14 ns a weight: 0.9 s for the demo's 163 million.
         scratch = torch.empty(min(PART_ROWS, self.out_features), self.packed_columns)  # (n, P) float32
-        self.packed_parts = []
-        for part in row_parts(packed) if self.packed_columns > 0 else []:
-            scaled = scratch[: part.shape[0]].copy_(part).mul_(2.0 ** self.exponent)  # (n, P): W·2^s, exact
-            self.packed_parts.append(torch.ops.quantized.linear_prepack_fp16(scaled, None))
-        self.register_buffer("rest", rest.float().T.contiguous())  # (K - P, N), float32: x[:, P:] @ rest
+        rest = torch.empty(self.in_features - self.packed_columns, self.out_features)  # (K - P, N) float32
+        self.packed_parts = []  # opaque FBGEMM objects, (n, P) float16 each
+        first_row = 0
+        for part in row_parts(weight):  # (n, K)
+            rows = part.shape[0]
+            if self.packed_columns > 0:
+                scaled = scratch[:rows].copy_(part[:, : self.packed_columns]).mul_(2.0 ** self.exponent)  # (n, P): W·2^s, exact
+                self.packed_parts.append(torch.ops.quantized.linear_prepack_fp16(scaled, None))
+            rest[:, first_row : first_row + rows].copy_(part[:, self.packed_columns :].T)  # (K - P, n)
+            first_row += rows
+            if done_with_part is not None:
+                done_with_part(part)
+        self.register_buffer("rest", rest)  # (K - P, N), float32: x[:, P:] @ rest
         self.key = next(PACKED_LAYER_KEYS)
         PACKED_LAYERS[self.key] = self
 

@@ -578,7 +578,8 @@ def load_transformer(
         if module_name in linear_layers:
             # The layer as `storage` says, on the target device, in place of the (shapes-only)
             # nn.Linear; its tensors join the state dict under the layer's name.
-            layer = make_linear(module_name, tensor, storage, dtype, device)
+            layer = make_linear(module_name, tensor, storage, dtype, device,
+                                done_with_part=lambda part, pieces=pieces: release_mapped_part(part, pieces))
             if storage != PLAIN:
                 release_scratch_memory(device)
             model.set_submodule(module_name, layer)
@@ -616,6 +617,21 @@ class FusedWeights:
         ordered = [parts[i] for i in range(place.n_parts)]
         weight = torch.cat([t for t, _ in ordered])  # (sum of the parts' N, K)
         return place.module, weight, [piece for _, part_pieces in ordered for piece in part_pieces]
+
+
+def release_mapped_part(part: torch.Tensor, mapped: list[torch.Tensor]) -> None:
+    """Give back the file pages behind `part`, rows of a weight being converted, if it lies inside one
+    of the memory-mapped `mapped` (a converted copy, e.g. a float32 file's weight cast to bf16, is
+    ordinary memory: left alone, as release_file_pages must never see it)."""
+    if part.device.type != "cpu" or part.layout != torch.strided or not part.is_contiguous():
+        return
+    start, end = part.data_ptr(), part.data_ptr() + part.numel() * part.element_size()
+    for piece in mapped:
+        piece_start = piece.data_ptr()
+        piece_end = piece_start + piece.numel() * piece.element_size()
+        if piece.device.type == "cpu" and piece.is_contiguous() and piece_start <= start and end <= piece_end:
+            release_file_pages([part])
+            return
 
 
 def shares_memory(tensor: torch.Tensor, mapped: list[torch.Tensor]) -> bool:

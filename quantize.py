@@ -87,14 +87,14 @@ Shape legend: N output features (rows of W), K input features, G group size, M r
 """
 
 import functools
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bf16_layers import (FBGEMM_K_BLOCK, HalfLinear, PackedLinear, WidenedLinear, all_finite, bf16_is_emulated, chunked_linear,
-                         prepacking_helps)
+from bf16_layers import (FBGEMM_K_BLOCK, HalfLinear, PackedLinear, WidenedLinear, bf16_is_emulated, chunked_linear,
+                         float16_exponent, prepacking_helps)
 from cpu import CpuFeatures, cpu_features, float_matmul_dtype
 
 # The storages of a linear layer (see the table above). A quantization scheme's name is also the
@@ -548,11 +548,14 @@ def linear_storage(
 
 
 def make_linear(
-    name: str, weight: torch.Tensor, storage: str, dtype: torch.dtype, device: Optional[torch.device] = None
+    name: str, weight: torch.Tensor, storage: str, dtype: torch.dtype, device: Optional[torch.device] = None,
+    done_with_part: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> nn.Module:
     """The linear layer `name` (e.g. "layers.0.attention.wq") for the float weight (N, K), stored as
     `storage` (see `linear_storage`) with activations in `dtype`, on `device` (None: the weight's).
-    Quantizing starts from the weight's values as given, not first rounded to `dtype`."""
+    Quantizing starts from the weight's values as given, not first rounded to `dtype`. Storage 'half'
+    reads the weight a part of rows at a time and hands each part to `done_with_part` once read (the
+    loader lets the file's pages go: the demo's 49,152-row head need not be in memory twice)."""
     storage = layer_storage(name, storage, device if device is not None else weight.device)
     if storage == PLAIN:
         with torch.device("meta"):  # shapes only: no random init of a weight about to be replaced
@@ -567,7 +570,10 @@ def make_linear(
         weight = weight.to(device=device, dtype=dtype)
         # NaN or infinite weights (a broken checkpoint) stay as they are in WidenedLinear, where decoding
         # finds and names them (decoding.py); FBGEMM would clip an infinity to float16's largest number.
-        return HalfLinear(weight) if all_finite(weight) else WidenedLinear(weight)
+        exponent = float16_exponent(weight, done_with_part)  # None: some weight is not finite
+        if exponent is None:
+            return WidenedLinear(weight)
+        return HalfLinear(weight, exponent, done_with_part)
     weight = weight.to(device)  # quantized on the target device
     if storage == INT8:
         return Int8Linear.from_float(weight, dtype)

@@ -22,7 +22,9 @@ from checkpoint import (
     load_model_args,
     load_transformer,
     model_args_from_params,
+    open_shard,
     read_params_file,
+    release_mapped_part,
 )
 from conftest import LLAMA2_TOKENIZER
 from inference import LLaMa
@@ -353,3 +355,16 @@ def test_int4_on_cuda_needs_ampere_and_bfloat16_and_is_refused_on_mps_naming_wha
         linear_storage(CUDA, torch.float16, "int4", cuda_capability=(9, 0))
     with pytest.raises(QuantizationError, match=r"--quantize int4 has no MPS kernel.*use --quantize int8"):
         linear_storage(MPS, torch.float16, "int4")
+
+
+def test_the_loader_gives_back_file_pages_only_for_parts_of_the_memory_mapped_file(tmp_path):
+    weight = torch.randn(4096, 64)  # 1 MB: whole pages in every part of 1024 rows
+    torch.save({"w": weight}, tmp_path / "shard.pth")
+    mapped = open_shard(tmp_path / "shard.pth")["w"]
+    copy = mapped.clone()  # ordinary memory: released pages would read back as zeros
+    for part in copy.split(1024):
+        release_mapped_part(part, [mapped])
+    assert torch.equal(copy, weight)
+    for part in mapped.split(1024):
+        release_mapped_part(part, [mapped])
+    assert torch.equal(mapped, weight)  # the file's pages come back from the file

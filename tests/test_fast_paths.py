@@ -457,7 +457,6 @@ def test_a_half_layer_packed_in_parts_holds_every_weight_and_scales_them_all_ali
     torch.manual_seed(0)
     weight = (torch.randn(96, DEMO_K) * 0.02).to(torch.bfloat16)  # parts of 40, 40 and 16 rows
     weight[0, 0], weight[95, 0] = 3.0, (1 + 2.0 ** -7) * 2.0 ** -20
-    weight[50, -1] = 100.0  # in the float32 columns: not part of the scaling
     layer = HalfLinear(weight)
     assert len(layer.packed_parts) == 3 and layer.exponent == 14  # 3 * 2^14 <= 65504
     assert torch.equal(layer(torch.eye(DEMO_K)).T, weight.float())
@@ -471,10 +470,39 @@ def test_a_half_layer_packed_in_parts_holds_every_weight_and_scales_them_all_ali
     ([0.5, -3.0, 2.0 ** -17, 2.0 ** -24], 0),  # a power of two down to 2^-24 is a float16 number too
     ([0.5, -3.0, (1 + 2.0 ** -7) * 2.0 ** -20], 14),  # 8 bits at 2^-20 are not; 3 * 2^14 = 49152 <= 65504 < 3 * 2^15
     ([1e5, 1.0], -1),  # beyond float16's largest: scaled down
-    ([float("inf"), (1 + 2.0 ** -7) * 2.0 ** -20], 0),  # not finite: left alone (make_linear gives such a layer WidenedLinear)
+    ([float("inf"), (1 + 2.0 ** -7) * 2.0 ** -20], None),  # not finite: not held in float16 (make_linear widens it)
+    ([0.5, float("nan")], None),
 ])
 def test_a_weight_is_scaled_by_the_largest_power_of_two_that_keeps_it_in_float16_only_where_needed(weights, expected):
     assert bf16_layers.float16_exponent(torch.tensor([weights]).to(torch.bfloat16)) == expected
+
+
+@needs_fbgemm
+def test_a_half_layers_scaling_counts_the_float32_columns_too_and_still_holds_every_weight():
+    # One power of two for the whole matrix: a large weight in the float32 columns lowers it, and the
+    # smallest weights in the packed columns are still held exactly.
+    torch.manual_seed(0)
+    weight = (torch.randn(96, DEMO_K) * 0.02).to(torch.bfloat16)
+    weight[95, 0] = (1 + 2.0 ** -7) * 2.0 ** -20
+    weight[50, -1] = 100.0
+    layer = HalfLinear(weight)
+    assert layer.exponent == 9  # 100 * 2^9 = 51200 <= 65504
+    assert torch.equal(layer(torch.eye(DEMO_K)).T, weight.float())
+
+
+@needs_fbgemm
+def test_a_half_layer_reads_its_weight_a_part_at_a_time_and_hands_each_part_on_once_read(monkeypatch):
+    # The loader lets a part's file pages go once it is held: every row handed on, in order, once per
+    # pass (the scaling's pass and the packing's), and not before the layer is done with it.
+    monkeypatch.setattr(bf16_layers, "PART_ROWS", 40)
+    weight = torch.randn(96, DEMO_K, dtype=torch.bfloat16)
+    handed = []
+    layer = quantize.make_linear("layers.0.feed_forward.w2", weight, HALF, torch.bfloat16,
+                                 done_with_part=lambda part: handed.append((part.data_ptr(), part.shape[0])))
+    row_bytes = DEMO_K * weight.element_size()
+    parts = [(weight.data_ptr() + start * row_bytes, rows) for start, rows in ((0, 40), (40, 40), (80, 16))]
+    assert isinstance(layer, HalfLinear) and handed == parts + parts
+    assert torch.equal(layer(torch.eye(DEMO_K)).T, weight.float())
 
 
 @needs_fbgemm

@@ -105,6 +105,7 @@ def test_int8_layer_multiplies_by_its_dequantized_weight_which_is_within_half_a_
 
 HAS_INT8_DOT = cpu_features().int8_dot
 needs_int8_dot = pytest.mark.skipif(not HAS_INT8_DOT, reason="w8a8 needs int8 dot-product instructions (VNNI/AMX)")
+needs_fbgemm = pytest.mark.skipif(not cpu_features().fp16_weight_matmul, reason="this PyTorch has no FBGEMM (not x86)")
 
 
 def per_row_uint8_reference(x: torch.Tensor) -> torch.Tensor:
@@ -472,6 +473,10 @@ LOAD_AND_REPORT = textwrap.dedent("""
     import json, sys, torch
     from checkpoint import load_model_args, load_transformer
     ckpt, quantize = sys.argv[1], (sys.argv[2] or None)
+    if sys.argv[3:] == ["as-ice-lake"]:  # the engine's view of an x86 CPU without native bf16: storage 'half'
+        import dataclasses, cpu, quantize as storages
+        features = dataclasses.replace(cpu.cpu_features(), native_bf16=False, fp16_weight_matmul=True)
+        cpu.cpu_features = storages.cpu_features = lambda: features
     args = load_model_args(ckpt, max_seq_len=2048, max_batch_size=4)
     load_transformer(ckpt, args, torch.device("cpu"), torch.bfloat16, progress=False, quantize=quantize)
     status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
@@ -504,15 +509,19 @@ def demo_ckpt_bf16(smollm2_gguf, tmp_path_factory):
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from Linux's /proc")
-@pytest.mark.parametrize("quantize", ["", "int8", "int4", pytest.param("w8a8", marks=needs_int8_dot)],
-                         ids=["bf16-prepacked", "bf16-to-int8", "bf16-to-int4", "bf16-to-w8a8"])
-def test_loading_the_bf16_demo_model_keeps_peak_rss_within_the_budget(demo_ckpt_bf16, quantize):
+@pytest.mark.parametrize("quantize, cpu_kind", [
+    ("", "this CPU"), pytest.param("", "as-ice-lake", marks=needs_fbgemm), ("int8", "this CPU"), ("int4", "this CPU"),
+    pytest.param("w8a8", "this CPU", marks=needs_int8_dot),
+], ids=["bf16-as-this-cpu-stores-it", "bf16-held-in-float16", "bf16-to-int8", "bf16-to-int4", "bf16-to-w8a8"])
+def test_loading_the_bf16_demo_model_keeps_peak_rss_within_the_budget(demo_ckpt_bf16, quantize, cpu_kind):
     """The same budget on the checkpoint bench.py loads, where it is tightest (311 MB: 704 MB allowed).
     Three loads each, since freed working memory left in malloc's arenas made the peak vary from run
-    to run (0.5 to 0.9 GB for int4) until the loader handed it back after every layer."""
+    to run (0.5 to 0.9 GB for int4) until the loader handed it back after every layer. Held in float16
+    (an x86 CPU without native bf16, made up here on any x86 CPU), the output head's file pages go
+    back a part at a time as it is read (686 MB in bench.py before; 704 allowed)."""
     checkpoint_bytes = sum(p.stat().st_size for p in Path(demo_ckpt_bf16).glob("consolidated.*.pth"))
     for _ in range(3):
-        result = subprocess.run([sys.executable, "-c", LOAD_AND_REPORT, str(demo_ckpt_bf16), quantize],
+        result = subprocess.run([sys.executable, "-c", LOAD_AND_REPORT, str(demo_ckpt_bf16), quantize, cpu_kind],
                                 capture_output=True, text=True, cwd=Path(__file__).parent.parent, check=True)
         peak_bytes = json.loads(result.stdout.strip().splitlines()[-1])["peak_kb"] * 1024
         assert peak_bytes <= 1.3 * checkpoint_bytes + 300 * 2**20, (peak_bytes / 2**20, checkpoint_bytes / 2**20)
