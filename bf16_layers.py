@@ -320,32 +320,44 @@ def row_parts(weight: torch.Tensor) -> list[torch.Tensor]:
     return list(weight.split(PART_ROWS))
 
 
-def float16_exponent(weight: torch.Tensor, done_with_part: Optional[Callable[[torch.Tensor], None]] = None) -> Optional[int]:
-    """The power of two, 2^s, that a bf16 `weight` (N, K) is multiplied by before it is stored in
-    float16; None where some weight is not finite (NaN or infinite: such a layer is not held in float16).
+def float16_columns(in_features: int) -> int:
+    """P: how many of a weight's K input columns HalfLinear holds in float16 for FBGEMM (whole blocks)."""
+    return in_features - in_features % FBGEMM_K_BLOCK
+
+
+# The largest s for 2^s: 2^s and 2^-s both normal float32 numbers, so that scaling and unscaling are exact.
+FLOAT32_MAX_SHIFT = 126
+
+
+def float16_exponent(weight: torch.Tensor, columns: Optional[int] = None,
+                     done_with_part: Optional[Callable[[torch.Tensor], None]] = None) -> Optional[int]:
+    """The power of two, 2^s, that the first `columns` (None: all) of a bf16 `weight` (N, K) are
+    multiplied by before they are stored in float16; None where some weight (of any column) is not
+    finite (NaN or infinite: such a layer is not held in float16).
 
     A bf16 number has 8 significant bits and 8 exponent bits; float16 has 11 and 5. So every bf16
     number from 2^-17 (a little below 1e-5) up to 65504 is a float16 number exactly, and smaller
     ones keep the bits that fall on float16's smallest step, 2^-24. s = 0 where every weight
     converts exactly (all 163 million of the demo's do); else the largest s that keeps the largest
-    weight within float16's range: a weight then rounds only if it is below 2^-17-s, by less than
-    2^-25-s, which is less than 2^-40 of the matrix's largest weight, far below float32's own
+    weight within float16's range (at most FLOAT32_MAX_SHIFT): a weight then rounds only if it is
+    below 2^-17-s, by at most 2^-25-s, about 2^-40 of the largest weight, far below float32's own
     rounding of the sum (2^-24 of it). One pass, a part of PART_ROWS rows at a time, each handed to
     `done_with_part` once read (the loader gives the file's pages back)."""
+    columns = weight.shape[1] if columns is None else columns
     exact, largest = True, 0.0
     for part in row_parts(weight):
         as_float = part.float()  # (n, K)
         low, high = torch.aminmax(as_float)
-        part_largest = torch.maximum(-low, high).item()  # NaN or infinite if some weight is
-        if not math.isfinite(part_largest):
+        if not math.isfinite(torch.maximum(-low, high).item()):  # NaN or infinite if some weight is
             return None
-        exact = exact and torch.equal(as_float.half().float(), as_float)
-        largest = max(largest, part_largest)
+        held = as_float[:, :columns]  # (n, P): the columns held in float16
+        exact = exact and torch.equal(held.half().float(), held)
+        largest = max(largest, held.abs().max().item() if columns > 0 else 0.0)
         if done_with_part is not None:
             done_with_part(part)
     if exact:
         return 0
-    return math.floor(math.log2(FLOAT16_MAX / largest))
+    return min(math.floor(math.log2(FLOAT16_MAX / largest)), FLOAT32_MAX_SHIFT)
 
 
 class HalfLinear(nn.Module):
@@ -355,9 +367,10 @@ class HalfLinear(nn.Module):
     without bf16 instructions needs: it multiplies float32 rows of x by a weight stored in 16 bits,
     widening each weight into a float32 register as it streams past (one `vcvtph2ps` per 8 or 16
     weights) and never writing a float32 copy. The weight's bytes are read once, as bf16's would be,
-    and the arithmetic is float32's. Its 16-bit format is float16, not bf16; every weight of a bf16
-    model is a float16 number after scaling the matrix by a power of two (`float16_exponent`), so
-    the layer holds W·2^s in float16 in FBGEMM's packed layout, in parts of at most PART_ROWS
+    and the arithmetic is float32's. Its 16-bit format is float16, not bf16; after scaling the matrix
+    by a power of two (`float16_exponent`), every weight of a bf16 model is a float16 number but
+    those far below the largest (under 2^-17-s: rounded by at most about 2^-40 of it), so the layer
+    holds W·2^s in float16 in FBGEMM's packed layout, in parts of at most PART_ROWS
     output rows. FBGEMM pads K to whole blocks of FBGEMM_K_BLOCK, so only the first P columns,
     a whole number of blocks, are packed; the other K - P (the demo's 64 of 576) stay in float32:
 
@@ -373,13 +386,13 @@ class HalfLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, exponent: Optional[int] = None,
                  done_with_part: Optional[Callable[[torch.Tensor], None]] = None):
-        """`exponent`: float16_exponent(weight), where the caller has it (None: found here). Each part
-        of PART_ROWS rows of `weight` is handed to `done_with_part` once it is held."""
+        """`exponent`: float16_exponent(weight, float16_columns(K)), where the caller has it (None:
+        found here). Each part of PART_ROWS rows of `weight` is handed to `done_with_part` once held."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed_columns = self.in_features - self.in_features % FBGEMM_K_BLOCK  # P
+        self.packed_columns = float16_columns(self.in_features)  # P
         if exponent is None:
-            exponent = float16_exponent(weight)
+            exponent = float16_exponent(weight, self.packed_columns)
         if exponent is None:
             raise ValueError("HalfLinear: some weights are not finite (NaN or infinite); float16 cannot hold them")
         self.exponent = exponent

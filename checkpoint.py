@@ -622,7 +622,8 @@ class FusedWeights:
 def release_mapped_part(part: torch.Tensor, mapped: list[torch.Tensor]) -> None:
     """Give back the file pages behind `part`, rows of a weight being converted, if it lies inside one
     of the memory-mapped `mapped` (a converted copy, e.g. a float32 file's weight cast to bf16, is
-    ordinary memory: left alone, as release_file_pages must never see it)."""
+    ordinary memory: left alone, as release_file_pages must never see it). The mapping is private and
+    never written, so the pages read back from the file as they were."""
     if part.device.type != "cpu" or part.layout != torch.strided or not part.is_contiguous():
         return
     start, end = part.data_ptr(), part.data_ptr() + part.numel() * part.element_size()

@@ -94,7 +94,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bf16_layers import (FBGEMM_K_BLOCK, HalfLinear, PackedLinear, WidenedLinear, bf16_is_emulated, chunked_linear,
-                         float16_exponent, prepacking_helps)
+                         float16_columns, float16_exponent, prepacking_helps)
 from cpu import CpuFeatures, cpu_features, float_matmul_dtype
 
 # The storages of a linear layer (see the table above). A quantization scheme's name is also the
@@ -570,7 +570,7 @@ def make_linear(
         weight = weight.to(device=device, dtype=dtype)
         # NaN or infinite weights (a broken checkpoint) stay as they are in WidenedLinear, where decoding
         # finds and names them (decoding.py); FBGEMM would clip an infinity to float16's largest number.
-        exponent = float16_exponent(weight, done_with_part)  # None: some weight is not finite
+        exponent = float16_exponent(weight, float16_columns(weight.shape[1]), done_with_part)  # None: not all finite
         if exponent is None:
             return WidenedLinear(weight)
         return HalfLinear(weight, exponent, done_with_part)

@@ -357,14 +357,25 @@ def test_int4_on_cuda_needs_ampere_and_bfloat16_and_is_refused_on_mps_naming_wha
         linear_storage(MPS, torch.float16, "int4")
 
 
-def test_the_loader_gives_back_file_pages_only_for_parts_of_the_memory_mapped_file(tmp_path):
+def test_the_loader_gives_back_file_pages_only_for_parts_of_the_memory_mapped_file(tmp_path, monkeypatch):
+    import checkpoint
+    from memory import release_file_pages
+
+    released = []
+
+    def recording(tensors):
+        released.extend(t.data_ptr() for t in tensors)
+        release_file_pages(tensors)
+
+    monkeypatch.setattr(checkpoint, "release_file_pages", recording)
     weight = torch.randn(4096, 64)  # 1 MB: whole pages in every part of 1024 rows
     torch.save({"w": weight}, tmp_path / "shard.pth")
     mapped = open_shard(tmp_path / "shard.pth")["w"]
     copy = mapped.clone()  # ordinary memory: released pages would read back as zeros
     for part in copy.split(1024):
         release_mapped_part(part, [mapped])
-    assert torch.equal(copy, weight)
+    assert released == [] and torch.equal(copy, weight)
     for part in mapped.split(1024):
         release_mapped_part(part, [mapped])
+    assert released == [part.data_ptr() for part in mapped.split(1024)]
     assert torch.equal(mapped, weight)  # the file's pages come back from the file

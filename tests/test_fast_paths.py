@@ -24,7 +24,9 @@ from torch.overrides import TorchFunctionMode
 import bf16_layers
 import cpu
 import quantize
+import checkpoint
 from checkpoint import load_model_args, load_transformer
+from memory import release_file_pages
 from cli import how_it_runs
 from conftest import LLAMA2_TOKENIZER
 from cpu import CpuFeatures, cpu_features
@@ -35,7 +37,7 @@ from bf16_layers import (WIDENED_ROWS, X86_MACHINES, HalfLinear, PackedLinear, W
                          widened_in_onednn)
 from quantize import HALF, PREPACKED, WIDENED, linear_storage
 from sampling import SamplingParams
-from tiny import replay_prompt, write_tiny_llama2_checkpoint
+from tiny import LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, replay_prompt, write_checkpoint, write_tiny_llama2_checkpoint
 
 VOCAB_SIZE = 256
 SMALL = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, vocab_size=VOCAB_SIZE)
@@ -415,7 +417,8 @@ ICE_LAKE = CpuFeatures(name="x86_64: AVX512 (avx512_vnni), made up", native_bf16
 
 
 @needs_fbgemm
-@pytest.mark.parametrize("scale", [2.0 ** -12, 0.02, 1.0, 3e4, 1e6], ids=["tiny", "llama-like", "one", "near-max", "beyond-float16"])
+@pytest.mark.parametrize("scale", [1e-36, 2.0 ** -12, 0.02, 1.0, 3e4, 1e6],
+                         ids=["near-float32-min", "tiny", "llama-like", "one", "near-max", "beyond-float16"])
 def test_a_half_layer_holds_every_bf16_weight_exactly(scale):
     # Weights of every size, down to bf16 numbers far below float16's smallest (2^-24) and up beyond
     # its largest (65504): times the identity, the layer gives back each weight exactly, in float32.
@@ -457,6 +460,7 @@ def test_a_half_layer_packed_in_parts_holds_every_weight_and_scales_them_all_ali
     torch.manual_seed(0)
     weight = (torch.randn(96, DEMO_K) * 0.02).to(torch.bfloat16)  # parts of 40, 40 and 16 rows
     weight[0, 0], weight[95, 0] = 3.0, (1 + 2.0 ** -7) * 2.0 ** -20
+    weight[50, -1] = 100.0  # in the float32 columns: not part of the scaling
     layer = HalfLinear(weight)
     assert len(layer.packed_parts) == 3 and layer.exponent == 14  # 3 * 2^14 <= 65504
     assert torch.equal(layer(torch.eye(DEMO_K)).T, weight.float())
@@ -471,29 +475,18 @@ def test_a_half_layer_packed_in_parts_holds_every_weight_and_scales_them_all_ali
     ([0.5, -3.0, (1 + 2.0 ** -7) * 2.0 ** -20], 14),  # 8 bits at 2^-20 are not; 3 * 2^14 = 49152 <= 65504 < 3 * 2^15
     ([1e5, 1.0], -1),  # beyond float16's largest: scaled down
     ([float("inf"), (1 + 2.0 ** -7) * 2.0 ** -20], None),  # not finite: not held in float16 (make_linear widens it)
+    ([0.5, float("-inf")], None),
     ([0.5, float("nan")], None),
+    ([1e-36, 3e-37], 126),  # tiny: scaled up as far as 2^126, beyond which 2^-s would not be a normal float32
 ])
 def test_a_weight_is_scaled_by_the_largest_power_of_two_that_keeps_it_in_float16_only_where_needed(weights, expected):
     assert bf16_layers.float16_exponent(torch.tensor([weights]).to(torch.bfloat16)) == expected
 
 
 @needs_fbgemm
-def test_a_half_layers_scaling_counts_the_float32_columns_too_and_still_holds_every_weight():
-    # One power of two for the whole matrix: a large weight in the float32 columns lowers it, and the
-    # smallest weights in the packed columns are still held exactly.
-    torch.manual_seed(0)
-    weight = (torch.randn(96, DEMO_K) * 0.02).to(torch.bfloat16)
-    weight[95, 0] = (1 + 2.0 ** -7) * 2.0 ** -20
-    weight[50, -1] = 100.0
-    layer = HalfLinear(weight)
-    assert layer.exponent == 9  # 100 * 2^9 = 51200 <= 65504
-    assert torch.equal(layer(torch.eye(DEMO_K)).T, weight.float())
-
-
-@needs_fbgemm
 def test_a_half_layer_reads_its_weight_a_part_at_a_time_and_hands_each_part_on_once_read(monkeypatch):
-    # The loader lets a part's file pages go once it is held: every row handed on, in order, once per
-    # pass (the scaling's pass and the packing's), and not before the layer is done with it.
+    # The loader lets a part's file pages go once it is read: every row handed on, in order, once per
+    # pass (the scaling's pass and the packing's).
     monkeypatch.setattr(bf16_layers, "PART_ROWS", 40)
     weight = torch.randn(96, DEMO_K, dtype=torch.bfloat16)
     handed = []
@@ -503,6 +496,18 @@ def test_a_half_layer_reads_its_weight_a_part_at_a_time_and_hands_each_part_on_o
     parts = [(weight.data_ptr() + start * row_bytes, rows) for start, rows in ((0, 40), (40, 40), (80, 16))]
     assert isinstance(layer, HalfLinear) and handed == parts + parts
     assert torch.equal(layer(torch.eye(DEMO_K)).T, weight.float())
+
+
+@needs_fbgemm
+def test_a_non_finite_weight_in_a_later_part_still_leaves_the_layer_widened(monkeypatch):
+    monkeypatch.setattr(bf16_layers, "PART_ROWS", 40)
+    weight = torch.randn(96, DEMO_K, dtype=torch.bfloat16)
+    weight[90, 7] = float("nan")  # in the third part, after two were handed on
+    handed = []
+    layer = quantize.make_linear("layers.0.feed_forward.w2", weight, HALF, torch.bfloat16,
+                                 done_with_part=lambda part: handed.append(part.shape[0]))
+    assert isinstance(layer, WidenedLinear) and handed == [40, 40]
+    assert torch.isnan(layer(torch.ones(1, DEMO_K, dtype=torch.bfloat16))[0, 90])
 
 
 @needs_fbgemm
@@ -561,6 +566,35 @@ def test_bf16_on_an_x86_cpu_without_native_bf16_is_held_in_float16_and_gives_the
     for tokens in (torch.tensor([[3]]), torch.tensor([list(range(3, 20))])):  # a token and a prompt
         # bf16 rounds each layer's output either way; float32 products differ from bf16 ones by those roundings.
         torch.testing.assert_close(llama.model(tokens, 0).float(), plain(tokens, 0).float(), **BF16_TOLERANCE)
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16_ckpt(tmp_path_factory):
+    """The tiny model stored in bf16, as the demo is: its tensors can stay in the memory-mapped file."""
+    state_dict = {name: tensor.to(torch.bfloat16) for name, tensor in meta_state_dict(hf_model(TINY, LLAMA2_VOCAB_SIZE), TINY).items()}
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-bf16"), state_dict, {**TINY, "vocab_size": -1}, LLAMA2_TOKENIZER)
+
+
+@needs_fbgemm
+def test_loading_into_half_layers_gives_back_the_file_pages_of_each_part_of_the_head_once_packed(
+        tiny_bf16_ckpt, ice_lake, monkeypatch):
+    # The head (32,000 x 64) is read in parts of 8,192 rows; each part's pages go back as soon as it
+    # is read, so the file's copy of the head and its float16 copy are never both in memory.
+    monkeypatch.setattr(bf16_layers, "PART_ROWS", 8192)
+    args = load_model_args(tiny_bf16_ckpt, max_seq_len=32, max_batch_size=1)
+    kept = load_transformer(tiny_bf16_ckpt, args, torch.device("cpu"), torch.bfloat16, progress=False)
+    released = []
+
+    def recording(tensors):
+        released.extend(tuple(t.shape) for t in tensors)
+        release_file_pages(tensors)
+
+    monkeypatch.setattr(checkpoint, "release_file_pages", recording)
+    model = load_transformer(tiny_bf16_ckpt, args, torch.device("cpu"), torch.bfloat16, progress=False)
+    assert isinstance(model.output, HalfLinear)
+    assert released.count((8192, args.dim)) == 2 * 3  # the head's three whole parts, in both passes
+    tokens = torch.tensor([list(range(3, 20))])
+    assert torch.equal(model(tokens, 0), kept(tokens, 0))  # pages read back from the file: the same weights
 
 
 @needs_fbgemm
