@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 
 from model import EMBEDDING_KEY, ModelArgs, expected_shapes
-from quantize import (DEFAULT_INT4_GROUP_SIZE, FBGEMM_K_BLOCK, HALF, INT4, INT8, PLAIN, PREPACKED, W8A8, WIDENED, layer_storage,
-                      linear_storage)
+from quantize import (DEFAULT_INT4_GROUP_SIZE, HALF, INT4, INT8, PLAIN, PREPACKED, W8A8, WIDENED, float16_columns,
+                      layer_storage, linear_storage)
 
 GIB = 1024**3
 MEMINFO = Path("/proc/meminfo")  # Linux: MemAvailable counts free memory plus reclaimable caches
@@ -88,7 +88,7 @@ def linear_bytes(out_features: int, in_features: int, storage: Optional[str], dt
     if storage in (None, PLAIN, PREPACKED, WIDENED):
         return out_features * in_features * itemsize
     if storage == HALF:  # float16 for whole FBGEMM blocks of K, the remaining columns in float32
-        packed_columns = in_features - in_features % FBGEMM_K_BLOCK
+        packed_columns = float16_columns(in_features)
         return out_features * (packed_columns * torch.float16.itemsize + (in_features - packed_columns) * torch.float32.itemsize)
     if storage == INT8:
         return out_features * in_features + out_features * itemsize  # 1 byte per weight + scales

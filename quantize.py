@@ -93,7 +93,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bf16_layers import (FBGEMM_K_BLOCK, HalfLinear, PackedLinear, WidenedLinear, bf16_is_emulated, chunked_linear,
+from bf16_layers import (HalfLinear, PackedLinear, WidenedLinear, bf16_is_emulated, chunked_linear,
                          float16_columns, float16_exponent, prepacking_helps)
 from cpu import CpuFeatures, cpu_features, float_matmul_dtype
 

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import bf16_layers
+import checkpoint
 import cpu
 import quantize
-import checkpoint
 from checkpoint import load_model_args, load_transformer
 from memory import release_file_pages
 from cli import how_it_runs
@@ -37,7 +37,7 @@ from bf16_layers import (WIDENED_ROWS, X86_MACHINES, HalfLinear, PackedLinear, W
                          widened_in_onednn)
 from quantize import HALF, PREPACKED, WIDENED, linear_storage
 from sampling import SamplingParams
-from tiny import LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, replay_prompt, write_checkpoint, write_tiny_llama2_checkpoint
+from tiny import replay_prompt, write_tiny_llama2_checkpoint
 
 VOCAB_SIZE = 256
 SMALL = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, vocab_size=VOCAB_SIZE)
@@ -571,8 +571,7 @@ def test_bf16_on_an_x86_cpu_without_native_bf16_is_held_in_float16_and_gives_the
 @pytest.fixture(scope="module")
 def tiny_bf16_ckpt(tmp_path_factory):
     """The tiny model stored in bf16, as the demo is: its tensors can stay in the memory-mapped file."""
-    state_dict = {name: tensor.to(torch.bfloat16) for name, tensor in meta_state_dict(hf_model(TINY, LLAMA2_VOCAB_SIZE), TINY).items()}
-    return write_checkpoint(tmp_path_factory.mktemp("tiny-bf16"), state_dict, {**TINY, "vocab_size": -1}, LLAMA2_TOKENIZER)
+    return write_tiny_llama2_checkpoint(tmp_path_factory.mktemp("tiny-bf16"), LLAMA2_TOKENIZER, dtype=torch.bfloat16)
 
 
 @needs_fbgemm

@@ -32,8 +32,7 @@ from quantize import (DEQUANTIZED_ROWS, INT4, INT4_INNER_K_TILES, INT4_MIDPOINT,
                       layer_storage, linear_storage, make_linear,
                       prepacking_helps, quantize_int4, quantize_int8, quantize_model, unpack_int4_cpu)
 from smoothing import smooth_w8a8
-from tiny import (LLAMA2_VOCAB_SIZE, TINY, hf_model, meta_state_dict, write_checkpoint,
-                  write_tiny_llama2_checkpoint)
+from tiny import LLAMA2_VOCAB_SIZE, write_tiny_llama2_checkpoint
 
 CPU = torch.device("cpu")
 PERPLEXITY_TOLERANCE = 0.03  # quantized perplexity <= bf16's * (1 + this)
@@ -354,9 +353,7 @@ def tiny_args(ckpt, max_seq_len=32, max_batch_size=2):
 def tiny_bf16_ckpt(tmp_path_factory):
     """The tiny checkpoint stored in bf16: quantizing while loading it and after loading it as bf16
     then start from the same numbers (from an fp32 file, loading quantizes the fp32 originals)."""
-    state_dict = {k: v.to(torch.bfloat16) for k, v in meta_state_dict(hf_model(TINY, LLAMA2_VOCAB_SIZE), TINY).items()}
-    params = {**TINY, "vocab_size": -1}
-    return write_checkpoint(tmp_path_factory.mktemp("tiny-bf16"), state_dict, params, LLAMA2_TOKENIZER)
+    return write_tiny_llama2_checkpoint(tmp_path_factory.mktemp("tiny-bf16"), LLAMA2_TOKENIZER, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", pytest.param("w8a8", marks=needs_int8_dot)])

@@ -7,6 +7,7 @@ for our loader and engine on exactly the same weights.
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 import transformers
@@ -80,11 +81,16 @@ def write_checkpoint(out_dir: Path, state_dict: dict, params: dict, tokenizer_pa
     return out_dir
 
 
-def write_tiny_llama2_checkpoint(out_dir: Path, tokenizer_path: Path, seed: int = 0) -> Path:
+def write_tiny_llama2_checkpoint(out_dir: Path, tokenizer_path: Path, seed: int = 0,
+                                 dtype: Optional[torch.dtype] = None) -> Path:
     """The TINY model with random weights (from `seed`) as a Meta checkpoint for the Llama 2 tokenizer
-    at `tokenizer_path`; params.json says vocab_size -1, as Meta's Llama 2 ones do."""
+    at `tokenizer_path`, its tensors stored in `dtype` (None: float32); params.json says vocab_size
+    -1, as Meta's Llama 2 ones do."""
     hf = hf_model(TINY, LLAMA2_VOCAB_SIZE, seed=seed)
-    return write_checkpoint(out_dir, meta_state_dict(hf, TINY), {**TINY, "vocab_size": -1}, tokenizer_path)
+    state_dict = meta_state_dict(hf, TINY)
+    if dtype is not None:
+        state_dict = {name: tensor.to(dtype) for name, tensor in state_dict.items()}
+    return write_checkpoint(out_dir, state_dict, {**TINY, "vocab_size": -1}, tokenizer_path)
 
 
 # A prompt for speculative decoding (tests/test_speculative.py): the model's own continuation of a
