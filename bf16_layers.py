@@ -96,9 +96,9 @@ def prepacking_helps(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.bfloat16 and bf16_linear_reaches_onednn()
 
 
-# Every packed layer of this process (PackedLinear, HalfLinear) by its number (`key`), for the operator
-# below, which compiled steps call with the number: a packed weight is opaque, so a graph cannot take it
-# as an input.
+# Every packed layer of this process (PackedLinear, HalfLinear) by its number (`key`), for the operators
+# below (`packed_linear_op`, `half_columns_op`), which compiled steps call with the number: a packed
+# weight is opaque, so a graph cannot take it as an input.
 # Weak references: a layer goes when its model does.
 PACKED_LAYERS: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()
 PACKED_LAYER_KEYS = itertools.count()
@@ -141,7 +141,7 @@ class PackedLinear(nn.Module):
 
 
 def packed_layer_linear(rows: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
-    """rows (M, K) @ W^T for the packed layer numbered `key` (PackedLinear, HalfLinear): (M, out_features)."""
+    """rows (M, K) @ W^T for the PackedLinear numbered `key`: (M, out_features)."""
     return PACKED_LAYERS[key].packed_product(rows)
 
 
@@ -380,8 +380,8 @@ class HalfLinear(nn.Module):
     Sapphire Rapids under an Ice Lake's instructions, a token's 121 matmuls of the demo took 14 ms
     against 18 for oneDNN's emulated bf16 at one row, 22 against 46 widened at 8 rows, and the same
     as widened at 512 (docs/benchmarks.md). Memory: bf16's (2 bytes a weight), and 4 for the K - P
-    columns in float32 (the demo: 1.11x bf16's). A compiled step calls
-    it through `packed_linear_op`, like PackedLinear: the packed weight is opaque to torch.compile.
+    columns in float32 (the demo: 1.11x bf16's). A compiled step calls FBGEMM's part through
+    `half_columns_op` (`compiled_product`): the packed weight is opaque to torch.compile.
     """
 
     def __init__(self, weight: torch.Tensor, exponent: Optional[int] = None,
@@ -423,7 +423,7 @@ class HalfLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)
         if torch.compiler.is_compiling():
-            y = packed_linear_op(rows, self.key, self.out_features)  # (M, N)
+            y = self.compiled_product(rows)  # (M, N)
         else:
             y = self.packed_product(rows)  # (M, N)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -433,11 +433,44 @@ class HalfLinear(nn.Module):
         x = rows.float()  # (M, K)
         if not self.packed_parts:  # K below one block: all of it in float32
             return (x @ self.rest).to(rows.dtype)
-        x_packed = x[:, : self.packed_columns].contiguous()  # (M, P)
+        y = self.packed_columns_product(x[:, : self.packed_columns].contiguous())  # (M, N) float32
+        if self.rest.shape[0] > 0:
+            y = y.addmm_(x[:, self.packed_columns :], self.rest)  # + x[:, P:] @ W[:, P:]^T
+        return y.to(rows.dtype)
+
+    def compiled_product(self, rows: torch.Tensor) -> torch.Tensor:
+        """`packed_product` as a compiled step runs it: only FBGEMM's product goes through an operator
+        (`half_columns_op`: the packed weight is opaque to torch.compile); the casts, the float32
+        columns and the rounding back to rows' dtype stay in the graph, where Inductor fuses them
+        into the kernels before and after (a batch-8 step 0.95x the time, one row 0.97x, under an
+        Ice Lake's instructions; docs/benchmarks.md). The same operations, so the same numbers."""
+        x = rows.float()  # (M, K)
+        if not self.packed_parts:  # K below one block: all of it in float32
+            return (x @ self.rest).to(rows.dtype)
+        y = half_columns_op(x[:, : self.packed_columns].contiguous(), self.key, self.out_features)  # (M, N) float32
+        if self.rest.shape[0] > 0:
+            y = torch.addmm(y, x[:, self.packed_columns :], self.rest)  # + x[:, P:] @ W[:, P:]^T
+        return y.to(rows.dtype)
+
+    def packed_columns_product(self, x_packed: torch.Tensor) -> torch.Tensor:
+        """x[:, :P] (M, P) in float32 @ W[:, :P]^T: (M, N) in float32, by FBGEMM, part by part."""
         parts = [torch.ops.quantized.linear_dynamic_fp16(x_packed, packed) for packed in self.packed_parts]  # (M, n) each
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (M, N) float32
         if self.exponent != 0:
             y = y.mul_(2.0 ** -self.exponent)  # undo the weight's scaling: exact
-        if self.rest.shape[0] > 0:
-            y = y.addmm_(x[:, self.packed_columns :], self.rest)  # + x[:, P:] @ W[:, P:]^T
-        return y.to(rows.dtype)
+        return y
+
+
+def half_columns(x_packed: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    """x_packed (M, P) float32 @ W[:, :P]^T for the HalfLinear numbered `key`: (M, out_features) float32."""
+    return PACKED_LAYERS[key].packed_columns_product(x_packed)
+
+
+# FBGEMM's part of a HalfLinear's product as one opaque call in a compiled step (as `packed_linear_op`).
+half_columns_op = torch.library.custom_op("llama_from_scratch::half_columns", half_columns, mutates_args=())
+
+
+@half_columns_op.register_fake
+def half_columns_shape(x_packed: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    """What the operator returns, as torch.compile traces it: (M, out_features) in float32."""
+    return x_packed.new_empty(x_packed.shape[0], out_features)
