@@ -381,7 +381,7 @@ class HalfLinear(nn.Module):
     against 18 for oneDNN's emulated bf16 at one row, 22 against 46 widened at 8 rows, and the same
     as widened at 512 (docs/benchmarks.md). Memory: bf16's (2 bytes a weight), and 4 for the K - P
     columns in float32 (the demo: 1.11x bf16's). A compiled step calls FBGEMM's part through
-    `half_columns_op` (`compiled_product`): the packed weight is opaque to torch.compile.
+    `half_columns_op`: the packed weight is opaque to torch.compile.
     """
 
     def __init__(self, weight: torch.Tensor, exponent: Optional[int] = None,
@@ -422,10 +422,7 @@ class HalfLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)
-        if torch.compiler.is_compiling():
-            y = self.compiled_product(rows)  # (M, N)
-        else:
-            y = self.packed_product(rows)  # (M, N)
+        y = self.packed_product(rows)  # (M, N)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def packed_product(self, rows: torch.Tensor) -> torch.Tensor:
@@ -433,23 +430,17 @@ class HalfLinear(nn.Module):
         x = rows.float()  # (M, K)
         if not self.packed_parts:  # K below one block: all of it in float32
             return (x @ self.rest).to(rows.dtype)
-        y = self.packed_columns_product(x[:, : self.packed_columns].contiguous())  # (M, N) float32
+        x_packed = x[:, : self.packed_columns].contiguous()  # (M, P)
+        if torch.compiler.is_compiling():
+            # The packed weight is opaque to torch.compile: FBGEMM's product goes through an operator,
+            # and the rest of this function stays in the graph, where Inductor fuses the casts into
+            # its kernels before and after (a batch-8 step 0.95x the time, one row 0.97x, against the
+            # whole function in the operator, under an Ice Lake's instructions; docs/benchmarks.md).
+            y = half_columns_op(x_packed, self.key, self.out_features)  # (M, N) float32
+        else:
+            y = self.packed_columns_product(x_packed)  # (M, N) float32
         if self.rest.shape[0] > 0:
             y = y.addmm_(x[:, self.packed_columns :], self.rest)  # + x[:, P:] @ W[:, P:]^T
-        return y.to(rows.dtype)
-
-    def compiled_product(self, rows: torch.Tensor) -> torch.Tensor:
-        """`packed_product` as a compiled step runs it: only FBGEMM's product goes through an operator
-        (`half_columns_op`: the packed weight is opaque to torch.compile); the casts, the float32
-        columns and the rounding back to rows' dtype stay in the graph, where Inductor fuses them
-        into the kernels before and after (a batch-8 step 0.95x the time, one row 0.97x, under an
-        Ice Lake's instructions; docs/benchmarks.md). The same operations, so the same numbers."""
-        x = rows.float()  # (M, K)
-        if not self.packed_parts:  # K below one block: all of it in float32
-            return (x @ self.rest).to(rows.dtype)
-        y = half_columns_op(x[:, : self.packed_columns].contiguous(), self.key, self.out_features)  # (M, N) float32
-        if self.rest.shape[0] > 0:
-            y = torch.addmm(y, x[:, self.packed_columns :], self.rest)  # + x[:, P:] @ W[:, P:]^T
         return y.to(rows.dtype)
 
     def packed_columns_product(self, x_packed: torch.Tensor) -> torch.Tensor:
