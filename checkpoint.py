@@ -60,6 +60,7 @@ from memory import (  # noqa: F401  (re-exported: the memory plan's names have a
     MemoryPlan,
     MemoryPlanError,
     available_memory,
+    byte_range,
     check_memory,
     linear_shapes,
     longest_fitting_seq_len,
@@ -626,11 +627,12 @@ def release_mapped_part(part: torch.Tensor, mapped: list[torch.Tensor]) -> None:
     never written, so the pages read back from the file as they were."""
     if part.device.type != "cpu" or part.layout != torch.strided or not part.is_contiguous():
         return
-    start, end = part.data_ptr(), part.data_ptr() + part.numel() * part.element_size()
+    start, end = byte_range(part)
     for piece in mapped:
-        piece_start = piece.data_ptr()
-        piece_end = piece_start + piece.numel() * piece.element_size()
-        if piece.device.type == "cpu" and piece.is_contiguous() and piece_start <= start and end <= piece_end:
+        if piece.device.type != "cpu" or not piece.is_contiguous():
+            continue
+        piece_start, piece_end = byte_range(piece)
+        if piece_start <= start and end <= piece_end:
             release_file_pages([part])
             return
 

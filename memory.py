@@ -222,6 +222,12 @@ def check_memory(plan: MemoryPlan, args: ModelArgs, dtype: torch.dtype, quantize
 # --------------------------------------------------------------------------------------------
 
 
+def byte_range(tensor: torch.Tensor) -> tuple[int, int]:
+    """The addresses [start, end) of a contiguous tensor's bytes."""
+    start = tensor.data_ptr()
+    return start, start + tensor.numel() * tensor.element_size()
+
+
 def release_file_pages(mapped: list[torch.Tensor]) -> None:
     """Let the OS take back the file pages behind tensors memory-mapped by `checkpoint.open_shard`.
 
@@ -239,9 +245,9 @@ def release_file_pages(mapped: list[torch.Tensor]) -> None:
     for tensor in mapped:
         if tensor.device.type != "cpu":
             continue
-        start = tensor.data_ptr()
+        start, end = byte_range(tensor)
         first_page = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # round up
-        end_page = (start + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE  # down
+        end_page = end // mmap.PAGESIZE * mmap.PAGESIZE  # down
         if end_page > first_page:
             _libc.madvise(ctypes.c_void_p(first_page), ctypes.c_size_t(end_page - first_page), mmap.MADV_DONTNEED)
 
